@@ -1,0 +1,31 @@
+"""metagrad: vectorised gradient-based meta-learning on PyTorch with torch.func."""
+
+from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
+from metagrad.errors import ConfigError, MetagradError
+from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
+from metagrad.inner import MetaSGD as MetaSGDRule
+from metagrad.models import MLP
+from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MetaLearner",
+    "MAML",
+    "MetaSGD",
+    "MAMLEnhanced",
+    "Reptile",
+    "InnerRule",
+    "Chain",
+    "SGD",
+    "LSLR",
+    "MetaSGDRule",
+    "Curvature",
+    "MLP",
+    "Sinusoid",
+    "TaskBatch",
+    "TaskDistribution",
+    "MetagradError",
+    "ConfigError",
+    "__version__",
+]

@@ -1,0 +1,196 @@
+"""MetaLearner: one pure per-task function, mapped over the task batch with ``torch.func.vmap``.
+
+Subclasses write ``task_loss(params, meta, task, weights, first_order)`` for a single task; this base class
+maps it over a batch (vmap, or a plain loop with the same numbers), differentiates it with
+``torch.func.grad_and_value`` (exact second order unless ``first_order``), optionally through
+``torch.compile``, and provides ``adapt``/``predict`` and the adaptation curves used by evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from metagrad.inner.base import InnerRule, Params
+from metagrad.tasks.base import TaskBatch
+
+__all__ = ["MetaLearner", "LOSSES", "Task"]
+
+Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y of one task
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": F.mse_loss,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+def _detach(tree: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach() for k, v in tree.items()}
+
+
+class MetaLearner:
+    """Shared machinery of every algorithm. ``params`` and ``meta_state`` are plain tensors that the trainer
+    updates; ``extra_state`` holds non-learned state that must survive a checkpoint (e.g. Reptile's Adam
+    moments)."""
+
+    name = "meta-learner"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rule: InnerRule,
+        *,
+        inner_steps: int,
+        loss: str = "mse",
+        vectorize: bool = True,
+        eval_rule: InnerRule | None = None,
+    ) -> None:
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        self.model = model
+        self.rule = rule
+        self.eval_rule = eval_rule if eval_rule is not None else rule
+        self.inner_steps = int(inner_steps)
+        self.loss_name = loss
+        self.loss_fn = LOSSES[loss]
+        self.vectorize = vectorize
+        self.params: Params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.buffers: Params = dict(model.named_buffers())
+        self.meta_state: Params = rule.init(self.params)
+        self.extra_state: Params = {}
+        self._compiled: Callable[..., Any] | None = None
+
+    # ----- pure functions of (params, ...) ------------------------------------------------------------
+    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.model, (dict(params), self.buffers), (x,))
+
+    def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(self.forward(params, x), y)
+
+    def inner_step(
+        self,
+        params: Params,
+        meta: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        step: int,
+        rule: InnerRule,
+        first_order: bool,
+    ) -> Params:
+        """One inner update ``θ ← θ − rule(∇θ L_support, step)``."""
+        g = grad(self.loss)(params, x, y)
+        if first_order:
+            # First-order MAML: the adapted weights depend on θ only through the identity path.
+            g = _detach(g)
+        update = rule.update(g, step, meta)
+        return {k: params[k] - update[k] for k in params}
+
+    def task_loss(
+        self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outer loss of one task and detached diagnostics; written by each algorithm."""
+        raise NotImplementedError
+
+    # ----- batching ---------------------------------------------------------------------------------
+    def map_tasks(self, fn: Callable[..., Any], shared: tuple, tasks: tuple[Tensor, ...]) -> Any:
+        """``fn(*shared, tasks_i)`` for every task i, stacked: vmap, or a plain loop with the same numbers."""
+        if self.vectorize:
+            in_dims = (None,) * len(shared) + (0,)
+            return vmap(fn, in_dims=in_dims, randomness="error")(*shared, tasks)
+        outs = [fn(*shared, tuple(t[i] for t in tasks)) for i in range(tasks[0].shape[0])]
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+
+    def meta_loss(
+        self, params: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        def one(p: Params, m: Params, w: Tensor | None, task: Task) -> tuple[Tensor, dict[str, Tensor]]:
+            return self.task_loss(p, m, task, w, first_order)
+
+        losses, aux = self.map_tasks(one, (params, meta, weights), tasks)
+        return losses.mean(), {k: v.mean() for k, v in aux.items()}
+
+    def _meta_gradient(
+        self, params: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        (gp, gm), (loss, aux) = grad_and_value(self.meta_loss, argnums=(0, 1), has_aux=True)(
+            params, meta, tasks, weights, first_order
+        )
+        return gp, gm, {"loss": loss, **aux}
+
+    # ----- what the trainer calls ---------------------------------------------------------------------
+    def schedule(self, iteration: int) -> tuple[Tensor | None, bool]:
+        """Per-iteration training options: multi-step loss weights and whether to use first order."""
+        return None, False
+
+    def compile(self, **options: Any) -> None:
+        """Run the meta-gradient through ``torch.compile`` from now on."""
+        self._compiled = torch.compile(self._meta_gradient, **options)
+
+    def meta_gradient(
+        self, batch: TaskBatch, iteration: int, generator: torch.Generator | None = None
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """Gradients of the meta-loss with respect to ``params`` and ``meta_state``, plus metrics."""
+        weights, first_order = self.schedule(iteration)
+        fn = self._compiled or self._meta_gradient
+        tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return fn(self.params, self.meta_state, tasks, weights, first_order)
+
+    # ----- adaptation and evaluation ----------------------------------------------------------------
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int | None = None,
+        params: Params | None = None,
+    ) -> Params:
+        """Adapt to one task's support points ([K, ...]) with the learned inner rule; returns new weights."""
+        steps = self.inner_steps if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        p = _detach(self.params if params is None else params)
+        for s in range(steps):
+            p = _detach(self.inner_step(p, self.meta_state, support_x, support_y, s, self.eval_rule, True))
+        return p
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, params: Params | None = None) -> Tensor:
+        """The network's output on ``x`` with ``params`` (default: the meta-learned initialisation)."""
+        return self.forward(self.params if params is None else params, x)
+
+    def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
+        sx, sy, qx, qy = task
+        losses = [self.loss(params, qx, qy)]
+        for s in range(steps):
+            params = _detach(self.inner_step(params, meta, sx, sy, s, self.eval_rule, True))
+            losses.append(self.loss(params, qx, qy))
+        return torch.stack(losses).detach()
+
+    def adaptation_curve(self, batch: TaskBatch, steps: int, chunk: int = 200) -> Tensor:
+        """Query loss of every task after 0..steps inner steps: [B, steps + 1]."""
+        out = []
+        for start in range(0, len(batch), chunk):
+            b = batch[start : start + chunk]
+            tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
+            out.append(
+                self.map_tasks(self._curve, (_detach(self.params), _detach(self.meta_state), steps), tasks)
+            )
+        return torch.cat(out)
+
+    # ----- state ------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Params]:
+        return {"params": self.params, "meta": self.meta_state, "extra": self.extra_state}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MetaLearner:
+        self.model.to(device=device, dtype=dtype)
+        self.buffers = dict(self.model.named_buffers())
+        for tree in self.state_tensors().values():
+            for k, v in tree.items():
+                tree[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        return self

@@ -1,0 +1,25 @@
+"""metagrad's own exceptions: bad input is reported as one clear line, never a traceback."""
+
+from __future__ import annotations
+
+__all__ = ["MetagradError", "ConfigError", "RunError", "DivergenceError", "CheckpointError"]
+
+
+class MetagradError(Exception):
+    """Base class of every error metagrad raises on purpose."""
+
+
+class ConfigError(MetagradError, ValueError):
+    """A configuration value, command-line argument or API argument is invalid."""
+
+
+class RunError(MetagradError, ValueError):
+    """A run directory is missing, is not a metagrad run, or would be overwritten."""
+
+
+class CheckpointError(MetagradError, ValueError):
+    """A checkpoint file is missing, truncated, corrupted or foreign."""
+
+
+class DivergenceError(MetagradError, RuntimeError):
+    """Training produced a NaN or inf."""

@@ -1,0 +1,62 @@
+"""The inner-loop update-rule interface: a transform of the per-tensor gradient.
+
+An inner step is ``θ ← θ − rule.update(g, step, meta)``. Rules that learn something (per-step rates,
+per-element rates, curvature factors) declare their tensors in ``init``; those tensors live in the
+learner's ``meta_state``, are trained by the outer optimizer and checkpointed with the weights. Rules
+compose with :class:`Chain`, applied left to right: ``Chain(Curvature(), LSLR(0.01, 5))`` computes
+``α(step, tensor) · MC(g)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+__all__ = ["InnerRule", "Chain", "Params"]
+
+Params = dict[str, Tensor]
+
+
+class InnerRule:
+    """Base class: override ``update`` and, for learned rules, ``init``."""
+
+    def init(self, params: Mapping[str, Tensor]) -> Params:
+        """Learned tensors this rule adds to ``meta_state`` (none by default)."""
+        return {}
+
+    def update(self, grads: Mapping[str, Tensor], step: int, meta: Mapping[str, Tensor]) -> Params:
+        """Transform the inner gradient of step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Chain(InnerRule):
+    """Apply several rules in order; their learned tensors are merged into one ``meta_state``."""
+
+    def __init__(self, *rules: InnerRule) -> None:
+        if not rules:
+            raise ValueError("Chain needs at least one rule")
+        self.rules = tuple(rules)
+
+    def init(self, params: Mapping[str, Tensor]) -> Params:
+        out: Params = {}
+        for rule in self.rules:
+            new = rule.init(params)
+            clash = set(out) & set(new)
+            if clash:
+                raise ValueError(f"two rules in the chain declare the same meta-state keys: {sorted(clash)}")
+            out.update(new)
+        return out
+
+    def update(self, grads: Mapping[str, Tensor], step: int, meta: Mapping[str, Tensor]) -> Params:
+        out = dict(grads)
+        for rule in self.rules:
+            out = rule.update(out, step, meta)
+        return out
+
+    def __repr__(self) -> str:
+        return "Chain(" + ", ".join(map(repr, self.rules)) + ")"

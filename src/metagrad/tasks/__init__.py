@@ -1,0 +1,6 @@
+"""Task families and the batch format shared by every algorithm."""
+
+from metagrad.tasks.base import TaskBatch, TaskDistribution
+from metagrad.tasks.sinusoid import SCORINGS, Sinusoid
+
+__all__ = ["TaskBatch", "TaskDistribution", "Sinusoid", "SCORINGS"]

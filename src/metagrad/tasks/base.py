@@ -1,0 +1,76 @@
+"""The task batch every algorithm consumes and the protocol a task family implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["TaskBatch", "TaskDistribution"]
+
+
+@dataclass
+class TaskBatch:
+    """A batch of B tasks as stacked tensors.
+
+    ``support_x`` is [B, K, ...], ``support_y`` [B, K, ...], ``query_x`` [B, Q, ...], ``query_y`` [B, Q, ...].
+    ``info`` holds each task's true parameters ([B, ...] tensors, e.g. amplitude and phase), for baselines
+    such as the oracle and for plots; algorithms must not read it.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    info: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
+        def move(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device)
+
+        return TaskBatch(
+            *(move(getattr(self, f.name)) for f in fields(self) if f.name != "info"),
+            info={k: move(v) for k, v in self.info.items()},
+        )
+
+    def __getitem__(self, index: int | slice) -> TaskBatch:
+        """Select tasks (an int keeps a batch dimension of 1)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return TaskBatch(
+            self.support_x[index],
+            self.support_y[index],
+            self.query_x[index],
+            self.query_y[index],
+            {k: v[index] for k, v in self.info.items()},
+        )
+
+    def split(self, parts: int, rank: int) -> TaskBatch:
+        """The ``rank``-th of ``parts`` contiguous shards along the task dimension."""
+        n = len(self)
+        if n % parts:
+            raise ValueError(f"cannot split {n} tasks into {parts} equal shards")
+        size = n // parts
+        return self[rank * size : (rank + 1) * size]
+
+
+@runtime_checkable
+class TaskDistribution(Protocol):
+    """A family of tasks. Implement ``sample`` to plug your own family into metagrad.
+
+    ``sample`` must draw every random number from ``generator`` (never the global RNG), so that the same
+    seed gives the same tasks.
+    """
+
+    name: str
+
+    def sample(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> TaskBatch:
+        """Draw ``batch_size`` tasks with ``shots`` support and ``queries`` query points each."""
+        ...

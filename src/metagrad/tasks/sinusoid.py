@@ -1,0 +1,84 @@
+"""Few-shot sinusoid regression (Finn, Abbeel & Levine 2017, section 5.1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metagrad.tasks.base import TaskBatch
+
+__all__ = ["Sinusoid", "SCORINGS", "DENSE_POINTS"]
+
+SCORINGS = ("dense", "paper")
+DENSE_POINTS = 100
+
+
+def _check_range(name: str, r: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = float(r[0]), float(r[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        raise ValueError(f"{name} must be a finite range [low, high] with low < high, got {list(r)}")
+    return lo, hi
+
+
+@dataclass
+class Sinusoid:
+    """y = A·sin(x − φ) with A ~ U[amplitude], φ ~ U[phase], x ~ U[x_range], plus optional Gaussian noise.
+
+    Sampled as batched tensors [B, K, 1]; every random number comes from the generator passed in.
+    """
+
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    noise: float = 0.0
+    name: str = "sinusoid"
+
+    def __post_init__(self) -> None:
+        self.amplitude = _check_range("amplitude", self.amplitude)
+        self.phase = _check_range("phase", self.phase)
+        self.x_range = _check_range("x_range", self.x_range)
+        if not math.isfinite(self.noise) or self.noise < 0:
+            raise ValueError(f"noise must be a finite standard deviation >= 0, got {self.noise}")
+
+    def _uniform(self, shape: tuple[int, ...], r: tuple[float, float], g: torch.Generator) -> Tensor:
+        return torch.rand(shape, generator=g, dtype=torch.float64) * (r[1] - r[0]) + r[0]
+
+    def function(self, x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
+        """The noise-free curves: ``x`` [B, N, 1], ``amplitude`` and ``phase`` [B]."""
+        return amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
+
+    def _targets(self, x: Tensor, a: Tensor, p: Tensor, g: torch.Generator) -> Tensor:
+        y = self.function(x, a, p)
+        if self.noise > 0:
+            y = y + self.noise * torch.randn(y.shape, generator=g, dtype=y.dtype)
+        return y
+
+    def sample(
+        self, batch_size: int, shots: int, queries: int, generator: torch.Generator, scoring: str = "paper"
+    ) -> TaskBatch:
+        """Draw tasks. ``scoring="paper"`` draws the queries like the support (the MAML authors' code);
+        ``"dense"`` uses ``DENSE_POINTS`` evenly spaced noise-free query points over ``x_range`` instead
+        (``queries`` is then ignored)."""
+        if batch_size <= 0 or shots <= 0 or queries <= 0:
+            raise ValueError(
+                f"batch size, shots and queries must be positive, got {batch_size}, {shots}, {queries}"
+            )
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        g = generator
+        a = self._uniform((batch_size,), self.amplitude, g)
+        p = self._uniform((batch_size,), self.phase, g)
+        sx = self._uniform((batch_size, shots, 1), self.x_range, g)
+        sy = self._targets(sx, a, p, g)
+        if scoring == "dense":
+            grid = torch.linspace(*self.x_range, DENSE_POINTS, dtype=torch.float64)
+            qx = grid.expand(batch_size, DENSE_POINTS)[..., None].clone()
+            qy = self.function(qx, a, p)
+        else:
+            qx = self._uniform((batch_size, queries, 1), self.x_range, g)
+            qy = self._targets(qx, a, p, g)
+        f = torch.get_default_dtype()
+        return TaskBatch(sx.to(f), sy.to(f), qx.to(f), qy.to(f), {"amplitude": a.to(f), "phase": p.to(f)})
