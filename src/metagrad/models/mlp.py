@@ -33,7 +33,7 @@ class MLP(nn.Sequential):
         if any(int(s) <= 0 for s in sizes):
             raise ValueError(f"layer sizes must be positive, got {sizes}")
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             layers.append(nn.Linear(int(a), int(b)))
             if i < len(sizes) - 2:
                 layers.append(ACTIVATIONS[activation]())
