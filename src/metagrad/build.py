@@ -1,0 +1,100 @@
+"""Objects from a :class:`~metagrad.config.Config`: the task family, the network and the meta-learner."""
+
+from __future__ import annotations
+
+import torch
+
+from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
+from metagrad.config import Config
+from metagrad.errors import ConfigError
+from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
+from metagrad.models import MLP
+from metagrad.tasks import Sinusoid
+
+__all__ = ["build_task", "build_model", "build_learner", "resolve_device", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} is not available on this machine (no CUDA GPU); use cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a valid device; use auto, cpu or cuda") from None
+
+
+def build_task(cfg: Config) -> Sinusoid:
+    t = cfg.task
+    return Sinusoid(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), t.noise)
+
+
+def build_model(cfg: Config) -> MLP:
+    # The initialisation is drawn from a generator seeded by the run's seed, not the global RNG's state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return MLP(1, tuple(cfg.model.hidden), 1, cfg.model.activation)
+
+
+def _maml_rule(cfg: Config) -> InnerRule:
+    a = cfg.algorithm
+    rate: InnerRule = (
+        LSLR(a.inner_lr, a.inner_steps, a.per_layer_lr, a.rate_parameterization)
+        if a.lslr
+        else SGD(a.inner_lr)
+    )
+    return Chain(Curvature(), rate) if a.curvature else rate
+
+
+def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLearner:
+    """The meta-learner a config describes (on the CPU, in float32 unless moved)."""
+    a = cfg.algorithm
+    model = model if model is not None else build_model(cfg)
+    common = {"vectorize": cfg.train.vectorize, "inner_steps": a.inner_steps}
+    learned = a.name in ("metasgd", "maml_enhanced") or a.lslr or a.curvature
+    if a.eval_inner_lr is not None and learned:
+        raise ConfigError(
+            "algorithm.eval_inner_lr cannot be set for learned inner rules: they adapt with what they learned"
+        )
+    eval_rule = SGD(a.eval_inner_lr) if a.eval_inner_lr is not None else None
+    plus = {
+        "multi_step_loss": a.multi_step_loss,
+        "msl_epochs": a.msl_epochs,
+        "epoch_iterations": a.epoch_iterations,
+        "first_order_iterations": a.first_order_iterations,
+        "first_order": a.first_order,
+    }
+    if a.name == "reptile":
+        learner: MetaLearner = Reptile(
+            model,
+            inner_lr=a.inner_lr,
+            inner_batch=a.inner_batch,
+            inner_optimizer=a.inner_optimizer,
+            persist_inner_state=a.persist_inner_state,
+            eval_rule=eval_rule,
+            **common,
+        )
+    elif a.name == "metasgd":
+        learner = MetaSGD(
+            model, inner_lr=a.inner_lr, parameterization=a.rate_parameterization, **plus, **common
+        )
+    elif a.name == "maml_enhanced":
+        # The preset: Meta-Curvature + LSLR + multi-step loss. Ablations: name = "maml" with lslr/curvature.
+        learner = MAMLEnhanced(
+            model,
+            inner_lr=a.inner_lr,
+            per_layer=a.per_layer_lr,
+            parameterization=a.rate_parameterization,
+            **{**plus, "multi_step_loss": True},
+            **common,
+        )
+    elif a.name in ("maml", "fomaml"):
+        plus["first_order"] = a.first_order or a.name == "fomaml"
+        learner = MAML(model, _maml_rule(cfg), eval_rule=eval_rule, **plus, **common)
+    else:  # pragma: no cover - validated by Config
+        raise ConfigError(f"unknown algorithm {a.name!r}")
+    return learner

@@ -1,0 +1,275 @@
+"""The one training loop, shared by every algorithm.
+
+Meta-optimizer, learning-rate schedule, progress bar, periodic validation on a fixed task set,
+``metrics.jsonl``, atomic checkpoints (last N plus the best by validation), exact ``resume`` (weights,
+meta-state, optimizer state, RNG state and iteration are all restored), a divergence guard and optional
+gradient-norm clipping and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metagrad.algorithms import MetaLearner
+from metagrad.build import DTYPES, build_learner, build_task, resolve_device
+from metagrad.checkpoint import load_checkpoint, save_checkpoint
+from metagrad.config import Config
+from metagrad.errors import CheckpointError, DivergenceError
+from metagrad.evaluate import VAL_SEED, fixed_tasks
+from metagrad.run import checkpoints, init_run, latest_checkpoint, read_run_config
+
+__all__ = ["train", "TrainResult", "meta_lr_at"]
+
+
+@dataclass
+class TrainResult:
+    learner: MetaLearner
+    run_dir: Path
+    iterations: int
+    seconds: float
+    last: dict[str, float]
+
+
+def meta_lr_at(cfg: Config, iteration: int) -> float:
+    """The meta learning rate at ``iteration`` (a pure function of the iteration: nothing to checkpoint)."""
+    t = cfg.train
+    frac = min(iteration / t.iterations, 1.0)
+    if t.lr_schedule == "linear":
+        return t.meta_lr + (t.meta_lr_final - t.meta_lr) * frac
+    if t.lr_schedule == "cosine":
+        return t.meta_lr_final + (t.meta_lr - t.meta_lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+    return t.meta_lr
+
+
+def _optimizer(cfg: Config, learner: MetaLearner) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [{"params": list(learner.params.values()), "lr": t.meta_lr, "name": "params"}]
+    if learner.meta_state:
+        lr = t.meta_state_lr if t.meta_state_lr is not None else t.meta_lr
+        groups.append({"params": list(learner.meta_state.values()), "lr": lr, "name": "meta", "base_lr": lr})
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.meta_lr)
+    return torch.optim.Adam(groups, lr=t.meta_lr)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, progress: bool) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.dtype = DTYPES[t.dtype]
+        self.dist = build_task(cfg)
+        self.learner = build_learner(cfg).to(self.device, self.dtype)
+        if t.compile:
+            self.learner.compile()
+        self.opt = _optimizer(cfg, self.learner)
+        self.generator = torch.Generator().manual_seed(t.seed)
+        self.val = fixed_tasks(self.dist, t.val_tasks, cfg.task.shots, "dense", VAL_SEED).to(
+            self.device, self.dtype
+        )
+        self.iteration = 0
+        self.seconds = 0.0
+        self.best = math.inf
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {f"{g}.{k}": v for g, tree in self.learner.state_tensors().items() for k, v in tree.items()}
+
+    def save(self, name: str | None = None) -> Path:
+        tensors, opt_meta = _optimizer_tensors(self.opt)
+        tensors["rng.tasks"] = self.generator.get_state()
+        meta = {
+            "iteration": self.iteration,
+            "seconds": self.seconds,
+            "best_val": self.best if math.isfinite(self.best) else None,
+            "algorithm": self.learner.name,
+            "optimizer": opt_meta,
+            "config": self.cfg.to_dict(),
+        }
+        root = self.run_dir / "checkpoints"
+        path = save_checkpoint(root / (name or f"iter-{self.iteration:08d}"), self._weights(), tensors, meta)
+        if name is None:
+            for _, old in checkpoints(self.run_dir)[: -self.cfg.train.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def restore(self, path: Path) -> None:
+        weights, tensors, meta = load_checkpoint(path)
+        for group, tree in self.learner.state_tensors().items():
+            for key in list(tree):
+                name = f"{group}.{key}"
+                if name not in weights or weights[name].shape != tree[key].shape:
+                    raise CheckpointError(f"{path} does not match this run's config (tensor {name!r})")
+                tree[key] = weights[name].to(self.device, tree[key].dtype)
+        # The optimizer holds references to the tensors it updates: rebuild it on the restored ones.
+        self.opt = _optimizer(self.cfg, self.learner)
+        _restore_optimizer(self.opt, tensors, meta["optimizer"])
+        self.generator.set_state(tensors["rng.tasks"])
+        self.iteration = int(meta["iteration"])
+        self.seconds = float(meta["seconds"])
+        self.best = meta["best_val"] if meta.get("best_val") is not None else math.inf
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        # Lines written after the checkpoint we resume from would otherwise appear twice.
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("iteration", 0) <= self.iteration:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                break  # a line torn by a kill: drop it and everything after
+        path.write_text("".join(x + "\n" for x in keep))
+
+    # ----- the loop ------------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate(self) -> dict[str, float]:
+        steps = max(self.learner.inner_steps, 1)
+        curve = self.learner.adaptation_curve(self.val, max(steps, self.cfg.eval.steps))
+        out = {"val_mse": curve[:, steps].mean().item(), "val_mse_eval_steps": curve[:, -1].mean().item()}
+        return out
+
+    def _apply(self, grads: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> float:
+        all_grads = [g for g in grads.values()]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in all_grads]))
+        loss = metrics["loss"]
+        bad = not (math.isfinite(norm.item()) and math.isfinite(loss.item()))
+        if bad:
+            last = latest_checkpoint(self.run_dir)
+            raise DivergenceError(
+                f"training diverged at iteration {self.iteration + 1}: meta-loss {loss.item():.4g}, "
+                f"meta-gradient norm {norm.item():.4g}; the learning rates are probably too high "
+                f"(train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self.cfg.algorithm.inner_lr}) "
+                f"or set train.grad_clip; last good checkpoint: {last if last else 'none yet'}"
+            )
+        clip = self.cfg.train.grad_clip
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(all_grads, clip, norm)
+        return norm.item()
+
+    def step(self) -> dict[str, float]:
+        batch = self.dist.sample(
+            self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator
+        )
+        batch = batch.to(self.device, self.dtype)
+        gp, gm, metrics = self.learner.meta_gradient(batch, self.iteration, self.generator)
+        pairs = [(self.learner.params[k], g) for k, g in gp.items()]
+        pairs += [(self.learner.meta_state[k], g) for k, g in gm.items()]
+        norm = self._apply({str(i): g for i, (_, g) in enumerate(pairs)}, metrics)
+        for p, g in pairs:
+            p.grad = g
+        lr = meta_lr_at(self.cfg, self.iteration)
+        scale = lr / self.cfg.train.meta_lr if self.cfg.train.meta_lr > 0 else 0.0
+        for group in self.opt.param_groups:
+            group["lr"] = lr if group.get("name") == "params" else group["base_lr"] * scale
+        self.opt.step()
+        for p, _ in pairs:
+            p.grad = None
+        self.iteration += 1
+        return {**{k: v.item() for k, v in metrics.items()}, "grad_norm": norm, "lr": lr}
+
+    def run(self) -> dict[str, float]:
+        t = self.cfg.train
+        last: dict[str, float] = {}
+        window: list[dict[str, float]] = []
+        bar = tqdm(
+            total=t.iterations, initial=self.iteration, disable=not self.progress, desc=self.learner.name,
+            unit="it", dynamic_ncols=True, mininterval=0.5,
+        )  # fmt: skip
+        try:
+            while self.iteration < t.iterations:
+                start = time.perf_counter()
+                window.append(self.step())
+                self.seconds += time.perf_counter() - start
+                bar.update(1)
+                it = self.iteration
+                if it % t.log_every == 0 or it == t.iterations:
+                    last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                    window = []
+                    self.log({"iteration": it, **last, "seconds": round(self.seconds, 3)})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", pre=f"{last['pre_loss']:.3f}", refresh=False)
+                if it % t.val_every == 0 or it == t.iterations:
+                    val = self.validate()
+                    last.update(val)
+                    self.log({"iteration": it, **val})
+                    if val["val_mse"] < self.best:
+                        self.best = val["val_mse"]
+                        self.save("best")
+                if it % t.checkpoint_every == 0 or it == t.iterations:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        finally:
+            bar.close()
+        return last
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the learner ``cfg`` describes into ``run_dir`` (or continue it with ``resume=True``)."""
+    run_dir = Path(run_dir)
+    if resume:
+        stored = read_run_config(run_dir)
+        if stored.to_dict() | {"train": None} != cfg.to_dict() | {"train": None}:
+            raise CheckpointError(
+                f"resume of {str(run_dir)!r} must use the run's own config (only [train] keys may change)"
+            )
+    else:
+        init_run(run_dir, cfg.validate(), overwrite=overwrite)
+    trainer = _Trainer(cfg, run_dir, progress)
+    if resume:
+        path = latest_checkpoint(run_dir)
+        if path is not None:
+            trainer.restore(path)
+    last = trainer.run()
+    return TrainResult(trainer.learner, run_dir, trainer.iteration, trainer.seconds, last)

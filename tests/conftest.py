@@ -1,0 +1,31 @@
+"""Shared fixtures for the metagrad test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a test that takes more than about 20 s (run by default)")
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 as the default dtype, restoring the previous default afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield torch.float64
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_unchanged():
+    """Fail any test (or library call) that leaks a change of the global default dtype."""
+    before = torch.get_default_dtype()
+    yield
+    after = torch.get_default_dtype()
+    torch.set_default_dtype(before)
+    assert after == before, f"default dtype leaked: {before} -> {after}"
