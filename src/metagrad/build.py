@@ -43,9 +43,7 @@ def build_model(cfg: Config) -> MLP:
 def _maml_rule(cfg: Config) -> InnerRule:
     a = cfg.algorithm
     rate: InnerRule = (
-        LSLR(a.inner_lr, a.inner_steps, a.per_layer_lr, a.rate_parameterization)
-        if a.lslr
-        else SGD(a.inner_lr)
+        LSLR(a.inner_lr, a.inner_steps, a.per_layer_lr, a.rate_parameterization) if a.lslr else SGD(a.inner_lr)
     )
     return Chain(Curvature(), rate) if a.curvature else rate
 
@@ -79,9 +77,7 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
             **common,
         )
     elif a.name == "metasgd":
-        learner = MetaSGD(
-            model, inner_lr=a.inner_lr, parameterization=a.rate_parameterization, **plus, **common
-        )
+        learner = MetaSGD(model, inner_lr=a.inner_lr, parameterization=a.rate_parameterization, **plus, **common)
     elif a.name == "maml_enhanced":
         # The preset: Meta-Curvature + LSLR + multi-step loss. Ablations: name = "maml" with lslr/curvature.
         learner = MAMLEnhanced(

@@ -227,18 +227,14 @@ def _validate(cfg: Config) -> None:
         if len(value) != 2 or not all(math.isfinite(v) for v in value) or value[1] <= value[0]:
             raise ConfigError(f"{section}.{key} must be [low, high] with low < high, got {value}")
     if not 0 <= cfg.train.seed < 10**9:
-        raise ConfigError(
-            f"train.seed must be in [0, 10**9) (larger seeds are reserved), got {cfg.train.seed}"
-        )
+        raise ConfigError(f"train.seed must be in [0, 10**9) (larger seeds are reserved), got {cfg.train.seed}")
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden must be a non-empty list of positive sizes, got {cfg.model.hidden}")
     if not cfg.eval.shots or any(s <= 0 for s in cfg.eval.shots):
         raise ConfigError(f"eval.shots must be a non-empty list of positive integers, got {cfg.eval.shots}")
     alg = cfg.algorithm
     if alg.name in ("maml_enhanced",) and alg.inner_steps == 0:
-        raise ConfigError(
-            "algorithm.inner_steps must be positive for maml_enhanced (it learns per-step rates)"
-        )
+        raise ConfigError("algorithm.inner_steps must be positive for maml_enhanced (it learns per-step rates)")
     if alg.name == "reptile" and alg.inner_steps == 0:
         raise ConfigError("algorithm.inner_steps must be positive for reptile")
     if (alg.lslr or alg.curvature) and alg.inner_steps == 0:
@@ -274,9 +270,7 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """Apply ``section.key=value`` strings (values in TOML syntax; bare words are strings)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(
-                f"override {item!r} must look like section.key=value, e.g. train.iterations=1000"
-            )
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.iterations=1000")
         dotted, text = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
         cfg = config_from_dict({section: {key: _parse_value(text.strip())}}, cfg)

@@ -55,9 +55,7 @@ def read_run_config(run_dir: str | Path) -> Config:
     if not run_dir.exists():
         raise RunError(f"run directory {str(run_dir)!r} does not exist")
     if not _is_run(run_dir):
-        raise RunError(
-            f"{str(run_dir)!r} is not a metagrad run (no run.json); pass the --out of a `metagrad train`"
-        )
+        raise RunError(f"{str(run_dir)!r} is not a metagrad run (no run.json); pass the --out of a `metagrad train`")
     try:
         marker = read_json(run_dir / "run.json")
     except CheckpointError as e:

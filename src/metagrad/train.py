@@ -73,9 +73,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -101,9 +99,7 @@ class _Trainer:
             self.learner.compile()
         self.opt = _optimizer(cfg, self.learner)
         self.generator = torch.Generator().manual_seed(t.seed)
-        self.val = fixed_tasks(self.dist, t.val_tasks, cfg.task.shots, "dense", VAL_SEED).to(
-            self.device, self.dtype
-        )
+        self.val = fixed_tasks(self.dist, t.val_tasks, cfg.task.shots, "dense", VAL_SEED).to(self.device, self.dtype)
         self.iteration = 0
         self.seconds = 0.0
         self.best = math.inf
@@ -191,9 +187,7 @@ class _Trainer:
         return norm.item()
 
     def step(self) -> dict[str, float]:
-        batch = self.dist.sample(
-            self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator
-        )
+        batch = self.dist.sample(self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
         batch = batch.to(self.device, self.dtype)
         gp, gm, metrics = self.learner.meta_gradient(batch, self.iteration, self.generator)
         pairs = [(self.learner.params[k], g) for k, g in gp.items()]

@@ -178,9 +178,7 @@ class MetaLearner:
         for start in range(0, len(batch), chunk):
             b = batch[start : start + chunk]
             tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
-            out.append(
-                self.map_tasks(self._curve, (_detach(self.params), _detach(self.meta_state), steps), tasks)
-            )
+            out.append(self.map_tasks(self._curve, (_detach(self.params), _detach(self.meta_state), steps), tasks))
         return torch.cat(out)
 
     # ----- state ------------------------------------------------------------------------------------

@@ -52,9 +52,7 @@ class MAML(MetaLearner):
         first_order_iterations: int = 0,
         **kwargs,
     ) -> None:
-        super().__init__(
-            model, rule if rule is not None else SGD(inner_lr), inner_steps=inner_steps, **kwargs
-        )
+        super().__init__(model, rule if rule is not None else SGD(inner_lr), inner_steps=inner_steps, **kwargs)
         if first_order:
             self.name = "fomaml"
         self.first_order = first_order

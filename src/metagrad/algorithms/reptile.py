@@ -71,9 +71,7 @@ class Reptile(MetaLearner):
             step_t = t + s + 1
             v = {k: self.beta2 * v[k] + (1 - self.beta2) * g[k] ** 2 for k in params}
             correction = 1 - self.beta2**step_t
-            params = {
-                k: params[k] - self.inner_lr * g[k] / ((v[k] / correction).sqrt() + self.eps) for k in params
-            }
+            params = {k: params[k] - self.inner_lr * g[k] / ((v[k] / correction).sqrt() + self.eps) for k in params}
         return params, v, pre, self.loss(params, x, y)
 
     def _reptile_step(

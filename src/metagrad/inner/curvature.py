@@ -58,8 +58,6 @@ class Curvature(InnerRule):
                 out[n] = torch.einsum("oa,ai,ib->ob", meta[f"{key}.out"], g, meta[f"{key}.in"])
             else:
                 flat = g.reshape(g.shape[0], g.shape[1], -1)
-                pre = torch.einsum(
-                    "oa,aig,ib,gf->obf", meta[f"{key}.out"], flat, meta[f"{key}.in"], meta[f"{key}.f"]
-                )
+                pre = torch.einsum("oa,aig,ib,gf->obf", meta[f"{key}.out"], flat, meta[f"{key}.in"], meta[f"{key}.f"])
                 out[n] = pre.reshape(g.shape)
         return out

@@ -37,10 +37,7 @@ class LSLR(InnerRule):
         return f"{self.prefix}.{group}"
 
     def init(self, params: Mapping[str, Tensor]) -> Params:
-        return {
-            self.key(n): encode_rate(self.lr, (self.steps,), self.parameterization, p)
-            for n, p in params.items()
-        }
+        return {self.key(n): encode_rate(self.lr, (self.steps,), self.parameterization, p) for n, p in params.items()}
 
     def rates(self, meta: Mapping[str, Tensor], name: str) -> Tensor:
         """The decoded per-step rates [steps] that apply to parameter ``name``."""

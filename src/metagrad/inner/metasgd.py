@@ -33,6 +33,4 @@ class MetaSGD(InnerRule):
         }
 
     def update(self, grads: Mapping[str, Tensor], step: int, meta: Mapping[str, Tensor]) -> Params:
-        return {
-            n: decode_rate(meta[f"{self.prefix}.{n}"], self.parameterization) * g for n, g in grads.items()
-        }
+        return {n: decode_rate(meta[f"{self.prefix}.{n}"], self.parameterization) * g for n, g in grads.items()}

@@ -63,9 +63,7 @@ class Sinusoid:
         ``"dense"`` uses ``DENSE_POINTS`` evenly spaced noise-free query points over ``x_range`` instead
         (``queries`` is then ignored)."""
         if batch_size <= 0 or shots <= 0 or queries <= 0:
-            raise ValueError(
-                f"batch size, shots and queries must be positive, got {batch_size}, {shots}, {queries}"
-            )
+            raise ValueError(f"batch size, shots and queries must be positive, got {batch_size}, {shots}, {queries}")
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         g = generator
