@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
+from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Oracle, Pretrain, Reptile
 from metagrad.config import Config
 from metagrad.errors import ConfigError
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.models import MLP
-from metagrad.tasks import Sinusoid
+from metagrad.tasks import OracleSinusoid, Sinusoid
 
 __all__ = ["build_task", "build_model", "build_learner", "resolve_device", "DTYPES"]
 
@@ -30,14 +30,16 @@ def resolve_device(name: str) -> torch.device:
 
 def build_task(cfg: Config) -> Sinusoid:
     t = cfg.task
-    return Sinusoid(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), t.noise)
+    family = OracleSinusoid if cfg.algorithm.name == "oracle" else Sinusoid
+    return family(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), t.noise)
 
 
 def build_model(cfg: Config) -> MLP:
     # The initialisation is drawn from a generator seeded by the run's seed, not the global RNG's state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return MLP(1, tuple(cfg.model.hidden), 1, cfg.model.activation)
+        inputs = build_task(cfg).input_features
+        return MLP(inputs, tuple(cfg.model.hidden), 1, cfg.model.activation)
 
 
 def _maml_rule(cfg: Config) -> InnerRule:
@@ -76,6 +78,9 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
             eval_rule=eval_rule,
             **common,
         )
+    elif a.name in ("pretrain", "oracle"):
+        family = Pretrain if a.name == "pretrain" else Oracle
+        learner = family(model, inner_lr=a.inner_lr, eval_rule=eval_rule, vectorize=cfg.train.vectorize)
     elif a.name == "metasgd":
         learner = MetaSGD(model, inner_lr=a.inner_lr, parameterization=a.rate_parameterization, **plus, **common)
     elif a.name == "maml_enhanced":

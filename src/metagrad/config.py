@@ -32,7 +32,7 @@ __all__ = [
     "config_to_toml",
 ]
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "maml_enhanced", "reptile")
+ALGORITHMS = ("maml", "fomaml", "metasgd", "maml_enhanced", "reptile", "pretrain", "oracle")
 
 
 @dataclass

@@ -27,7 +27,11 @@ def fixed_tasks(dist: Sinusoid, n: int, shots: int, scoring: str, seed: int = TE
 
 
 def summarize(losses: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Mean and 95 % CI half-width (1.96·σ/√n, σ with Bessel's correction) of [n, steps + 1] losses."""
+    """Mean and 95 % CI half-width (1.96·σ/√n, σ with Bessel's correction) of [n, steps + 1] losses.
+
+    A task whose adaptation diverged makes the mean and CI of that step non-finite, on purpose: a mean over
+    the surviving tasks would hide the failure. ``evaluate`` counts such tasks separately.
+    """
     n = losses.shape[0]
     mean = losses.double().mean(0)
     sd = losses.double().std(0, unbiased=True) if n > 1 else torch.zeros_like(mean)
@@ -51,7 +55,9 @@ def evaluate(
         batch = fixed_tasks(dist, tasks, int(k), scoring, seed).to(device, dtype)
         curve = learner.adaptation_curve(batch, steps).cpu()
         mean, ci = summarize(curve)
-        results.append({"shots": int(k), "steps": list(range(steps + 1)), "mse": mean, "ci95": ci})
+        diverged = (~torch.isfinite(curve)).sum(0).tolist()
+        entry = {"shots": int(k), "steps": list(range(steps + 1)), "mse": mean, "ci95": ci, "diverged": diverged}
+        results.append(entry)
     return {
         "algorithm": learner.name,
         "task": dist.name,
@@ -74,4 +80,12 @@ def format_table(result: dict[str, Any], columns: Sequence[int] | None = None) -
     for r in result["results"]:
         cells = [f"{r['mse'][s]:>8.4f} ± {r['ci95'][s]:<6.4f}" for s in cols]
         lines.append(f"{r['shots']:>5} | " + " | ".join(cells))
+    for r in result["results"]:
+        bad = [(s, d) for s, d in zip(r["steps"], r.get("diverged", []), strict=False) if d]
+        if bad:
+            s, d = bad[0]
+            lines.append(
+                f"note: {r['shots']}-shot adaptation diverged (NaN/inf) on {d} of {result['tasks']} tasks from step "
+                f"{s} on; the mean includes them (the inner learning rate is too high for that many steps)"
+            )
     return "\n".join(lines)

@@ -163,7 +163,7 @@ class _Trainer:
             f.write(json.dumps(record) + "\n")
 
     def validate(self) -> dict[str, float]:
-        steps = max(self.learner.inner_steps, 1)
+        steps = self.learner.inner_steps
         curve = self.learner.adaptation_curve(self.val, max(steps, self.cfg.eval.steps))
         out = {"val_mse": curve[:, steps].mean().item(), "val_mse_eval_steps": curve[:, -1].mean().item()}
         return out

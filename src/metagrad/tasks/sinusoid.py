@@ -10,7 +10,7 @@ from torch import Tensor
 
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["Sinusoid", "SCORINGS", "DENSE_POINTS"]
+__all__ = ["Sinusoid", "OracleSinusoid", "SCORINGS", "DENSE_POINTS"]
 
 SCORINGS = ("dense", "paper")
 DENSE_POINTS = 100
@@ -35,6 +35,7 @@ class Sinusoid:
     x_range: tuple[float, float] = (-5.0, 5.0)
     noise: float = 0.0
     name: str = "sinusoid"
+    input_features = 1
 
     def __post_init__(self) -> None:
         self.amplitude = _check_range("amplitude", self.amplitude)
@@ -49,6 +50,10 @@ class Sinusoid:
     def function(self, x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
         """The noise-free curves: ``x`` [B, N, 1], ``amplitude`` and ``phase`` [B]."""
         return amplitude[:, None, None] * torch.sin(x - phase[:, None, None])
+
+    def inputs(self, x: Tensor, info: dict[str, Tensor]) -> Tensor:
+        """What the network sees for points ``x`` [B, N, 1] of tasks with parameters ``info``."""
+        return x
 
     def _targets(self, x: Tensor, a: Tensor, p: Tensor, g: torch.Generator) -> Tensor:
         y = self.function(x, a, p)
@@ -79,4 +84,16 @@ class Sinusoid:
             qx = self._uniform((batch_size, queries, 1), self.x_range, g)
             qy = self._targets(qx, a, p, g)
         f = torch.get_default_dtype()
-        return TaskBatch(sx.to(f), sy.to(f), qx.to(f), qy.to(f), {"amplitude": a.to(f), "phase": p.to(f)})
+        info = {"amplitude": a.to(f), "phase": p.to(f)}
+        return TaskBatch(self.inputs(sx.to(f), info), sy.to(f), self.inputs(qx.to(f), info), qy.to(f), info)
+
+
+@dataclass
+class OracleSinusoid(Sinusoid):
+    """The same tasks (same random draws) with inputs ``[x, A, φ]``: the MAML paper's oracle baseline."""
+
+    input_features = 3
+
+    def inputs(self, x: Tensor, info: dict[str, Tensor]) -> Tensor:
+        params = torch.stack([info["amplitude"], info["phase"]], dim=-1).to(x)  # [B, 2]
+        return torch.cat([x, params[:, None, :].expand(*x.shape[:2], 2)], dim=-1)

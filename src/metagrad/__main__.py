@@ -1,0 +1,3 @@
+from metagrad.cli import main
+
+raise SystemExit(main())
