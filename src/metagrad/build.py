@@ -45,7 +45,9 @@ def build_model(cfg: Config) -> MLP:
 def _maml_rule(cfg: Config) -> InnerRule:
     a = cfg.algorithm
     rate: InnerRule = (
-        LSLR(a.inner_lr, a.inner_steps, a.per_layer_lr, a.rate_parameterization) if a.lslr else SGD(a.inner_lr)
+        LSLR(a.inner_lr, a.inner_steps, a.per_layer_lr, a.rate_parameterization, a.lslr_beyond)
+        if a.lslr
+        else SGD(a.inner_lr)
     )
     return Chain(Curvature(), rate) if a.curvature else rate
 
@@ -90,6 +92,7 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
             inner_lr=a.inner_lr,
             per_layer=a.per_layer_lr,
             parameterization=a.rate_parameterization,
+            beyond=a.lslr_beyond,
             **{**plus, "multi_step_loss": True},
             **common,
         )

@@ -1,4 +1,4 @@
-"""The ``metagrad`` command: ``train``, ``eval`` and ``plot``.
+"""The ``metagrad`` command: ``train``, ``eval``, ``compare`` and ``plot``.
 
 Bad input exits with code 2 and one line saying what is wrong; a diverged run exits with code 1.
 """
@@ -68,10 +68,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="write the results as JSON")
     e.add_argument("--plot", type=Path, help="write a PNG: MSE against steps and example fits")
 
-    pl = sub.add_parser("plot", help="redraw a run's figures", description="Redraw the figures of a finished run.")
-    pl.add_argument("run", type=Path)
-    pl.add_argument("--out", type=Path, help="PNG path (default RUN/eval.png)")
+    c = sub.add_parser(
+        "compare", help="train and compare every algorithm",
+        description="Train every algorithm on the same sinusoid task stream and budget, evaluate all of them on the "
+        "same test tasks, and write report.md, results.json, adaptation.png and fits.png.",
+    )  # fmt: skip
+    c.add_argument(
+        "--budget", default="default", help="default (~3 min on 2 CPU cores), paper (published protocols), tiny"
+    )
+    c.add_argument("--algorithms", nargs="+", metavar="NAME", help="subset of: " + ", ".join(_compare_algorithms()))
+    c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --out")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--tasks", type=_positive, help="test tasks per shot count (default 600)")
+    c.add_argument("--workers", type=_positive, help="parallel training processes (default: one per CPU core)")
+    c.add_argument("--no-progress", action="store_true")
+
+    pl = sub.add_parser("plot", help="redraw figures", description="Redraw the figures of a run or comparison.")
+    pl.add_argument("run", type=Path, help="a run directory or a `metagrad compare` directory")
+    pl.add_argument("--out", type=Path, help="PNG path for a run (default RUN/eval.png)")
     return p
+
+
+def _compare_algorithms() -> tuple[str, ...]:
+    from metagrad.presets import COMPARE_ALGORITHMS
+
+    return COMPARE_ALGORITHMS
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from metagrad.compare import compare
+    from metagrad.presets import COMPARE_ALGORITHMS
+
+    out = args.out
+    compare(
+        args.algorithms or COMPARE_ALGORITHMS, args.budget, out, device=args.device, overwrite=args.overwrite,
+        workers=args.workers, tasks=args.tasks, progress=not args.no_progress,
+    )  # fmt: skip
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/report.md, results.json, adaptation.png, fits.png")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -135,6 +171,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from metagrad.plots import plot_eval
     from metagrad.run import load_learner
 
+    if (Path(args.run) / "compare.json").is_file():
+        from metagrad.compare import redraw
+
+        for p in redraw(args.run):
+            print(f"wrote {p}")
+        return 0
     cfg, learner, _ = load_learner(args.run)
     path = Path(args.run) / "eval.json"
     if not path.exists():
@@ -154,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from metagrad.errors import DivergenceError, MetagradError
 
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "compare": _cmd_compare}
     try:
         return commands[args.command](args)
     except _usage as e:

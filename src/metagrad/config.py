@@ -64,6 +64,7 @@ class AlgorithmConfig:
     per_layer_lr: bool = False
     curvature: bool = False
     rate_parameterization: str = "log"
+    lslr_beyond: str = "stop"
     # MAML++ training.
     multi_step_loss: bool = False
     msl_epochs: int = 10
@@ -127,6 +128,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "activation"): ("relu", "tanh", "gelu", "silu", "elu"),
     ("algorithm", "name"): ALGORITHMS,
     ("algorithm", "rate_parameterization"): ("log", "raw"),
+    ("algorithm", "lslr_beyond"): ("stop", "last"),
     ("algorithm", "inner_optimizer"): ("sgd", "adam"),
     ("train", "optimizer"): ("adam", "sgd"),
     ("train", "lr_schedule"): ("constant", "linear", "cosine"),

@@ -97,16 +97,15 @@ def plot_eval(
 
 
 def plot_fits(
-    learners: Sequence[MetaLearner],
-    dist: Sinusoid,
+    learners: Sequence[tuple[MetaLearner, Sinusoid]],
     path: str | Path,
     shots: int = 5,
     steps: int = 10,
     examples: int = 3,
 ) -> Path:
-    """The same test tasks fitted by each learner: a row per learner, a column per task."""
+    """The same test tasks fitted by each (learner, its task family): a row per learner, a column per task."""
     fig, axes = plt.subplots(len(learners), examples, figsize=(4.2 * examples, 3.2 * len(learners)), squeeze=False)
-    for row, learner in zip(axes, learners, strict=True):
+    for row, (learner, dist) in zip(axes, learners, strict=True):
         p = next(iter(learner.params.values()))
         tasks = fixed_tasks(dist, examples, shots, "dense").to(p.device, p.dtype)
         for i, ax in enumerate(row):

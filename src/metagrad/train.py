@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,10 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 
 
 class _Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, progress: bool) -> None:
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+    def __init__(
+        self, cfg: Config, run_dir: Path, progress: bool, callback: Callable[[int, dict[str, float]], None] | None
+    ) -> None:
+        self.cfg, self.run_dir, self.progress, self.callback = cfg, run_dir, progress, callback
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -225,6 +228,8 @@ class _Trainer:
                     window = []
                     self.log({"iteration": it, **last, "seconds": round(self.seconds, 3)})
                     bar.set_postfix(loss=f"{last['loss']:.4f}", pre=f"{last['pre_loss']:.3f}", refresh=False)
+                    if self.callback is not None:
+                        self.callback(it, last)
                 if it % t.val_every == 0 or it == t.iterations:
                     val = self.validate()
                     last.update(val)
@@ -249,8 +254,11 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train the learner ``cfg`` describes into ``run_dir`` (or continue it with ``resume=True``)."""
+    """Train the learner ``cfg`` describes into ``run_dir`` (or continue it with ``resume=True``).
+
+    ``callback(iteration, metrics)`` is called at every log interval (e.g. to report progress elsewhere)."""
     run_dir = Path(run_dir)
     if resume:
         stored = read_run_config(run_dir)
@@ -260,7 +268,7 @@ def train(
             )
     else:
         init_run(run_dir, cfg.validate(), overwrite=overwrite)
-    trainer = _Trainer(cfg, run_dir, progress)
+    trainer = _Trainer(cfg, run_dir, progress, callback)
     if resume:
         path = latest_checkpoint(run_dir)
         if path is not None:

@@ -34,10 +34,11 @@ class MAMLEnhanced(MAML):
         curvature: bool = True,
         per_layer: bool = False,
         parameterization: str = "log",
+        beyond: str = "stop",
         multi_step_loss: bool = True,
         **kwargs: Any,
     ) -> None:
-        lslr = LSLR(inner_lr, inner_steps, per_layer=per_layer, parameterization=parameterization)
+        lslr = LSLR(inner_lr, inner_steps, per_layer=per_layer, parameterization=parameterization, beyond=beyond)
         rule = Chain(Curvature(), lslr) if curvature else lslr
         super().__init__(
             model, rule, inner_lr=inner_lr, inner_steps=inner_steps, multi_step_loss=multi_step_loss, **kwargs
