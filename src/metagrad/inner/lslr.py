@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from metagrad.inner.base import InnerRule, Params
@@ -57,6 +58,6 @@ class LSLR(InnerRule):
 
     def update(self, grads: Mapping[str, Tensor], step: int, meta: Mapping[str, Tensor]) -> Params:
         if step >= self.steps and self.beyond == "stop":
-            return {n: g * 0 for n, g in grads.items()}
+            return {n: torch.zeros_like(g) for n, g in grads.items()}
         s = min(step, self.steps - 1)
         return {n: decode_rate(meta[self.key(n)][s], self.parameterization) * g for n, g in grads.items()}

@@ -43,6 +43,10 @@ class TaskBatch:
     def __getitem__(self, index: int | slice) -> TaskBatch:
         """Select tasks (an int keeps a batch dimension of 1)."""
         if isinstance(index, int):
+            n = len(self)
+            if not -n <= index < n:
+                raise IndexError(f"task index {index} out of range for {n} tasks")
+            index %= n
             index = slice(index, index + 1)
         return TaskBatch(
             self.support_x[index],
@@ -55,6 +59,8 @@ class TaskBatch:
     def split(self, parts: int, rank: int) -> TaskBatch:
         """The ``rank``-th of ``parts`` contiguous shards along the task dimension."""
         n = len(self)
+        if parts <= 0 or not 0 <= rank < parts:
+            raise ValueError(f"need parts > 0 and 0 <= rank < parts, got parts={parts}, rank={rank}")
         if n % parts:
             raise ValueError(f"cannot split {n} tasks into {parts} equal shards")
         size = n // parts
