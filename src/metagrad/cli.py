@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,6 +131,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     out = args.out or Path("runs") / cfg.algorithm.name
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for all
     last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k in ("loss", "pre_loss", "val_mse"))
     print(f"trained {result.learner.name} for {result.iterations} iterations in {result.seconds:.1f} s ({last})")
     print(f"run directory: {out}   evaluate with: metagrad eval {out}")
@@ -153,12 +156,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"(checkpoint at iteration {meta.get('iteration')}; MSE ± 95% CI = 1.96·σ/√n over tasks)")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(result, indent=1))
     target = Path(args.run) / "eval.json"
     write_atomic(target, json.dumps(result, indent=1))
     if args.plot:
         from metagrad.plots import plot_eval
 
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_eval(result, learner, build_task(cfg), args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -24,7 +24,8 @@ from metagrad.algorithms import MetaLearner
 from metagrad.build import DTYPES, build_learner, build_task, resolve_device
 from metagrad.checkpoint import load_checkpoint, save_checkpoint
 from metagrad.config import Config
-from metagrad.errors import CheckpointError, DivergenceError
+from metagrad.distributed import all_reduce_mean, init_world, shutdown_world
+from metagrad.errors import CheckpointError, ConfigError, DivergenceError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
 from metagrad.run import checkpoints, init_run, latest_checkpoint, read_run_config
 
@@ -94,7 +95,10 @@ class _Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        self.world, self.device = init_world(resolve_device(t.device))
+        if t.meta_batch % self.world.size:
+            raise ConfigError(f"train.meta_batch={t.meta_batch} must be divisible by the {self.world.size} ranks")
+        self.progress = progress and self.world.is_main
         self.dtype = DTYPES[t.dtype]
         self.dist = build_task(cfg)
         self.learner = build_learner(cfg).to(self.device, self.dtype)
@@ -111,7 +115,18 @@ class _Trainer:
     def _weights(self) -> dict[str, torch.Tensor]:
         return {f"{g}.{k}": v for g, tree in self.learner.state_tensors().items() for k, v in tree.items()}
 
-    def save(self, name: str | None = None) -> Path:
+    def save(self, name: str | None = None) -> Path | None:
+        if not self.world.is_main:
+            return None
+        weights = self._weights()
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never write a checkpoint that a later "last good checkpoint" message would point to
+            last = latest_checkpoint(self.run_dir)
+            raise DivergenceError(
+                f"training diverged by iteration {self.iteration}: {bad[0]} holds NaN/inf; the learning rates are "
+                f"probably too high (train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr="
+                f"{self.cfg.algorithm.inner_lr}); last good checkpoint: {last if last else 'none yet'}"
+            )
         tensors, opt_meta = _optimizer_tensors(self.opt)
         tensors["rng.tasks"] = self.generator.get_state()
         meta = {
@@ -123,7 +138,7 @@ class _Trainer:
             "config": self.cfg.to_dict(),
         }
         root = self.run_dir / "checkpoints"
-        path = save_checkpoint(root / (name or f"iter-{self.iteration:08d}"), self._weights(), tensors, meta)
+        path = save_checkpoint(root / (name or f"iter-{self.iteration:08d}"), weights, tensors, meta)
         if name is None:
             for _, old in checkpoints(self.run_dir)[: -self.cfg.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -149,7 +164,7 @@ class _Trainer:
     def _truncate_metrics(self) -> None:
         # Lines written after the checkpoint we resume from would otherwise appear twice.
         path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
+        if not path.exists() or not self.world.is_main:
             return
         keep = []
         for line in path.read_text().splitlines():
@@ -162,6 +177,8 @@ class _Trainer:
 
     # ----- the loop ------------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -186,15 +203,28 @@ class _Trainer:
             )
         clip = self.cfg.train.grad_clip
         if clip:
-            torch.nn.utils.clip_grads_with_norm_(all_grads, clip, norm)
+            scale = (clip / (norm + 1e-6)).clamp(max=1.0)
+            for g in all_grads:
+                g.mul_(scale)
         return norm.item()
 
     def step(self) -> dict[str, float]:
         batch = self.dist.sample(self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
         batch = batch.to(self.device, self.dtype)
-        gp, gm, metrics = self.learner.meta_gradient(batch, self.iteration, self.generator)
+        shard = (self.world.rank, self.world.size)
+        gp, gm, metrics = self.learner.meta_gradient(batch, self.iteration, self.generator, shard)
         pairs = [(self.learner.params[k], g) for k, g in gp.items()]
         pairs += [(self.learner.meta_state[k], g) for k, g in gm.items()]
+        if self.world.enabled:
+            names = list(metrics)
+            extra = self.learner.extra_state
+            reduced = all_reduce_mean(
+                [g for _, g in pairs] + [metrics[k] for k in names] + list(extra.values()), self.world
+            )
+            pairs = [(p, g) for (p, _), g in zip(pairs, reduced, strict=False)]
+            metrics = dict(zip(names, reduced[len(pairs) : len(pairs) + len(names)], strict=True))
+            for k, v in zip(list(extra), reduced[len(pairs) + len(names) :], strict=True):
+                extra[k] = v.clone()
         norm = self._apply({str(i): g for i, (_, g) in enumerate(pairs)}, metrics)
         for p, g in pairs:
             p.grad = g
@@ -202,7 +232,13 @@ class _Trainer:
         scale = lr / self.cfg.train.meta_lr if self.cfg.train.meta_lr > 0 else 0.0
         for group in self.opt.param_groups:
             group["lr"] = lr if group.get("name") == "params" else group["base_lr"] * scale
-        self.opt.step()
+        try:
+            self.opt.step()
+        except RuntimeError as e:  # e.g. a learning rate too large to represent in the weights' dtype
+            raise DivergenceError(
+                f"the optimizer step failed at iteration {self.iteration + 1} ({e}); the learning rate "
+                f"train.meta_lr={self.cfg.train.meta_lr} is probably far too high"
+            ) from None
         for p, _ in pairs:
             p.grad = None
         self.iteration += 1
@@ -230,7 +266,7 @@ class _Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", pre=f"{last['pre_loss']:.3f}", refresh=False)
                     if self.callback is not None:
                         self.callback(it, last)
-                if it % t.val_every == 0 or it == t.iterations:
+                if self.world.is_main and (it % t.val_every == 0 or it == t.iterations):
                     val = self.validate()
                     last.update(val)
                     self.log({"iteration": it, **val})
@@ -266,12 +302,19 @@ def train(
             raise CheckpointError(
                 f"resume of {str(run_dir)!r} must use the run's own config (only [train] keys may change)"
             )
-    else:
-        init_run(run_dir, cfg.validate(), overwrite=overwrite)
     trainer = _Trainer(cfg, run_dir, progress, callback)
+    if not resume:
+        if trainer.world.is_main:
+            init_run(run_dir, cfg.validate(), overwrite=overwrite)
+        trainer.world.barrier()
     if resume:
         path = latest_checkpoint(run_dir)
         if path is not None:
             trainer.restore(path)
-    last = trainer.run()
+        else:
+            trainer._truncate_metrics()  # killed before its first checkpoint: start over cleanly
+    try:
+        last = trainer.run()
+    finally:
+        shutdown_world(trainer.world)
     return TrainResult(trainer.learner, run_dir, trainer.iteration, trainer.seconds, last)

@@ -134,10 +134,19 @@ class MetaLearner:
         self._compiled = torch.compile(self._meta_gradient, **options)
 
     def meta_gradient(
-        self, batch: TaskBatch, iteration: int, generator: torch.Generator | None = None
+        self,
+        batch: TaskBatch,
+        iteration: int,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        """Gradients of the meta-loss with respect to ``params`` and ``meta_state``, plus metrics."""
+        """Gradients of the meta-loss with respect to ``params`` and ``meta_state``, plus metrics.
+
+        ``shard=(rank, world)`` computes them on that rank's share of the tasks (distributed training): any
+        randomness is drawn for the whole batch first, so the ranks together match one process."""
         weights, first_order = self.schedule(iteration)
+        if shard[1] > 1:
+            batch = batch.split(shard[1], shard[0])
         fn = self._compiled or self._meta_gradient
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         return fn(self.params, self.meta_state, tasks, weights, first_order)

@@ -85,7 +85,11 @@ class Reptile(MetaLearner):
         self._compiled = torch.compile(self._reptile_step, **options)
 
     def meta_gradient(
-        self, batch: TaskBatch, iteration: int, generator: torch.Generator | None = None
+        self,
+        batch: TaskBatch,
+        iteration: int,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> tuple[Params, Params, dict[str, Tensor]]:
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
@@ -94,6 +98,10 @@ class Reptile(MetaLearner):
         # A fresh random mini-batch (without replacement) per task and inner step, from the trainer's stream.
         keys = torch.rand((b, self.inner_steps, n), generator=generator)
         idx = keys.argsort(dim=-1)[..., :mb].to(x.device)
+        if shard[1] > 1:
+            size = b // shard[1]
+            part = slice(shard[0] * size, (shard[0] + 1) * size)
+            x, y, idx = x[part], y[part], idx[part]
         adam = self.inner_optimizer == "adam"
         t = self.extra_state["reptile.t"] if adam else torch.zeros((), device=x.device)
         v = (

@@ -1,0 +1,72 @@
+"""Data-parallel meta-training with ``torch.distributed``, launched by ``torchrun``.
+
+Every rank draws the same full meta-batch from the same seeded stream and keeps its own contiguous shard of
+the tasks, so the ranks' tasks are distinct and the run is reproducible. Meta-gradients (and Reptile's weight
+deltas and inner-optimizer state) are averaged with one all-reduce per iteration, which makes N ranks with a
+meta-batch of B compute the same update as one process with B (to float rounding). Rank 0 alone logs, shows
+progress, validates and writes checkpoints. Backend: NCCL on CUDA, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["World", "init_world", "shutdown_world", "all_reduce_mean"]
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_world(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes in the environment (no-op in a plain process)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank, size, local_rank), device
+
+
+def all_reduce_mean(tensors: list[Tensor], world: World) -> list[Tensor]:
+    """The mean over ranks of each tensor, with one collective on a flat buffer."""
+    if not world.enabled or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world.size
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def shutdown_world(world: World) -> None:
+    """Leave the process group (end of training)."""
+    if world.enabled and dist.is_initialized():
+        dist.destroy_process_group()

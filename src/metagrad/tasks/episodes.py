@@ -1,0 +1,129 @@
+"""N-way K-shot classification episodes from a labelled image set (Omniglot or any other)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from metagrad.tasks.base import TaskBatch
+
+__all__ = ["EpisodeSampler"]
+
+
+class EpisodeSampler:
+    """Draws N-way classification tasks: a TaskDistribution over the classes of ``images``/``labels``.
+
+    Each task takes ``ways`` distinct classes and, from each, ``shots + queries`` distinct images: the first
+    ``shots`` go to the support set, the rest to the query set. The chosen classes get the labels 0..N-1 in a
+    random order (a fresh assignment per task). With ``shuffle`` the support and query points are also put in
+    a random order; otherwise they are grouped by label ([0]*K + [1]*K + ...).
+
+    ``images`` [N_img, C, H, W] (float, or uint8 scaled by 1/255), ``labels`` [N_img] integer class ids;
+    ``classes`` restricts sampling to those class ids (e.g. one split from ``split_classes``). Every random
+    number comes from the generator passed to ``sample``; the tensors come out in the default dtype.
+
+    ``info`` of the returned batch holds ``classes`` [B, N] (the class id behind each label), and
+    ``support_index`` [B, N*K] and ``query_index`` [B, N*Q] (rows of ``images``). Algorithms must not read it.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        ways: int = 5,
+        classes: Sequence[int] | Tensor | None = None,
+        *,
+        shuffle: bool = True,
+        name: str = "omniglot",
+    ) -> None:
+        if images.dim() < 2 or images.shape[0] != labels.shape[0] or labels.dim() != 1:
+            raise ValueError(
+                "need images [N, ...] and labels [N] with the same N, "
+                f"got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
+        self.images = images
+        self.name = name
+        self.shuffle = shuffle
+        labels = labels.to(torch.int64).cpu()
+        if classes is None:
+            self.classes = torch.unique(labels)  # sorted
+        else:
+            self.classes = torch.unique(torch.as_tensor(classes, dtype=torch.int64).reshape(-1))
+        if self.classes.numel() == 0:
+            raise ValueError("no classes to sample from")
+        # Table [C, M] of image rows per class (padded with -1) and counts [C]: sampling is then pure indexing.
+        pos = torch.searchsorted(self.classes, labels).clamp(max=self.classes.numel() - 1)
+        keep = self.classes[pos] == labels
+        rows = torch.nonzero(keep).squeeze(1)
+        cls = pos[keep]
+        order = torch.argsort(cls, stable=True)
+        rows, cls = rows[order], cls[order]
+        self.counts = torch.bincount(cls, minlength=self.classes.numel())
+        if int(self.counts.min()) == 0:
+            missing = self.classes[self.counts == 0][:5].tolist()
+            raise ValueError(f"classes without images: {missing}{' ...' if (self.counts == 0).sum() > 5 else ''}")
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        self.table = torch.full((self.classes.numel(), int(self.counts.max())), -1, dtype=torch.int64)
+        self.table[cls, torch.arange(cls.numel()) - starts[cls]] = rows
+        self.ways = int(ways)
+        if self.ways <= 0:
+            raise ValueError(f"ways must be positive, got {ways}")
+        if self.ways > self.num_classes:
+            raise ValueError(f"ways={self.ways} exceeds the {self.num_classes} classes available")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classes.numel())
+
+    @property
+    def min_images_per_class(self) -> int:
+        return int(self.counts.min())
+
+    def sample(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> TaskBatch:
+        """``batch_size`` tasks of ``ways`` classes with ``shots`` support and ``queries`` query images each:
+        support_x [B, N*K, C, H, W], support_y [B, N*K] (int64 in 0..N-1), query_x [B, N*Q, ...], query_y [B, N*Q]."""
+        b, k, q, n = int(batch_size), int(shots), int(queries), self.ways
+        if b <= 0 or k <= 0 or q <= 0:
+            raise ValueError(f"batch size, shots and queries must be positive, got {batch_size}, {shots}, {queries}")
+        if k + q > self.min_images_per_class:
+            raise ValueError(
+                f"shots + queries = {k + q} exceeds the {self.min_images_per_class} images of the smallest class; "
+                "every task needs that many distinct images per class"
+            )
+        g = generator
+        c, m = self.num_classes, self.table.shape[1]
+        # N distinct classes per task in a random order: position i in the order is label i.
+        chosen = torch.rand(b, c, generator=g).argsort(dim=1)[:, :n]  # [B, N] indices into self.classes
+        # K+Q distinct images per class: the smallest of M random keys, padding slots pushed past every real one.
+        keys = torch.rand(b, n, m, generator=g)
+        keys = keys.masked_fill(torch.arange(m) >= self.counts[chosen][..., None], 2.0)
+        pick = keys.argsort(dim=-1)[..., : k + q]  # [B, N, K+Q]
+        rows = self.table[chosen[..., None], pick]  # [B, N, K+Q] rows of self.images
+        s_rows = rows[..., :k].reshape(b, n * k)
+        q_rows = rows[..., k:].reshape(b, n * q)
+        s_y = torch.arange(n).repeat_interleave(k).expand(b, -1)
+        q_y = torch.arange(n).repeat_interleave(q).expand(b, -1)
+        if self.shuffle:
+            sp = torch.rand(b, n * k, generator=g).argsort(dim=1)
+            qp = torch.rand(b, n * q, generator=g).argsort(dim=1)
+            s_rows, s_y = s_rows.gather(1, sp), s_y.gather(1, sp)
+            q_rows, q_y = q_rows.gather(1, qp), q_y.gather(1, qp)
+        info = {"classes": self.classes[chosen], "support_index": s_rows, "query_index": q_rows}
+        return TaskBatch(self._gather(s_rows), s_y.contiguous(), self._gather(q_rows), q_y.contiguous(), info)
+
+    def _gather(self, rows: Tensor) -> Tensor:
+        x = self.images[rows.to(self.images.device)]
+        f = torch.get_default_dtype()
+        return x.to(f) / 255 if x.dtype == torch.uint8 else x.to(f)
+
+    def __repr__(self) -> str:
+        return (
+            f"EpisodeSampler(name={self.name!r}, ways={self.ways}, classes={self.num_classes}, "
+            f"images={self.images.shape[0]}, image_shape={tuple(self.images.shape[1:])})"
+        )

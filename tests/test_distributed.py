@@ -1,0 +1,103 @@
+"""Data-parallel training over 2 gloo processes equals one process with the same total meta-batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metagrad.build import build_learner
+from metagrad.distributed import World, all_reduce_mean
+from metagrad.presets import preset
+from metagrad.run import load_learner
+from metagrad.tasks import Sinusoid
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
+
+ALGORITHMS = ("maml", "maml_enhanced", "reptile")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(algorithm: str):
+    cfg = preset(algorithm, "tiny")
+    cfg.model.hidden = [16, 16]
+    cfg.algorithm.inner_steps = 2
+    if algorithm == "reptile":
+        cfg.algorithm.inner_optimizer = "adam"
+    return cfg
+
+
+def _grads(algorithm: str, shard: tuple[int, int]) -> dict[str, torch.Tensor]:
+    learner = build_learner(_config(algorithm)).to("cpu", torch.float64)
+    batch = Sinusoid().sample(8, 5, 5, torch.Generator().manual_seed(0)).to("cpu", torch.float64)
+    gp, gm, _ = learner.meta_gradient(batch, 0, torch.Generator().manual_seed(1), shard)
+    out = {f"p.{k}": v for k, v in gp.items()} | {f"m.{k}": v for k, v in gm.items()}
+    return out | {f"x.{k}": v for k, v in learner.extra_state.items()}
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for algorithm in ALGORITHMS:
+            grads = _grads(algorithm, (rank, 2))
+            reduced = all_reduce_mean(list(grads.values()), World(rank, 2, rank))
+            if rank == 0:
+                queue.put((algorithm, {k: v.numpy().copy() for k, v in zip(grads, reduced, strict=True)}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_meta_gradient_equals_one_process() -> None:
+    """MAML, MAML Enhanced (learned rates and curvature) and Reptile with inner Adam state, in one process pair."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=180) for _ in ALGORITHMS)  # numpy arrays: plain pickles
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for algorithm in ALGORITHMS:
+        _check(results[algorithm], _grads(algorithm, (0, 1)))
+
+
+def _check(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(torch.from_numpy(got[k]), want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_torchrun_training_matches_single_process(tmp_path) -> None:
+    overrides = ["train.iterations=12", "train.meta_batch=8", "train.val_every=6", "train.checkpoint_every=6",
+                 "train.threads=1", "model.hidden=[16, 16]", "algorithm.inner_steps=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launch, "-m", "metagrad", "train", "--out", str(two), "--no-progress", *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained maml") == 1  # rank 0 alone reports
+    cmd = [sys.executable, "-m", "metagrad", "train", "--out", str(one), "--no-progress", *overrides]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+    _, a, meta_a = load_learner(one)
+    _, b, meta_b = load_learner(two)
+    assert meta_a["iteration"] == meta_b["iteration"] == 12
+    for k in a.params:
+        torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))  # one writer
