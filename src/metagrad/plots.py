@@ -6,15 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+# No matplotlib.use(...) here: forcing a backend on import would silence figures in notebooks, and
+# matplotlib already falls back to Agg where there is no display.
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")  # files only: no display is needed, on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from metagrad.algorithms import MetaLearner  # noqa: E402
-from metagrad.evaluate import fixed_tasks  # noqa: E402
-from metagrad.tasks import Sinusoid  # noqa: E402
+from metagrad.algorithms import MetaLearner
+from metagrad.evaluate import fixed_tasks
+from metagrad.tasks import Sinusoid
 
 __all__ = ["plot_curves", "draw_curves", "draw_fit", "plot_eval", "plot_fits"]
 
