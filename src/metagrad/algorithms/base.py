@@ -8,7 +8,7 @@ maps it over a batch (vmap, or a plain loop with the same numbers), differentiat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,13 +19,24 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from metagrad.inner.base import InnerRule, Params
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["MetaLearner", "LOSSES", "Task"]
+__all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y of one task
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": F.mse_loss,
     "cross_entropy": F.cross_entropy,
+}
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.argmax(-1) == y).to(logits.dtype).mean()
+
+
+# What evaluation reports for each loss: the loss itself for regression, accuracy for classification.
+METRICS: dict[str, tuple[str, Callable[[Tensor, Tensor], Tensor]]] = {
+    "mse": ("mse", F.mse_loss),
+    "cross_entropy": ("accuracy", _accuracy),
 }
 
 
@@ -49,6 +60,7 @@ class MetaLearner:
         loss: str = "mse",
         vectorize: bool = True,
         eval_rule: InnerRule | None = None,
+        adapt_only: Sequence[str] | None = None,
     ) -> None:
         if inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
@@ -61,9 +73,14 @@ class MetaLearner:
         self.loss_name = loss
         self.loss_fn = LOSSES[loss]
         self.vectorize = vectorize
+        self.metric_name, self.metric_fn = METRICS[loss]
         self.params: Params = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.buffers: Params = dict(model.named_buffers())
-        self.meta_state: Params = rule.init(self.params)
+        # The parameters adapted in the inner loop: all, or those under the given prefixes (ANIL: the head).
+        self.fast = [n for n in self.params if adapt_only is None or any(n.startswith(p) for p in adapt_only)]
+        if not self.fast:
+            raise ValueError(f"adapt_only={list(adapt_only or [])} matches no parameter of {sorted(self.params)}")
+        self.meta_state: Params = rule.init({n: self.params[n] for n in self.fast})
         self.extra_state: Params = {}
         self._compiled: Callable[..., Any] | None = None
 
@@ -84,13 +101,21 @@ class MetaLearner:
         rule: InnerRule,
         first_order: bool,
     ) -> Params:
-        """One inner update ``θ ← θ − rule(∇θ L_support, step)``."""
-        g = grad(self.loss)(params, x, y)
+        """One inner update ``θ ← θ − rule(∇θ L_support, step)`` of the adapted (``fast``) parameters."""
+
+        def support_loss(fast: Params) -> Tensor:
+            return self.loss({**params, **fast}, x, y)
+
+        g = grad(support_loss)({k: params[k] for k in self.fast})
         if first_order:
             # First-order MAML: the adapted weights depend on θ only through the identity path.
             g = _detach(g)
         update = rule.update(g, step, meta)
-        return {k: params[k] - update[k] for k in params}
+        return {**params, **{k: params[k] - update[k] for k in self.fast}}
+
+    def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """What evaluation reports: the MSE for regression, accuracy for classification."""
+        return self.metric_fn(self.forward(params, x), y)
 
     def task_loss(
         self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
@@ -175,14 +200,17 @@ class MetaLearner:
 
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
         sx, sy, qx, qy = task
-        losses = [self.loss(params, qx, qy)]
+        values = [self.metric(params, qx, qy)]
         for s in range(steps):
             params = _detach(self.inner_step(params, meta, sx, sy, s, self.eval_rule, True))
-            losses.append(self.loss(params, qx, qy))
-        return torch.stack(losses).detach()
+            values.append(self.metric(params, qx, qy))
+        return torch.stack(values).detach()
 
-    def adaptation_curve(self, batch: TaskBatch, steps: int, chunk: int = 200) -> Tensor:
-        """Query loss of every task after 0..steps inner steps: [B, steps + 1]."""
+    def adaptation_curve(self, batch: TaskBatch, steps: int, chunk: int | None = None) -> Tensor:
+        """The metric (query MSE, or accuracy) of every task after 0..steps inner steps: [B, steps + 1]."""
+        if chunk is None:  # bound the activations of one vmapped chunk (images are far larger than points)
+            per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
+            chunk = max(1, min(200, 400_000 // per_task))
         out = []
         for start in range(0, len(batch), chunk):
             b = batch[start : start + chunk]
