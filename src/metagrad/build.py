@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Oracle, Pretrain, Reptile
@@ -9,7 +12,10 @@ from metagrad.config import Config
 from metagrad.errors import ConfigError
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.models import MLP
-from metagrad.tasks import OracleSinusoid, Sinusoid
+from metagrad.models.conv4 import Conv4
+from metagrad.tasks import OracleSinusoid, Sinusoid, TaskDistribution
+from metagrad.tasks.episodes import EpisodeSampler
+from metagrad.tasks.omniglot import OmniglotData, augment_rotations, load_omniglot, split_classes
 
 __all__ = ["build_task", "build_model", "build_learner", "resolve_device", "DTYPES"]
 
@@ -28,17 +34,57 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} is not a valid device; use auto, cpu or cuda") from None
 
 
-def build_task(cfg: Config) -> Sinusoid:
+SPLITS = ("train", "val", "test")
+
+
+@functools.lru_cache(maxsize=4)
+def _omniglot(root: str, size: int, rotations: bool) -> OmniglotData:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"task.data = {root!r} does not exist; point it at an Omniglot folder or its zip files "
+            "(e.g. task.data=../shared/data/omniglot)"
+        )
+    try:
+        data = load_omniglot(path, size=size)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"task.data = {root!r} could not be read as Omniglot: {e}") from None
+    return augment_rotations(*data) if rotations else data
+
+
+def build_task(cfg: Config, split: str = "train") -> TaskDistribution:
+    """The task family of ``cfg``; for classification, the episodes of one class split (train/val/test).
+
+    The class split is drawn from a fixed seed (0), independent of the training seed, so every run holds out
+    the same classes."""
     t = cfg.task
-    family = OracleSinusoid if cfg.algorithm.name == "oracle" else Sinusoid
-    return family(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), t.noise)
+    if t.name == "sinusoid":
+        family = OracleSinusoid if cfg.algorithm.name == "oracle" else Sinusoid
+        return family(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), t.noise)
+    data = _omniglot(t.data, t.image_size, t.rotations)
+    if t.split == "none":
+        classes = list(range(len(data.class_names)))
+    else:
+        parts = dict(zip(SPLITS, split_classes(data.class_names, t.split, (0.7, 0.1, 0.2), seed=0), strict=True))
+        classes = parts[split]
+    sampler = EpisodeSampler(data.images, data.labels, t.ways, classes, name="omniglot")
+    if t.shots + t.queries > sampler.min_images_per_class:
+        raise ConfigError(
+            f"task.shots + task.queries = {t.shots + t.queries} exceeds the {sampler.min_images_per_class} "
+            "images per Omniglot class"
+        )
+    if t.ways > sampler.num_classes:
+        raise ConfigError(f"task.ways = {t.ways} exceeds the {sampler.num_classes} classes of the {split} split")
+    return sampler
 
 
-def build_model(cfg: Config) -> MLP:
+def build_model(cfg: Config) -> torch.nn.Module:
     # The initialisation is drawn from a generator seeded by the run's seed, not the global RNG's state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        inputs = build_task(cfg).input_features
+        if cfg.model.name == "conv4":
+            return Conv4(1, cfg.task.ways, cfg.model.channels, cfg.task.image_size)
+        inputs = OracleSinusoid.input_features if cfg.algorithm.name == "oracle" else Sinusoid.input_features
         return MLP(inputs, tuple(cfg.model.hidden), 1, cfg.model.activation)
 
 
@@ -56,7 +102,10 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
     """The meta-learner a config describes (on the CPU, in float32 unless moved)."""
     a = cfg.algorithm
     model = model if model is not None else build_model(cfg)
-    common = {"vectorize": cfg.train.vectorize, "inner_steps": a.inner_steps}
+    loss = "cross_entropy" if cfg.task.name == "omniglot" else "mse"
+    common = {"vectorize": cfg.train.vectorize, "inner_steps": a.inner_steps, "loss": loss}
+    if a.anil:
+        common["adapt_only"] = ["head."] if cfg.model.name == "conv4" else [f"{len(cfg.model.hidden) * 2}."]
     learned = a.name in ("metasgd", "maml_enhanced") or a.lslr or a.curvature
     if a.eval_inner_lr is not None and learned:
         raise ConfigError(
@@ -82,7 +131,7 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
         )
     elif a.name in ("pretrain", "oracle"):
         family = Pretrain if a.name == "pretrain" else Oracle
-        learner = family(model, inner_lr=a.inner_lr, eval_rule=eval_rule, vectorize=cfg.train.vectorize)
+        learner = family(model, inner_lr=a.inner_lr, eval_rule=eval_rule, vectorize=cfg.train.vectorize, loss=loss)
     elif a.name == "metasgd":
         learner = MetaSGD(model, inner_lr=a.inner_lr, parameterization=a.rate_parameterization, **plus, **common)
     elif a.name == "maml_enhanced":

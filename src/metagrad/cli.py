@@ -11,11 +11,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --task must never be read as an abbreviation of --tasks
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not a usage dump
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -65,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=_positive, help="number of test tasks (default 600)")
     e.add_argument("--scoring", choices=["dense", "paper"], help="dense: 100-point grid (default); paper: K points")
     e.add_argument("--checkpoint", default="latest", help="latest (default), best, or a checkpoint directory")
+    e.add_argument(
+        "--benchmark", choices=["tasks", "omniglot-runs"], default="tasks",
+        help="tasks: fixed test tasks of the run's family (default); omniglot-runs: Lake et al.'s 20 one-shot runs",
+    )  # fmt: skip
+    e.add_argument("--data", type=Path, help="Omniglot folder holding all_runs.zip (default: the run's task.data)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     e.add_argument("--json", type=Path, help="write the results as JSON")
     e.add_argument("--plot", type=Path, help="write a PNG: MSE against steps and example fits")
@@ -74,9 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every algorithm on the same sinusoid task stream and budget, evaluate all of them on the "
         "same test tasks, and write report.md, results.json, adaptation.png and fits.png.",
     )  # fmt: skip
-    c.add_argument(
-        "--budget", default="default", help="default (~3 min on 2 CPU cores), paper (published protocols), tiny"
-    )
+    c.add_argument("--task", choices=["sinusoid", "omniglot"], default="sinusoid", help="benchmark (default sinusoid)")
+    c.add_argument("--budget", default="default", help="default (sinusoid: ~3 min on 2 CPU cores), paper, cpu, tiny")
     c.add_argument("--algorithms", nargs="+", metavar="NAME", help="subset of: " + ", ".join(_compare_algorithms()))
     c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --out")
@@ -99,15 +108,16 @@ def _compare_algorithms() -> tuple[str, ...]:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from metagrad.compare import compare
-    from metagrad.presets import COMPARE_ALGORITHMS
+    from metagrad.presets import COMPARE_ALGORITHMS, OMNIGLOT_COMPARE_ALGORITHMS
 
     out = args.out
+    default = COMPARE_ALGORITHMS if args.task == "sinusoid" else OMNIGLOT_COMPARE_ALGORITHMS
     compare(
-        args.algorithms or COMPARE_ALGORITHMS, args.budget, out, device=args.device, overwrite=args.overwrite,
-        workers=args.workers, tasks=args.tasks, progress=not args.no_progress,
+        args.algorithms or default, args.budget, out, device=args.device, overwrite=args.overwrite,
+        workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task,
     )  # fmt: skip
     print((out / "report.md").read_text())
-    print(f"wrote {out}/report.md, results.json, adaptation.png, fits.png")
+    print(f"wrote {out}/report.md, results.json and figures")
     return 0
 
 
@@ -133,7 +143,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 speaks for all
-    last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k in ("loss", "pre_loss", "val_mse"))
+    shown = ("loss", "pre_loss", "val_mse", "val_accuracy")
+    last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k in shown)
     print(f"trained {result.learner.name} for {result.iterations} iterations in {result.seconds:.1f} s ({last})")
     print(f"run directory: {out}   evaluate with: metagrad eval {out}")
     return 0
@@ -147,6 +158,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     cfg, learner, meta = load_learner(args.run, args.checkpoint, device)
+    if args.benchmark == "omniglot-runs":
+        return _eval_lake(args, cfg, learner, device)
     ev = cfg.eval
     shots = args.shots or ev.shots
     result = evaluate(
@@ -154,7 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device, DTYPES[cfg.train.dtype],
     )  # fmt: skip
     print(format_table(result))
-    print(f"(checkpoint at iteration {meta.get('iteration')}; MSE ± 95% CI = 1.96·σ/√n over tasks)")
+    print(f"(checkpoint at iteration {meta.get('iteration')}; mean ± 95% CI = 1.96·σ/√n over tasks)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(result, indent=1))
@@ -166,6 +179,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_eval(result, learner, build_task(cfg), args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _eval_lake(args: argparse.Namespace, cfg, learner, device) -> int:
+    from metagrad.build import DTYPES
+    from metagrad.checkpoint import write_atomic
+    from metagrad.errors import ConfigError
+    from metagrad.evaluate import evaluate_lake_runs, format_lake_table
+    from metagrad.tasks.omniglot import load_lake_runs
+
+    if cfg.task.name != "omniglot":
+        raise ConfigError(f"--benchmark omniglot-runs needs a run trained on omniglot, not {cfg.task.name}")
+    root = args.data or Path(cfg.task.data)
+    if not root.exists():
+        raise ConfigError(f"--data {str(root)!r} does not exist; point it at the folder holding all_runs.zip")
+    try:
+        runs = load_lake_runs(root, size=cfg.task.image_size)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"could not read Lake's runs from {str(root)!r}: {e}") from None
+    result = evaluate_lake_runs(learner, runs, args.steps or cfg.eval.steps, device, DTYPES[cfg.train.dtype])
+    print(format_lake_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.json, json.dumps(result, indent=1))
     return 0
 
 

@@ -27,7 +27,9 @@ COMPARE_FORMAT = "metagrad-compare/1"
 REPORT_STEPS = (1, 10)
 
 
-def _train_and_eval(algorithm: str, budget: str, out: str, device: str, tasks: int | None, progress: Any) -> dict:
+def _train_and_eval(
+    algorithm: str, budget: str, out: str, device: str, tasks: int | None, progress: Any, task: str = "sinusoid"
+) -> dict:
     import torch
 
     from metagrad.build import DTYPES, build_task, resolve_device
@@ -35,7 +37,7 @@ def _train_and_eval(algorithm: str, budget: str, out: str, device: str, tasks: i
     from metagrad.presets import preset
     from metagrad.train import train
 
-    cfg = preset(algorithm, budget)
+    cfg = preset(algorithm, budget, task)
     cfg.train.device = device
     if tasks is not None:
         cfg.eval.tasks = tasks
@@ -63,8 +65,12 @@ def _train_and_eval(algorithm: str, budget: str, out: str, device: str, tasks: i
 
 
 def _cell(r: dict[str, Any], step: int) -> str:
+    if "accuracy" in r:
+        return f"{100 * r['accuracy'][step]:.1f} ± {100 * r['ci95'][step]:.1f} %"
     m, c = r["mse"][step], r["ci95"][step]
-    return f"{m:.3f} ± {c:.3f}" if m < 1e6 else f"{m:.2g} (diverged)"
+    if not m < 1e6:
+        return f"{m:.2g} (diverged)"
+    return f"{m:.3f} ± {c:.3f}" if m >= 0.01 else f"{m:.1e} ± {c:.0e}"
 
 
 def report_table(results: Sequence[dict[str, Any]]) -> str:
@@ -91,8 +97,9 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], header: str) -> Non
 
     table = report_table(results)
     r0 = results[0]
+    what = "MSE" if r0["task"] == "sinusoid" else f"{r0.get('ways')}-way query accuracy"
     notes = [
-        f"Test set: {r0['tasks']} fixed tasks per shot count, {r0['scoring']} scoring; MSE ± 95% CI (1.96·σ/√n).",
+        f"Test set: {r0['tasks']} fixed tasks per shot count, {r0['scoring']} scoring; {what} ± 95% CI (1.96·σ/√n).",
         "Learned per-step rates (MAML Enhanced) stop after their trained steps: later steps leave the weights be.",
     ]
     for res in results:
@@ -101,8 +108,9 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], header: str) -> Non
             if bad:
                 notes.append(f"{res['algorithm']}, {r['shots']}-shot: adaptation diverged on {max(bad)} test task(s).")
     write_atomic(out / "report.md", f"{header}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    plot_curves(results, out / "adaptation.png", title=f"Sinusoid regression: adaptation on {r0['tasks']} test tasks")
-    redraw_fits(out, [r["algorithm"] for r in results])
+    plot_curves(results, out / "adaptation.png", title=f"{r0['task']}: adaptation on {r0['tasks']} test tasks")
+    if r0["task"] == "sinusoid":
+        redraw_fits(out, [r["algorithm"] for r in results])
 
 
 def redraw_fits(out: Path, algorithms: Sequence[str]) -> None:
@@ -127,6 +135,8 @@ def redraw(out: str | Path) -> list[Path]:
         raise RunError(f"{out / 'results.json'} is not a metagrad comparison")
     results = data["results"]
     plot_curves(results, out / "adaptation.png")
+    if results[0]["task"] != "sinusoid":
+        return [out / "adaptation.png"]
     redraw_fits(out, [r["algorithm"] for r in results])
     return [out / "adaptation.png", out / "fits.png"]
 
@@ -141,18 +151,18 @@ def compare(
     workers: int | None = None,
     tasks: int | None = None,
     progress: bool = True,
+    task: str = "sinusoid",
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``."""
     from metagrad.build import resolve_device
-    from metagrad.presets import BUDGETS, COMPARE_ALGORITHMS, PRESETS, preset
+    from metagrad.presets import COMPARE_ALGORITHMS, preset
 
     for a in algorithms:
-        preset(a, budget)  # validates both names, with a suggestion
+        preset(a, budget, task)  # validates the names, with a suggestion
     if not algorithms:
         raise ConfigError(f"--algorithms needs at least one of {', '.join(COMPARE_ALGORITHMS)}")
     if len(set(algorithms)) != len(algorithms):
         raise ConfigError("--algorithms lists an algorithm twice")
-    assert budget in BUDGETS and all(a in PRESETS for a in algorithms)
     out = Path(out)
     marker = out / "compare.json"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -161,7 +171,9 @@ def compare(
         if not overwrite:
             raise RunError(f"output directory {str(out)!r} already holds a comparison; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(marker, json.dumps({"format": COMPARE_FORMAT, "algorithms": list(algorithms), "budget": budget}))
+    write_atomic(
+        marker, json.dumps({"format": COMPARE_FORMAT, "algorithms": list(algorithms), "budget": budget, "task": task})
+    )
     dev = resolve_device(device)
     n_workers = workers or (1 if dev.type == "cuda" else max(1, min(len(algorithms), os.cpu_count() or 1)))
 
@@ -169,7 +181,7 @@ def compare(
     manager = mp.get_context("spawn").Manager()
     shared = manager.dict({a: 0 for a in algorithms})
     bars = {
-        a: tqdm(total=preset(a, budget).train.iterations, desc=f"{a:>13}", position=i, disable=not progress,
+        a: tqdm(total=preset(a, budget, task).train.iterations, desc=f"{a:>13}", position=i, disable=not progress,
                 unit="it", dynamic_ncols=True, leave=True)
         for i, a in enumerate(algorithms)
     }  # fmt: skip
@@ -177,7 +189,7 @@ def compare(
     try:
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {
-                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared): a for a in algorithms
+                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task): a for a in algorithms
             }
             pending = set(futures)
             while pending:
@@ -197,11 +209,18 @@ def compare(
     ordered = [results[a] for a in algorithms]
     wall = time.perf_counter() - start
     header = (
-        f"# metagrad compare: sinusoid regression, budget `{budget}`\n\n"
-        f"Command: `metagrad compare --budget {budget} --algorithms {' '.join(algorithms)}`; "
+        f"# metagrad compare: {task}, budget `{budget}`\n\n"
+        f"Command: `metagrad compare --task {task} --budget {budget} --algorithms {' '.join(algorithms)}`; "
         f"wall time {wall:.0f} s with {n_workers} worker(s) on {dev.type}."
     )
-    payload = {"format": COMPARE_FORMAT, "budget": budget, "wall_seconds": wall, "device": str(dev), "results": ordered}
+    payload = {
+        "format": COMPARE_FORMAT,
+        "task": task,
+        "budget": budget,
+        "wall_seconds": wall,
+        "device": str(dev),
+        "results": ordered,
+    }
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
     _write_outputs(out, ordered, header)
     return ordered

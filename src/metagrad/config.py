@@ -43,12 +43,20 @@ class TaskConfig:
     phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
     noise: float = 0.0
+    # Few-shot classification (task.name = "omniglot"): shots and queries are per class.
+    ways: int = 5
+    data: str = "../shared/data/omniglot"
+    split: str = "character"
+    rotations: bool = True
+    image_size: int = 28
 
 
 @dataclass
 class ModelConfig:
+    name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
+    channels: int = 64
 
 
 @dataclass
@@ -58,6 +66,7 @@ class AlgorithmConfig:
     inner_steps: int = 1
     eval_inner_lr: float | None = None
     first_order: bool = False
+    anil: bool = False
     # Learned inner rules (MAML Enhanced / Meta-SGD).
     lslr: bool = False
     per_layer_lr: bool = False
@@ -123,7 +132,9 @@ class Config:
 
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("task", "name"): ("sinusoid",),
+    ("task", "name"): ("sinusoid", "omniglot"),
+    ("task", "split"): ("character", "alphabet", "none"),
+    ("model", "name"): ("mlp", "conv4"),
     ("model", "activation"): ("relu", "tanh", "gelu", "silu", "elu"),
     ("algorithm", "name"): ALGORITHMS,
     ("algorithm", "rate_parameterization"): ("log", "raw"),
@@ -139,7 +150,7 @@ POSITIVE = {
     ("task", "shots"), ("task", "queries"), ("algorithm", "msl_epochs"), ("algorithm", "epoch_iterations"),
     ("algorithm", "inner_batch"), ("train", "iterations"), ("train", "meta_batch"), ("train", "log_every"),
     ("train", "val_every"), ("train", "val_tasks"), ("train", "checkpoint_every"), ("train", "keep_last"),
-    ("eval", "steps"), ("eval", "tasks"),
+    ("eval", "steps"), ("eval", "tasks"), ("task", "ways"), ("task", "image_size"), ("model", "channels"),
 }  # fmt: skip
 NON_NEGATIVE = {("algorithm", "inner_steps"), ("algorithm", "first_order_iterations"), ("train", "threads")}
 RATES = {
@@ -233,7 +244,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.hidden must be a non-empty list of positive sizes, got {cfg.model.hidden}")
     if not cfg.eval.shots or any(s <= 0 for s in cfg.eval.shots):
         raise ConfigError(f"eval.shots must be a non-empty list of positive integers, got {cfg.eval.shots}")
+    expected_model = {"sinusoid": "mlp", "omniglot": "conv4"}[cfg.task.name]
+    if cfg.model.name != expected_model:
+        raise ConfigError(f"task {cfg.task.name!r} needs model.name = {expected_model!r}, got {cfg.model.name!r}")
+    if cfg.task.name == "omniglot" and cfg.algorithm.name == "oracle":
+        raise ConfigError("the oracle baseline exists for the sinusoid task only")
     alg = cfg.algorithm
+    if alg.anil and alg.name == "reptile":
+        raise ConfigError("algorithm.anil is not available for reptile (it adapts every weight)")
     if alg.name in ("maml_enhanced",) and alg.inner_steps == 0:
         raise ConfigError("algorithm.inner_steps must be positive for maml_enhanced (it learns per-step rates)")
     if alg.name == "reptile" and alg.inner_steps == 0:

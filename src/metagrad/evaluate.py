@@ -9,9 +9,21 @@ from typing import Any
 import torch
 
 from metagrad.algorithms import MetaLearner
-from metagrad.tasks import Sinusoid, TaskBatch
+from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
 
-__all__ = ["TEST_SEED", "VAL_SEED", "fixed_tasks", "evaluate", "summarize", "format_table"]
+__all__ = [
+    "TEST_SEED", "VAL_SEED", "LAKE_PUBLISHED", "fixed_tasks", "evaluate", "evaluate_lake_runs", "summarize",
+    "format_table",
+]  # fmt: skip
+
+# Error rates on the 20 one-shot runs, Lake, Salakhutdinov & Tenenbaum, Science 2015.
+LAKE_PUBLISHED = {
+    "people": 0.045,
+    "Bayesian Program Learning": 0.033,
+    "deep Siamese convnet": 0.080,
+    "affine model": 0.182,
+    "hierarchical deep": 0.348,
+}
 
 # Evaluation streams are seeded independently of the training seed (which config validation keeps below
 # 10**9), so every run of every algorithm is scored on the same tasks and none of them is trained on.
@@ -19,11 +31,15 @@ TEST_SEED = 1_000_000_007
 VAL_SEED = 1_000_000_009
 
 
-def fixed_tasks(dist: Sinusoid, n: int, shots: int, scoring: str, seed: int = TEST_SEED) -> TaskBatch:
-    """The fixed evaluation set for ``shots``: dense scoring uses the 100-point grid, paper scoring K
-    query points drawn like the support (the MAML authors' code)."""
+def fixed_tasks(
+    dist: TaskDistribution, n: int, shots: int, scoring: str = "dense", seed: int = TEST_SEED, queries: int = 15
+) -> TaskBatch:
+    """The fixed evaluation set for ``shots``. Sinusoid: dense scoring uses the 100-point grid, paper scoring K
+    query points drawn like the support (the MAML authors' code). Other families: ``queries`` per class."""
     g = torch.Generator().manual_seed(seed * 1009 + shots * 2 + (scoring == "paper"))
-    return dist.sample(n, shots, shots, g, scoring=scoring)
+    if isinstance(dist, Sinusoid):
+        return dist.sample(n, shots, shots, g, scoring=scoring)
+    return dist.sample(n, shots, queries, g)
 
 
 def summarize(losses: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -40,7 +56,7 @@ def summarize(losses: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def evaluate(
     learner: MetaLearner,
-    dist: Sinusoid,
+    dist: TaskDistribution,
     shots: Sequence[int] = (5, 10, 20),
     steps: int = 10,
     tasks: int = 600,
@@ -48,29 +64,32 @@ def evaluate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = TEST_SEED,
+    queries: int = 15,
 ) -> dict[str, Any]:
-    """Evaluate a learner; returns the JSON-ready result of ``metagrad eval``."""
+    """Evaluate a learner; returns the JSON-ready result of ``metagrad eval``: per shot count, the mean of the
+    learner's metric (``mse``, or ``accuracy`` for classification) and its 95 % CI after 0..steps steps."""
     results = []
+    metric = learner.metric_name
     for k in shots:
-        batch = fixed_tasks(dist, tasks, int(k), scoring, seed).to(device, dtype)
+        batch = fixed_tasks(dist, tasks, int(k), scoring, seed, queries).to(device, dtype)
         curve = learner.adaptation_curve(batch, steps).cpu()
         mean, ci = summarize(curve)
         diverged = (~torch.isfinite(curve)).sum(0).tolist()
-        entry = {"shots": int(k), "steps": list(range(steps + 1)), "mse": mean, "ci95": ci, "diverged": diverged}
+        entry = {"shots": int(k), "steps": list(range(steps + 1)), metric: mean, "ci95": ci, "diverged": diverged}
         results.append(entry)
-    return {
-        "algorithm": learner.name,
-        "task": dist.name,
-        "scoring": scoring,
-        "tasks": tasks,
-        "results": results,
-    }
+    out = {"algorithm": learner.name, "task": dist.name, "scoring": scoring, "tasks": tasks, "results": results}
+    if metric != "mse":
+        out = {**out, "metric": metric, "scoring": "query", "ways": getattr(dist, "ways", None)}
+    return out
 
 
 def format_table(result: dict[str, Any], columns: Sequence[int] | None = None) -> str:
     """A plain-text table: one row per shot count, MSE ± CI after the chosen steps."""
     steps = result["results"][0]["steps"]
     cols = list(columns) if columns is not None else sorted({0, 1, min(5, steps[-1]), steps[-1]})
+    metric = result.get("metric", "mse")
+    if metric != "mse":
+        return _format_accuracy(result, cols)
     head = f"{'shots':>5} | " + " | ".join(f"{f'step {s}':>17}" for s in cols)
     lines = [
         f"{result['algorithm']} on {result['task']}, {result['tasks']} tasks, {result['scoring']} scoring",
@@ -88,4 +107,51 @@ def format_table(result: dict[str, Any], columns: Sequence[int] | None = None) -
                 f"note: {r['shots']}-shot adaptation diverged (NaN/inf) on {d} of {result['tasks']} tasks from step "
                 f"{s} on; the mean includes them (the inner learning rate is too high for that many steps)"
             )
+    return "\n".join(lines)
+
+
+def _format_accuracy(result: dict[str, Any], cols: Sequence[int]) -> str:
+    ways = result.get("ways")
+    head = f"{'shots':>5} | " + " | ".join(f"{f'step {s}':>15}" for s in cols)
+    title = f"{result['algorithm']} on {result['task']}, {ways}-way, {result['tasks']} episodes: accuracy (%)"
+    lines = [title, head, "-" * len(head)]
+    for r in result["results"]:
+        cells = [f"{100 * r['accuracy'][s]:>6.2f} ± {100 * r['ci95'][s]:<5.2f}" for s in cols]
+        lines.append(f"{r['shots']:>5} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def evaluate_lake_runs(
+    learner: MetaLearner,
+    runs: Sequence[Any],
+    steps: int = 10,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Lake et al.'s 20 one-shot runs: adapt on each run's 20 training images (one per class), classify its 20
+    test items; error rate ± 95 % CI over the 20 runs after 0..steps inner steps."""
+    from metagrad.errors import RunError
+    from metagrad.tasks.omniglot import lake_task_batch
+
+    batch = lake_task_batch(runs).to(device, dtype)
+    ways = learner.predict(batch.support_x[0]).shape[-1]
+    if ways != batch.support_x.shape[1]:
+        raise RunError(
+            f"the omniglot-runs benchmark is {batch.support_x.shape[1]}-way one-shot, but this run's model has "
+            f"{ways} outputs: train it with task.ways={batch.support_x.shape[1]}"
+        )
+    accuracy = learner.adaptation_curve(batch, steps).cpu()
+    mean, ci = summarize(1 - accuracy)
+    return {
+        "algorithm": learner.name, "task": "omniglot-runs", "metric": "error", "runs": len(runs),
+        "steps": list(range(steps + 1)), "error": mean, "ci95": ci, "published": LAKE_PUBLISHED,
+    }  # fmt: skip
+
+
+def format_lake_table(result: dict[str, Any]) -> str:
+    steps = result["steps"]
+    cols = sorted({0, 1, min(5, steps[-1]), steps[-1]})
+    lines = [f"{result['algorithm']} on Lake et al.'s {result['runs']} one-shot runs (20-way): error rate (%)"]
+    lines.append(" | ".join(f"step {s}: {100 * result['error'][s]:.1f} ± {100 * result['ci95'][s]:.1f}" for s in cols))
+    lines.append("published: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["published"].items()))
     return "\n".join(lines)

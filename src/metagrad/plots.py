@@ -20,16 +20,18 @@ __all__ = ["plot_curves", "draw_curves", "draw_fit", "plot_eval", "plot_fits"]
 
 def draw_curves(ax: Any, curves: Sequence[tuple[str, dict[str, Any]]], log: bool = True) -> None:
     """Mean MSE against inner steps with a shaded 95 % CI, one line per (label, result-entry)."""
+    metric = "accuracy" if curves and "accuracy" in curves[0][1] else "mse"
+    log = log and metric == "mse"
     for label, r in curves:
         steps = r["steps"]
-        mean, ci = torch.tensor(r["mse"]), torch.tensor(r["ci95"])
+        mean, ci = torch.tensor(r[metric]), torch.tensor(r["ci95"])
         (line,) = ax.plot(steps, mean, marker="o", ms=3, label=label)
         lo = (mean - ci).clamp_min(1e-6) if log else mean - ci
         ax.fill_between(steps, lo, mean + ci, color=line.get_color(), alpha=0.2, lw=0)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("inner gradient steps at test time")
-    ax.set_ylabel("mean squared error (mean ± 95% CI)")
+    ax.set_ylabel("mean squared error (mean ± 95% CI)" if metric == "mse" else "query accuracy (mean ± 95% CI)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 

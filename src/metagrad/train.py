@@ -100,13 +100,15 @@ class _Trainer:
             raise ConfigError(f"train.meta_batch={t.meta_batch} must be divisible by the {self.world.size} ranks")
         self.progress = progress and self.world.is_main
         self.dtype = DTYPES[t.dtype]
-        self.dist = build_task(cfg)
+        self.dist = build_task(cfg, "train")
         self.learner = build_learner(cfg).to(self.device, self.dtype)
         if t.compile:
             self.learner.compile()
         self.opt = _optimizer(cfg, self.learner)
         self.generator = torch.Generator().manual_seed(t.seed)
-        self.val = fixed_tasks(self.dist, t.val_tasks, cfg.task.shots, "dense", VAL_SEED).to(self.device, self.dtype)
+        val_family = build_task(cfg, "val")
+        self.val = fixed_tasks(val_family, t.val_tasks, cfg.task.shots, "dense", VAL_SEED, cfg.task.queries)
+        self.val = self.val.to(self.device, self.dtype)
         self.iteration = 0
         self.seconds = 0.0
         self.best = math.inf
@@ -185,8 +187,8 @@ class _Trainer:
     def validate(self) -> dict[str, float]:
         steps = self.learner.inner_steps
         curve = self.learner.adaptation_curve(self.val, max(steps, self.cfg.eval.steps))
-        out = {"val_mse": curve[:, steps].mean().item(), "val_mse_eval_steps": curve[:, -1].mean().item()}
-        return out
+        name = f"val_{self.learner.metric_name}"
+        return {name: curve[:, steps].mean().item(), f"{name}_eval_steps": curve[:, -1].mean().item()}
 
     def _apply(self, grads: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> float:
         all_grads = [g for g in grads.values()]
@@ -270,8 +272,10 @@ class _Trainer:
                     val = self.validate()
                     last.update(val)
                     self.log({"iteration": it, **val})
-                    if val["val_mse"] < self.best:
-                        self.best = val["val_mse"]
+                    # Lower is better: validation MSE, or minus the validation accuracy.
+                    score = val["val_mse"] if "val_mse" in val else -val["val_accuracy"]
+                    if score < self.best:
+                        self.best = score
                         self.save("best")
                 if it % t.checkpoint_every == 0 or it == t.iterations:
                     self.save()
