@@ -188,8 +188,10 @@ def compare(
     results: dict[str, dict[str, Any]] = {}
     try:
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
+            # Longest first (most inner steps), so that no long run starts last and leaves a worker idle.
+            order = sorted(algorithms, key=lambda a: -preset(a, budget, task).algorithm.inner_steps)
             futures = {
-                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task): a for a in algorithms
+                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task): a for a in order
             }
             pending = set(futures)
             while pending:

@@ -1,0 +1,104 @@
+"""Shipped configs equal the presets; compare and the Omniglot path work end to end on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metagrad.cli import main
+from metagrad.config import load_config
+from metagrad.errors import ConfigError
+from metagrad.presets import COMPARE_ALGORITHMS, OMNIGLOT_PRESETS, PRESETS, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+needs_omniglot = pytest.mark.skipif(not OMNIGLOT.is_dir(), reason=f"Omniglot data not found at {OMNIGLOT}")
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "maml_enhanced"])
+def test_sinusoid_config_files_are_the_paper_presets(algorithm: str) -> None:
+    assert load_config(ROOT / "configs" / "sinusoid" / f"{algorithm}.toml") == preset(algorithm, "paper")
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "maml_enhanced"])
+def test_omniglot_config_files_are_the_paper_presets(algorithm: str) -> None:
+    assert load_config(ROOT / "configs" / "omniglot" / f"{algorithm}.toml") == preset(algorithm, "paper", "omniglot")
+
+
+def test_every_preset_validates() -> None:
+    for budget in ("paper", "default", "tiny"):
+        for a in PRESETS:
+            assert preset(a, budget).algorithm.name == a
+        for a in OMNIGLOT_PRESETS:
+            assert preset(a, budget, "omniglot").task.name == "omniglot"
+
+
+def test_unknown_names_suggest_the_closest() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'maml_enhanced'"):
+        preset("maml_enhancd")
+    with pytest.raises(ConfigError, match="unknown budget"):
+        preset("maml", "papr")
+    with pytest.raises(ConfigError, match="for omniglot"):
+        preset("oracle", "paper", "omniglot")
+
+
+def test_compare_writes_report_results_and_figures(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    code = main(["compare", "--budget", "tiny", "--out", str(out), "--algorithms", "maml", "oracle", "--no-progress",
+                 "--workers", "1"])  # fmt: skip
+    assert code == 0
+    for name in ("report.md", "results.json", "adaptation.png", "fits.png", "compare.json"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    assert [r["algorithm"] for r in data["results"]] == ["maml", "oracle"]
+    assert "| maml |" in (out / "report.md").read_text()
+    # The oracle sees the true amplitude and phase: far better than MAML on the same tasks, even this briefly.
+    maml, oracle = (r["results"][0]["mse"][0] for r in data["results"])
+    assert oracle < maml
+    assert main(["plot", str(out)]) == 0
+    assert main(["compare", "--budget", "tiny", "--out", str(out), "--algorithms", "maml", "--no-progress"]) == 2
+    assert "already holds a comparison" in capsys.readouterr().err
+
+
+def test_compare_rejects_unknown_algorithms(tmp_path, capsys) -> None:
+    assert main(["compare", "--out", str(tmp_path / "x"), "--algorithms", "mamll"]) == 2
+    assert "did you mean 'maml'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@needs_omniglot
+def test_omniglot_train_eval_and_lake_runs(tmp_path, capsys) -> None:
+    run = tmp_path / "om"
+    cfg = ["task.name=omniglot", "model.name=conv4", "model.channels=8", f"task.data={OMNIGLOT}", "train.threads=1",
+           "train.iterations=4", "train.meta_batch=2", "train.val_every=2", "train.checkpoint_every=2",
+           "train.val_tasks=4", "algorithm.inner_lr=0.4"]  # fmt: skip
+    assert main(["train", "--out", str(run), "--no-progress", *cfg]) == 0
+    assert (
+        main(["eval", str(run), "--tasks", "6", "--steps", "1", "--shots", "1", "--json", str(tmp_path / "e.json")])
+        == 0
+    )
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["metric"] == "accuracy" and result["ways"] == 5
+    assert 0.0 <= min(result["results"][0]["accuracy"]) <= max(result["results"][0]["accuracy"]) <= 1.0
+    # Lake's runs are 20-way: a 5-way model is refused with a line saying how to fix it.
+    capsys.readouterr()
+    assert main(["eval", str(run), "--benchmark", "omniglot-runs", "--data", str(OMNIGLOT)]) == 2
+    assert "task.ways=20" in capsys.readouterr().err
+
+
+@needs_omniglot
+def test_omniglot_bad_inputs_are_one_line_errors(tmp_path, capsys) -> None:
+    base = ["task.name=omniglot", "model.name=conv4", "train.iterations=2"]
+    assert main(["train", "--out", str(tmp_path / "a"), *base, f"task.data={tmp_path / 'nowhere'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "b"), *base, f"task.data={OMNIGLOT}", "task.shots=15",
+                 "task.queries=10"]) == 2  # fmt: skip
+    assert "images per Omniglot class" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "c"), "task.name=omniglot"]) == 2  # model must be conv4
+    assert "model.name = 'conv4'" in capsys.readouterr().err
+
+
+def test_compare_algorithm_list_matches_presets() -> None:
+    assert set(COMPARE_ALGORITHMS) <= set(PRESETS)
