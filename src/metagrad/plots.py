@@ -30,6 +30,12 @@ def draw_curves(ax: Any, curves: Sequence[tuple[str, dict[str, Any]]], log: bool
         ax.fill_between(steps, lo, mean + ci, color=line.get_color(), alpha=0.2, lw=0)
     if log:
         ax.set_yscale("log")
+        # A single diverged test task sends a mean to 1e6 and flattens every other curve: cap the frame.
+        start = max(torch.tensor(r[metric][0]).item() for _, r in curves)
+        if ax.get_ylim()[1] > 30 * start:
+            ax.set_ylim(top=30 * start)
+            ax.text(0.02, 0.98, "curves leaving the frame diverged on some tasks", transform=ax.transAxes,
+                    va="top", fontsize=7, color="0.3")  # fmt: skip
     ax.set_xlabel("inner gradient steps at test time")
     ax.set_ylabel("mean squared error (mean ± 95% CI)" if metric == "mse" else "query accuracy (mean ± 95% CI)")
     ax.grid(True, which="both", alpha=0.3)
