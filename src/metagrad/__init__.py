@@ -1,7 +1,7 @@
 """metagrad: vectorised gradient-based meta-learning on PyTorch with torch.func."""
 
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
-from metagrad.errors import ConfigError, MetagradError
+from metagrad.errors import CheckpointError, ConfigError, DivergenceError, MetagradError, RunError
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.inner import MetaSGD as MetaSGDRule
 from metagrad.models import MLP
@@ -27,5 +27,8 @@ __all__ = [
     "TaskDistribution",
     "MetagradError",
     "ConfigError",
+    "RunError",
+    "CheckpointError",
+    "DivergenceError",
     "__version__",
 ]

@@ -52,8 +52,9 @@ def _omniglot(root: str, size: int, rotations: bool) -> OmniglotData:
     return augment_rotations(*data) if rotations else data
 
 
-def build_task(cfg: Config, split: str = "train") -> TaskDistribution:
-    """The task family of ``cfg``; for classification, the episodes of one class split (train/val/test).
+def build_task(cfg: Config, split: str = "test") -> TaskDistribution:
+    """The task family of ``cfg``; for classification, the episodes of one class split (train/val/test; by
+    default the held-out test classes, which is what every evaluation must use).
 
     The class split is drawn from a fixed seed (0), independent of the training seed, so every run holds out
     the same classes."""

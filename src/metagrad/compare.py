@@ -52,8 +52,10 @@ def _train_and_eval(
 
     result = train(cfg, Path(out) / algorithm, overwrite=True, progress=False, callback=report)
     ev = cfg.eval
+    family = build_task(cfg, "test")
+    dtype = DTYPES[cfg.train.dtype]
     scores = evaluate(
-        result.learner, build_task(cfg), ev.shots, ev.steps, ev.tasks, ev.scoring, dev, DTYPES[cfg.train.dtype]
+        result.learner, family, ev.shots, ev.steps, ev.tasks, ev.scoring, dev, dtype, queries=cfg.task.queries
     )
     return {
         **scores,
@@ -154,7 +156,7 @@ def compare(
     task: str = "sinusoid",
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``."""
-    from metagrad.build import resolve_device
+    from metagrad.build import build_task, resolve_device
     from metagrad.presets import COMPARE_ALGORITHMS, preset
 
     for a in algorithms:
@@ -170,11 +172,13 @@ def compare(
             raise RunError(f"output directory {str(out)!r} is not empty and is not a metagrad comparison")
         if not overwrite:
             raise RunError(f"output directory {str(out)!r} already holds a comparison; pass --overwrite to replace it")
+    dev = resolve_device(device)  # before anything is written
+    for a in algorithms:
+        build_task(preset(a, budget, task), "test")  # e.g. a missing Omniglot folder: refuse before writing
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(
         marker, json.dumps({"format": COMPARE_FORMAT, "algorithms": list(algorithms), "budget": budget, "task": task})
     )
-    dev = resolve_device(device)
     n_workers = workers or (1 if dev.type == "cuda" else max(1, min(len(algorithms), os.cpu_count() or 1)))
 
     start = time.perf_counter()

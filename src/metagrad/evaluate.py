@@ -9,11 +9,13 @@ from typing import Any
 import torch
 
 from metagrad.algorithms import MetaLearner
+from metagrad.errors import ConfigError
 from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
 
 __all__ = [
     "TEST_SEED", "VAL_SEED", "LAKE_PUBLISHED", "fixed_tasks", "evaluate", "evaluate_lake_runs", "summarize",
     "format_table",
+    "format_lake_table",
 ]  # fmt: skip
 
 # Error rates on the 20 one-shot runs, Lake, Salakhutdinov & Tenenbaum, Science 2015.
@@ -39,7 +41,10 @@ def fixed_tasks(
     g = torch.Generator().manual_seed(seed * 1009 + shots * 2 + (scoring == "paper"))
     if isinstance(dist, Sinusoid):
         return dist.sample(n, shots, shots, g, scoring=scoring)
-    return dist.sample(n, shots, queries, g)
+    try:
+        return dist.sample(n, shots, queries, g)
+    except ValueError as e:  # e.g. more shots + queries than a class has images
+        raise ConfigError(f"cannot draw {shots}-shot test tasks with {queries} queries per class: {e}") from None
 
 
 def summarize(losses: torch.Tensor) -> tuple[list[float], list[float]]:

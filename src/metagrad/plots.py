@@ -88,7 +88,10 @@ def plot_eval(
     """``metagrad eval --plot``: MSE against steps (all shot counts) beside example fits."""
     steps = result["results"][0]["steps"][-1]
     k = result["results"][0]["shots"]
-    fig, axes = plt.subplots(1, 1 + examples, figsize=(4.4 * (1 + examples), 4))
+    if not isinstance(dist, Sinusoid):
+        examples = 0  # example fits are curves: only regression has them
+    fig, axes = plt.subplots(1, 1 + examples, figsize=(4.4 * (1 + examples), 4), squeeze=False)
+    axes = axes[0]
     draw_curves(axes[0], [(f"{r['shots']}-shot", r) for r in result["results"]])
     axes[0].set_title(f"{result['algorithm']}: {result['scoring']} scoring, {result['tasks']} tasks")
     device = next(iter(learner.params.values())).device

@@ -17,7 +17,15 @@ from metagrad.checkpoint import load_checkpoint, read_json, write_atomic
 from metagrad.config import Config, config_from_dict, config_to_toml
 from metagrad.errors import CheckpointError, ConfigError, RunError
 
-__all__ = ["RUN_FORMAT", "init_run", "read_run_config", "checkpoints", "latest_checkpoint", "load_learner"]
+__all__ = [
+    "RUN_FORMAT",
+    "init_run",
+    "init_run_record",
+    "read_run_config",
+    "checkpoints",
+    "latest_checkpoint",
+    "load_learner",
+]
 
 RUN_FORMAT = "metagrad-run/1"
 _ITER = re.compile(r"^iter-(\d{8})$")
@@ -44,6 +52,11 @@ def init_run(run_dir: Path, cfg: Config, overwrite: bool = False, kind: str = "t
         for child in run_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    init_run_record(run_dir, cfg, kind)
+
+
+def init_run_record(run_dir: Path, cfg: Config, kind: str = "train") -> None:
+    """Write (or rewrite, on resume) the run's ``run.json`` and ``config.toml``."""
     marker = {"format": RUN_FORMAT, "kind": kind, "version": __version__, "config": cfg.to_dict()}
     write_atomic(run_dir / "config.toml", config_to_toml(cfg))
     write_atomic(run_dir / "run.json", json.dumps(marker, indent=1))
@@ -92,9 +105,9 @@ def load_learner(
         path = latest_checkpoint(run_dir)
     elif which == "best":
         path = run_dir / "checkpoints" / "best"
-    else:
-        path = Path(which)
-    if path is None or not path.exists():
+    else:  # a checkpoint of this run by name (iter-00070000), or a path
+        path = run_dir / "checkpoints" / which if (run_dir / "checkpoints" / which).is_dir() else Path(which)
+    if path is None or not path.is_dir():
         raise RunError(f"run {str(run_dir)!r} has no {which} checkpoint yet (train it first, or resume it)")
     weights, _, meta = load_checkpoint(path, weights_only=True)
     learner = build_learner(cfg)

@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from metagrad.algorithms import MetaLearner
 from metagrad.build import DTYPES, build_learner, build_task, resolve_device
-from metagrad.checkpoint import load_checkpoint, save_checkpoint
+from metagrad.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from metagrad.config import Config
 from metagrad.distributed import all_reduce_mean, init_world, shutdown_world
 from metagrad.errors import CheckpointError, ConfigError, DivergenceError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
-from metagrad.run import checkpoints, init_run, latest_checkpoint, read_run_config
+from metagrad.run import checkpoints, init_run, init_run_record, latest_checkpoint, read_run_config
 
 __all__ = ["train", "TrainResult", "meta_lr_at"]
 
@@ -156,10 +156,13 @@ class _Trainer:
                 tree[key] = weights[name].to(self.device, tree[key].dtype)
         # The optimizer holds references to the tensors it updates: rebuild it on the restored ones.
         self.opt = _optimizer(self.cfg, self.learner)
-        _restore_optimizer(self.opt, tensors, meta["optimizer"])
-        self.generator.set_state(tensors["rng.tasks"])
-        self.iteration = int(meta["iteration"])
-        self.seconds = float(meta["seconds"])
+        try:
+            _restore_optimizer(self.opt, tensors, meta["optimizer"])
+            self.generator.set_state(tensors["rng.tasks"])
+            self.iteration = int(meta["iteration"])
+            self.seconds = float(meta["seconds"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path} does not hold this run's trainer state ({type(e).__name__}: {e})") from None
         self.best = meta["best_val"] if meta.get("best_val") is not None else math.inf
         self._truncate_metrics()
 
@@ -175,7 +178,7 @@ class _Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 break  # a line torn by a kill: drop it and everything after
-        path.write_text("".join(x + "\n" for x in keep))
+        write_atomic(path, "".join(x + "\n" for x in keep))
 
     # ----- the loop ------------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
@@ -231,7 +234,7 @@ class _Trainer:
         for p, g in pairs:
             p.grad = g
         lr = meta_lr_at(self.cfg, self.iteration)
-        scale = lr / self.cfg.train.meta_lr if self.cfg.train.meta_lr > 0 else 0.0
+        scale = lr / self.cfg.train.meta_lr if self.cfg.train.meta_lr > 0 else 1.0
         for group in self.opt.param_groups:
             group["lr"] = lr if group.get("name") == "params" else group["base_lr"] * scale
         try:
@@ -279,9 +282,6 @@ class _Trainer:
                         self.save("best")
                 if it % t.checkpoint_every == 0 or it == t.iterations:
                     self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
         finally:
             bar.close()
         return last
@@ -300,8 +300,12 @@ def train(
 
     ``callback(iteration, metrics)`` is called at every log interval (e.g. to report progress elsewhere)."""
     run_dir = Path(run_dir)
+    cfg.validate()
     if resume:
         stored = read_run_config(run_dir)
+        for key in ("optimizer", "dtype"):
+            if getattr(stored.train, key) != getattr(cfg.train, key):
+                raise ConfigError(f"train.{key} cannot change on resume (the checkpoint holds {key} state)")
         if stored.to_dict() | {"train": None} != cfg.to_dict() | {"train": None}:
             raise CheckpointError(
                 f"resume of {str(run_dir)!r} must use the run's own config (only [train] keys may change)"
@@ -312,6 +316,8 @@ def train(
             init_run(run_dir, cfg.validate(), overwrite=overwrite)
         trainer.world.barrier()
     if resume:
+        if trainer.world.is_main:  # the run's record follows the config it now runs with
+            init_run_record(run_dir, cfg)
         path = latest_checkpoint(run_dir)
         if path is not None:
             trainer.restore(path)

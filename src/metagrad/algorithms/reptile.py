@@ -99,6 +99,8 @@ class Reptile(MetaLearner):
         keys = torch.rand((b, self.inner_steps, n), generator=generator)
         idx = keys.argsort(dim=-1)[..., :mb].to(x.device)
         if shard[1] > 1:
+            if b % shard[1]:
+                raise ValueError(f"cannot split {b} tasks into {shard[1]} equal shards")
             size = b // shard[1]
             part = slice(shard[0] * size, (shard[0] + 1) * size)
             x, y, idx = x[part], y[part], idx[part]
