@@ -46,9 +46,16 @@ def _train_and_eval(
         cfg.train.threads = 1
         torch.set_num_threads(1)
 
+    parent = os.getppid()
+
     def report(iteration: int, _: dict[str, float]) -> None:
+        if os.getppid() != parent:  # the comparison was killed: stop instead of training on as an orphan
+            raise SystemExit(1)
         if progress is not None:
-            progress[algorithm] = iteration
+            try:
+                progress[algorithm] = iteration
+            except (OSError, EOFError):  # the progress manager went away with the parent
+                raise SystemExit(1) from None
 
     result = train(cfg, Path(out) / algorithm, overwrite=True, progress=False, callback=report)
     ev = cfg.eval
