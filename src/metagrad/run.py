@@ -95,6 +95,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def load_state(learner: MetaLearner, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Put a checkpoint's tensors (``params.*``, ``meta.*``, ``extra.*``) into a learner built from the same
+    config, keeping each tensor's device and dtype; a missing or misshapen tensor is a CheckpointError."""
+    for group, tree in learner.state_tensors().items():
+        for key in list(tree):
+            name = f"{group}.{key}"
+            if name not in weights or weights[name].shape != tree[key].shape:
+                raise CheckpointError(
+                    f"{path / 'weights.safetensors'} does not match this run's config (tensor {name!r})"
+                )
+            tree[key] = weights[name].to(tree[key].device, tree[key].dtype)
+
+
 def load_learner(
     run_dir: str | Path, which: str = "latest", device: torch.device | str = "cpu"
 ) -> tuple[Config, MetaLearner, dict[str, Any]]:
@@ -111,15 +124,6 @@ def load_learner(
         raise RunError(f"run {str(run_dir)!r} has no {which} checkpoint yet (train it first, or resume it)")
     weights, _, meta = load_checkpoint(path, weights_only=True)
     learner = build_learner(cfg)
-    for group, tree in learner.state_tensors().items():
-        for key in list(tree):
-            name = f"{group}.{key}"
-            if name not in weights:
-                raise CheckpointError(
-                    f"{path / 'weights.safetensors'} lacks tensor {name!r}: not from this run's config"
-                )
-            if weights[name].shape != tree[key].shape:
-                raise CheckpointError(f"{path / 'weights.safetensors'}: tensor {name!r} has the wrong shape")
-            tree[key] = weights[name]
+    load_state(learner, weights, path)
     learner.to(device, DTYPES[cfg.train.dtype])
     return cfg, learner, meta

@@ -27,7 +27,7 @@ from metagrad.config import Config
 from metagrad.distributed import all_reduce_mean, init_world, shutdown_world
 from metagrad.errors import CheckpointError, ConfigError, DivergenceError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
-from metagrad.run import checkpoints, init_run, init_run_record, latest_checkpoint, read_run_config
+from metagrad.run import checkpoints, init_run, init_run_record, latest_checkpoint, load_state, read_run_config
 
 __all__ = ["train", "TrainResult", "meta_lr_at"]
 
@@ -148,12 +148,7 @@ class _Trainer:
 
     def restore(self, path: Path) -> None:
         weights, tensors, meta = load_checkpoint(path)
-        for group, tree in self.learner.state_tensors().items():
-            for key in list(tree):
-                name = f"{group}.{key}"
-                if name not in weights or weights[name].shape != tree[key].shape:
-                    raise CheckpointError(f"{path} does not match this run's config (tensor {name!r})")
-                tree[key] = weights[name].to(self.device, tree[key].dtype)
+        load_state(self.learner, weights, path)
         # The optimizer holds references to the tensors it updates: rebuild it on the restored ones.
         self.opt = _optimizer(self.cfg, self.learner)
         try:
