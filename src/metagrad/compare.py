@@ -96,7 +96,7 @@ def report_table(results: Sequence[dict[str, Any]]) -> str:
             r = next(x for x in res["results"] if x["shots"] == k)
             cells += [_cell(r, s) for s in steps]
         ips = res.get("iterations_per_second")
-        cells += [f"{res['train_seconds']:.0f}", f"{ips:.0f}" if ips else "-"]
+        cells += [f"{res['train_seconds']:.0f}", f"{ips:.3g}" if ips else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
