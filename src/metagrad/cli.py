@@ -102,12 +102,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = args.out
     default = COMPARE_ALGORITHMS if args.task == "sinusoid" else OMNIGLOT_COMPARE_ALGORITHMS
-    compare(
-        args.algorithms or default, args.budget, out, device=args.device, overwrite=args.overwrite,
+    chosen = list(args.algorithms or default)
+    results = compare(
+        chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
         workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task,
     )  # fmt: skip
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, results.json and figures")
+    if len(results) < len(chosen):
+        print("metagrad compare: some runs failed (see the report's header)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from metagrad.checkpoint import read_json, write_atomic
-from metagrad.errors import ConfigError, RunError
+from metagrad.errors import ConfigError, MetagradError, RunError
 
 __all__ = ["compare", "report_table", "redraw", "COMPARE_FORMAT"]
 
@@ -197,6 +197,7 @@ def compare(
         for i, a in enumerate(algorithms)
     }  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
     try:
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
             # Longest first (most inner steps), so that no long run starts last and leaves a worker idle.
@@ -212,14 +213,23 @@ def compare(
                     bar.refresh()
                 for f in done:
                     a = futures[f]
-                    results[a] = f.result()
+                    try:
+                        results[a] = f.result()
+                    except Exception as e:  # one failed run must not cost the others' results
+                        failures[a] = f"{type(e).__name__}: {e}"
+                        bars[a].set_postfix_str("failed")
+                        continue
                     bars[a].n = bars[a].total
                     bars[a].set_postfix_str("evaluated")
     finally:
         for bar in bars.values():
             bar.close()
         manager.shutdown()
-    ordered = [results[a] for a in algorithms]
+    ordered = [results[a] for a in algorithms if a in results]
+    if not ordered:
+        raise MetagradError(
+            "every run of the comparison failed: " + "; ".join(f"{a}: {e}" for a, e in failures.items())
+        )
     wall = time.perf_counter() - start
     header = (
         f"# metagrad compare: {task}, budget `{budget}`\n\n"
@@ -232,8 +242,11 @@ def compare(
         "budget": budget,
         "wall_seconds": wall,
         "device": str(dev),
+        "failures": failures,
         "results": ordered,
     }
     write_atomic(out / "results.json", json.dumps(payload, indent=1))
+    if failures:
+        header += "\n\nFailed runs (not in the table): " + "; ".join(f"{a}: {e}" for a, e in failures.items())
     _write_outputs(out, ordered, header)
     return ordered

@@ -188,25 +188,23 @@ class _Trainer:
         name = f"val_{self.learner.metric_name}"
         return {name: curve[:, steps].mean().item(), f"{name}_eval_steps": curve[:, -1].mean().item()}
 
-    def _apply(self, grads: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> float:
-        all_grads = [g for g in grads.values()]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in all_grads]))
-        loss = metrics["loss"]
-        bad = not (math.isfinite(norm.item()) and math.isfinite(loss.item()))
-        if bad:
+    def _check_and_clip(self, grads: list[torch.Tensor], loss: torch.Tensor) -> float:
+        """Stop on a non-finite meta-loss or meta-gradient; clip the global norm if asked. Returns the norm."""
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        n, value = norm.item(), loss.item()
+        if not (math.isfinite(n) and math.isfinite(value)):
             last = latest_checkpoint(self.run_dir)
             raise DivergenceError(
-                f"training diverged at iteration {self.iteration + 1}: meta-loss {loss.item():.4g}, "
-                f"meta-gradient norm {norm.item():.4g}; the learning rates are probably too high "
+                f"training diverged at iteration {self.iteration + 1}: meta-loss {value:.4g}, "
+                f"meta-gradient norm {n:.4g}; the learning rates are probably too high "
                 f"(train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self.cfg.algorithm.inner_lr}) "
                 f"or set train.grad_clip; last good checkpoint: {last if last else 'none yet'}"
             )
         clip = self.cfg.train.grad_clip
-        if clip:
-            scale = (clip / (norm + 1e-6)).clamp(max=1.0)
-            for g in all_grads:
-                g.mul_(scale)
-        return norm.item()
+        if clip and n > clip:
+            for g in grads:
+                g.mul_(clip / (n + 1e-6))
+        return n
 
     def step(self) -> dict[str, float]:
         batch = self.dist.sample(self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
@@ -225,7 +223,7 @@ class _Trainer:
             metrics = dict(zip(names, reduced[len(pairs) : len(pairs) + len(names)], strict=True))
             for k, v in zip(list(extra), reduced[len(pairs) + len(names) :], strict=True):
                 extra[k] = v.clone()
-        norm = self._apply({str(i): g for i, (_, g) in enumerate(pairs)}, metrics)
+        norm = self._check_and_clip([g for _, g in pairs], metrics["loss"])
         for p, g in pairs:
             p.grad = g
         lr = meta_lr_at(self.cfg, self.iteration)
