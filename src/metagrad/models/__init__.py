@@ -1,5 +1,6 @@
 """Networks used through ``torch.func.functional_call``."""
 
+from metagrad.models.conv4 import Conv4
 from metagrad.models.mlp import ACTIVATIONS, MLP
 
-__all__ = ["MLP", "ACTIVATIONS"]
+__all__ = ["MLP", "Conv4", "ACTIVATIONS"]
