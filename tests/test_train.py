@@ -124,7 +124,8 @@ def test_metrics_jsonl_is_valid_and_ordered(tmp_path: Path) -> None:
     assert its == sorted(its)
     train_recs = [r for r in recs if "loss" in r]
     val_recs = [r for r in recs if "val_mse" in r]
-    assert [r["iteration"] for r in train_recs] == [4, 8, 12, 16, 20, 23]
+    # Every log_every (4), every checkpoint (checkpoint_every=5, so a resume's log windows line up) and the end.
+    assert [r["iteration"] for r in train_recs] == [4, 5, 8, 10, 12, 15, 16, 20, 23]
     assert [r["iteration"] for r in val_recs] == [10, 20, 23]
     for r in train_recs:
         assert {"loss", "pre_loss", "grad_norm", "lr", "seconds"} <= r.keys()

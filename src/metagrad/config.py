@@ -5,6 +5,7 @@ Every section rejects unknown keys (suggesting the closest name) and wrong types
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -199,7 +200,7 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
 
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Merge a nested dict (as read from TOML) into ``base`` (default: the defaults), checking every key."""
-    cfg = base if base is not None else Config()
+    cfg = copy.deepcopy(base) if base is not None else Config()  # a rejected key leaves ``base`` untouched
     sections = {f.name: f for f in fields(Config)}
     for section, values in data.items():
         if section not in sections:

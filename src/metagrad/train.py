@@ -257,7 +257,8 @@ class _Trainer:
                 self.seconds += time.perf_counter() - start
                 bar.update(1)
                 it = self.iteration
-                if it % t.log_every == 0 or it == t.iterations:
+                # Also at checkpoints, so that a resumed run's log windows match an uninterrupted run's.
+                if it % t.log_every == 0 or it % t.checkpoint_every == 0 or it == t.iterations:
                     last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                     window = []
                     self.log({"iteration": it, **last, "seconds": round(self.seconds, 3)})
