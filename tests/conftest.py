@@ -29,3 +29,11 @@ def _default_dtype_unchanged():
     after = torch.get_default_dtype()
     torch.set_default_dtype(before)
     assert after == before, f"default dtype leaked: {before} -> {after}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Training with train.threads=N calls torch.set_num_threads; give the next test the original count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
