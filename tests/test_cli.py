@@ -356,7 +356,8 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
             assert isinstance(entry[key], list) and len(entry[key]) == 3
             assert all(isinstance(v, float) and v >= 0 for v in entry[key])
         assert all(c > 0 for c in entry["ci95"])
-    assert json.loads((run / "eval.json").read_text()) == result
+    # The run's own copy also records which checkpoint was evaluated, for `metagrad plot`.
+    assert json.loads((run / "eval.json").read_text()) == {**result, "checkpoint": "latest"}
 
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 10_000

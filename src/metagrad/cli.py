@@ -165,8 +165,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(result, indent=1))
-    target = Path(args.run) / "eval.json"
-    write_atomic(target, json.dumps(result, indent=1))
+    target = Path(args.run) / "eval.json"  # `metagrad plot` redraws from it, with the same checkpoint
+    write_atomic(target, json.dumps({**result, "checkpoint": args.checkpoint}, indent=1))
     if args.plot:
         from metagrad.plots import plot_eval
 
@@ -213,12 +213,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         for p in redraw(args.run):
             print(f"wrote {p}")
         return 0
-    cfg, learner, _ = load_learner(args.run)
     path = Path(args.run) / "eval.json"
     if not path.exists():
         raise RunError(f"{str(args.run)!r} has no eval.json yet; run `metagrad eval {args.run}` first")
+    result = read_json(path)
+    cfg, learner, _ = load_learner(args.run, result.get("checkpoint", "latest"))
     out = args.out or Path(args.run) / "eval.png"
-    plot_eval(read_json(path), learner, build_task(cfg), out)
+    plot_eval(result, learner, build_task(cfg), out)
     print(f"wrote {out}")
     return 0
 

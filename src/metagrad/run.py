@@ -118,6 +118,9 @@ def load_learner(
         path = latest_checkpoint(run_dir)
     elif which == "best":
         path = run_dir / "checkpoints" / "best"
+        if not path.is_dir():  # killed between the two renames that replace it: the previous best is aside
+            aside = sorted((run_dir / "checkpoints").glob(".best.old-*"))
+            path = aside[-1] if aside else path
     else:  # a checkpoint of this run by name (iter-00070000), or a path
         path = run_dir / "checkpoints" / which if (run_dir / "checkpoints" / which).is_dir() else Path(which)
     if path is None or not path.is_dir():
