@@ -66,13 +66,13 @@ def draw_fit(
         grid[None].cpu().double(), task.info["amplitude"].cpu().double(), task.info["phase"].cpu().double()
     )
     ax.plot(grid.cpu(), truth[0], color="black", lw=2, label="ground truth")
-    adapted = {0: learner.params}
+    inputs = dist.inputs(grid[None], task.info)[0]
     for s in sorted(set(steps)):
-        adapted[s] = learner.adapt(task.support_x[0], task.support_y[0], steps=s) if s else learner.params
+        # From the initialisation each time: learned per-step rates depend on the step index.
+        adapted = learner.adapt(task.support_x[0], task.support_y[0], steps=s)
         style = "--" if s == 0 else "-"
         label = "pre-update" if s == 0 else f"after {s} step{'s' if s > 1 else ''}"
-        inputs = dist.inputs(grid[None], task.info)[0]
-        ax.plot(grid.cpu(), learner.predict(inputs, adapted[s]).cpu(), style, lw=1.4, label=label)
+        ax.plot(grid.cpu(), learner.predict(inputs, adapted).cpu(), style, lw=1.4, label=label)
     ax.scatter(task.support_x[0, :, 0].cpu(), task.support_y[0].cpu(), marker="^", color="red", zorder=5,
                label=f"{task.support_x.shape[1]} support points")  # fmt: skip
     ax.set_xlabel("x")
