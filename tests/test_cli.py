@@ -152,6 +152,18 @@ BAD: dict[str, tuple[Callable[[Path, Path], list], str]] = {
         lambda t, r: ["eval", _copy_run(r, t), "--scoring", "sparse"],
         "invalid choice",
     ),
+    "eval --bn-statistics running of a transductive run": (
+        lambda t, r: ["eval", _copy_run(r, t), "--bn-statistics", "running"],
+        "need a run trained with model.bn = 'per_step'",
+    ),
+    "per-step batch norm on the MLP": (
+        lambda t, r: ["train", "--out", t / "out", "--no-progress", "model.bn=per_step"],
+        "Conv-4 option",
+    ),
+    "running BN statistics without per-step BN": (
+        lambda t, r: ["train", "--out", t / "out", "--no-progress", "eval.bn_statistics=running"],
+        "needs model.bn = 'per_step'",
+    ),
     "unknown flag": (
         lambda t, r: ["train", "--out", t / "out", "--bogus"],
         "unrecognized arguments: --bogus",

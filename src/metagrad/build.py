@@ -84,7 +84,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         if cfg.model.name == "conv4":
-            return Conv4(1, cfg.task.ways, cfg.model.channels, cfg.task.image_size)
+            m = cfg.model
+            return Conv4(1, cfg.task.ways, m.channels, cfg.task.image_size, m.bn, cfg.algorithm.inner_steps)
         inputs = OracleSinusoid.input_features if cfg.algorithm.name == "oracle" else Sinusoid.input_features
         return MLP(inputs, tuple(cfg.model.hidden), 1, cfg.model.activation)
 

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tasks: fixed test tasks of the run's family (default); omniglot-runs: Lake et al.'s 20 one-shot runs",
     )  # fmt: skip
     e.add_argument("--data", type=Path, help="Omniglot folder holding all_runs.zip (default: the run's task.data)")
+    e.add_argument(
+        "--bn-statistics", choices=["batch", "running"],
+        help="per-step batch norm: normalise with each batch's statistics (MAML++, default) or the running ones",
+    )  # fmt: skip
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     e.add_argument("--json", type=Path, help="write the results as JSON")
     e.add_argument("--plot", type=Path, help="write a PNG: MSE against steps and example fits")
@@ -147,11 +151,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from metagrad.build import DTYPES, build_task, resolve_device
     from metagrad.checkpoint import write_atomic
-    from metagrad.evaluate import evaluate, format_table
+    from metagrad.evaluate import evaluate, format_table, set_bn_statistics
     from metagrad.run import load_learner
 
     device = resolve_device(args.device)
     cfg, learner, meta = load_learner(args.run, args.checkpoint, device)
+    set_bn_statistics(learner, args.bn_statistics or cfg.eval.bn_statistics)
     if args.benchmark == "omniglot-runs":
         return _eval_lake(args, cfg, learner, device)
     ev = cfg.eval

@@ -33,7 +33,7 @@ def _train_and_eval(
     import torch
 
     from metagrad.build import DTYPES, build_task, resolve_device
-    from metagrad.evaluate import evaluate
+    from metagrad.evaluate import evaluate, set_bn_statistics
     from metagrad.presets import preset
     from metagrad.train import train
 
@@ -61,6 +61,7 @@ def _train_and_eval(
     ev = cfg.eval
     family = build_task(cfg, "test")
     dtype = DTYPES[cfg.train.dtype]
+    set_bn_statistics(result.learner, ev.bn_statistics)
     scores = evaluate(
         result.learner, family, ev.shots, ev.steps, ev.tasks, ev.scoring, dev, dtype, queries=cfg.task.queries
     )

@@ -58,6 +58,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: str = "relu"
     channels: int = 64
+    # Conv-4 batch norm: "transductive" (MAML) or "per_step" (MAML++: per-step affine weights and running stats).
+    bn: str = "transductive"
 
 
 @dataclass
@@ -114,6 +116,8 @@ class EvalConfig:
     steps: int = 10
     tasks: int = 600
     scoring: str = "dense"
+    # Per-step batch norm only: normalise with the "batch" statistics (MAML++) or the learned "running" ones.
+    bn_statistics: str = "batch"
 
 
 @dataclass
@@ -137,6 +141,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("task", "split"): ("character", "alphabet", "none"),
     ("model", "name"): ("mlp", "conv4"),
     ("model", "activation"): ("relu", "tanh", "gelu", "silu", "elu"),
+    ("model", "bn"): ("transductive", "per_step"),
     ("algorithm", "name"): ALGORITHMS,
     ("algorithm", "rate_parameterization"): ("log", "raw"),
     ("algorithm", "lslr_beyond"): ("stop", "last"),
@@ -146,6 +151,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "dtype"): ("float32", "float64"),
     ("eval", "scoring"): ("dense", "paper"),
+    ("eval", "bn_statistics"): ("batch", "running"),
 }
 POSITIVE = {
     ("task", "shots"), ("task", "queries"), ("algorithm", "msl_epochs"), ("algorithm", "epoch_iterations"),
@@ -251,6 +257,16 @@ def _validate(cfg: Config) -> None:
     if cfg.task.name == "omniglot" and cfg.algorithm.name == "oracle":
         raise ConfigError("the oracle baseline exists for the sinusoid task only")
     alg = cfg.algorithm
+    if cfg.model.bn == "per_step":
+        if cfg.model.name != "conv4":
+            raise ConfigError("model.bn = 'per_step' is a Conv-4 option (task.name = 'omniglot')")
+        if alg.name not in ("maml", "fomaml", "metasgd", "maml_enhanced"):
+            raise ConfigError(
+                f"model.bn = 'per_step' indexes batch norm by MAML's inner step; {alg.name} has none: use "
+                "model.bn = 'transductive'"
+            )
+    elif cfg.eval.bn_statistics == "running":
+        raise ConfigError("eval.bn_statistics = 'running' needs model.bn = 'per_step' (transductive BN has none)")
     if alg.anil and alg.name == "reptile":
         raise ConfigError("algorithm.anil is not available for reptile (it adapts every weight)")
     if alg.name in ("maml_enhanced",) and alg.inner_steps == 0:

@@ -16,6 +16,7 @@ __all__ = [
     "TEST_SEED", "VAL_SEED", "LAKE_PUBLISHED", "fixed_tasks", "evaluate", "evaluate_lake_runs", "summarize",
     "format_table",
     "format_lake_table",
+    "set_bn_statistics",
 ]  # fmt: skip
 
 # Error rates on the 20 one-shot runs, Lake, Salakhutdinov & Tenenbaum, Science 2015.
@@ -59,6 +60,23 @@ def summarize(losses: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), (1.96 * sd / math.sqrt(n)).tolist()
 
 
+def set_bn_statistics(learner: MetaLearner, statistics: str) -> None:
+    """Evaluate a per-step-BN learner with its ``"batch"`` statistics (MAML++, transductive) or its ``"running"``
+    ones (inductive: each query image on its own). ``"batch"`` is all other models can do."""
+    from metagrad.models.conv4 import use_statistics
+
+    if not learner.per_step:
+        if statistics != "batch":
+            raise ConfigError(f"bn statistics {statistics!r} need a run trained with model.bn = 'per_step'")
+        return
+    use_statistics(learner.model, statistics)
+
+
+def _bn_mode(learner: MetaLearner) -> dict[str, str]:
+    norm = next((m for m in learner.model.modules() if hasattr(m, "statistics")), None)
+    return {"bn_statistics": norm.statistics} if learner.per_step and norm is not None else {}
+
+
 def evaluate(
     learner: MetaLearner,
     dist: TaskDistribution,
@@ -84,7 +102,7 @@ def evaluate(
         results.append(entry)
     out = {"algorithm": learner.name, "task": dist.name, "scoring": scoring, "tasks": tasks, "results": results}
     if metric != "mse":
-        out = {**out, "metric": metric, "scoring": "query", "ways": getattr(dist, "ways", None)}
+        out = {**out, "metric": metric, "scoring": "query", "ways": getattr(dist, "ways", None), **_bn_mode(learner)}
     return out
 
 
@@ -119,6 +137,8 @@ def _format_accuracy(result: dict[str, Any], cols: Sequence[int]) -> str:
     ways = result.get("ways")
     head = f"{'shots':>5} | " + " | ".join(f"{f'step {s}':>15}" for s in cols)
     title = f"{result['algorithm']} on {result['task']}, {ways}-way, {result['tasks']} episodes: accuracy (%)"
+    if "bn_statistics" in result:
+        title += f", {result['bn_statistics']} BN statistics"
     lines = [title, head, "-" * len(head)]
     for r in result["results"]:
         cells = [f"{100 * r['accuracy'][s]:>6.2f} ± {100 * r['ci95'][s]:<5.2f}" for s in cols]
@@ -149,7 +169,7 @@ def evaluate_lake_runs(
     mean, ci = summarize(1 - accuracy)
     return {
         "algorithm": learner.name, "task": "omniglot-runs", "metric": "error", "runs": len(runs),
-        "steps": list(range(steps + 1)), "error": mean, "ci95": ci, "published": LAKE_PUBLISHED,
+        "steps": list(range(steps + 1)), "error": mean, "ci95": ci, "published": LAKE_PUBLISHED, **_bn_mode(learner),
     }  # fmt: skip
 
 

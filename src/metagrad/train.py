@@ -239,6 +239,7 @@ class _Trainer:
             ) from None
         for p, _ in pairs:
             p.grad = None
+        self.learner.track_statistics(batch)  # per-step BN running statistics; identical on every rank
         self.iteration += 1
         return {**{k: v.item() for k, v in metrics.items()}, "grad_norm": norm, "lr": lr}
 

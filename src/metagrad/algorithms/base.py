@@ -76,8 +76,17 @@ class MetaLearner:
         self.metric_name, self.metric_fn = METRICS[loss]
         self.params: Params = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.buffers: Params = dict(model.named_buffers())
-        # The parameters adapted in the inner loop: all, or those under the given prefixes (ANIL: the head).
-        self.fast = [n for n in self.params if adapt_only is None or any(n.startswith(p) for p in adapt_only)]
+        # A model whose forward takes the inner step (Conv4 with per-step batch norm, MAML++).
+        self.per_step = bool(getattr(model, "per_step", False))
+        # The parameters adapted in the inner loop: all, or those under the given prefixes (ANIL: the head),
+        # less those the model meta-learns in the outer loop only (per-step batch norm).
+        meta_only = tuple(getattr(model, "meta_only", ()))
+        self.fast = [
+            n
+            for n in self.params
+            if (adapt_only is None or any(n.startswith(p) for p in adapt_only))
+            and not any(n.startswith(m) for m in meta_only)
+        ]
         if not self.fast:
             raise ValueError(f"adapt_only={list(adapt_only or [])} matches no parameter of {sorted(self.params)}")
         self.meta_state: Params = rule.init({n: self.params[n] for n in self.fast})
@@ -85,11 +94,14 @@ class MetaLearner:
         self._compiled: Callable[..., Any] | None = None
 
     # ----- pure functions of (params, ...) ------------------------------------------------------------
-    def forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def forward(self, params: Mapping[str, Tensor], x: Tensor, step: int = 0) -> Tensor:
+        """The network with ``params`` on ``x``; ``step`` (inner steps taken so far) selects per-step BN rows."""
+        if self.per_step:
+            return functional_call(self.model, (dict(params), self.buffers), (x,), {"step": step})
         return functional_call(self.model, (dict(params), self.buffers), (x,))
 
-    def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(self.forward(params, x), y)
+    def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
+        return self.loss_fn(self.forward(params, x, step), y)
 
     def inner_step(
         self,
@@ -104,7 +116,7 @@ class MetaLearner:
         """One inner update ``θ ← θ − rule(∇θ L_support, step)`` of the adapted (``fast``) parameters."""
 
         def support_loss(fast: Params) -> Tensor:
-            return self.loss({**params, **fast}, x, y)
+            return self.loss({**params, **fast}, x, y, step)
 
         g = grad(support_loss)({k: params[k] for k in self.fast})
         if first_order:
@@ -113,9 +125,9 @@ class MetaLearner:
         update = rule.update(g, step, meta)
         return {**params, **{k: params[k] - update[k] for k in self.fast}}
 
-    def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         """What evaluation reports: the MSE for regression, accuracy for classification."""
-        return self.metric_fn(self.forward(params, x), y)
+        return self.metric_fn(self.forward(params, x, step), y)
 
     def task_loss(
         self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
@@ -194,16 +206,21 @@ class MetaLearner:
         return p
 
     @torch.no_grad()
-    def predict(self, x: Tensor, params: Params | None = None) -> Tensor:
-        """The network's output on ``x`` with ``params`` (default: the meta-learned initialisation)."""
-        return self.forward(self.params if params is None else params, x)
+    def predict(self, x: Tensor, params: Params | None = None, step: int | None = None) -> Tensor:
+        """The network's output on ``x`` with ``params`` (default: the meta-learned initialisation).
+
+        ``step`` matters only for per-step batch norm: the number of inner steps that produced ``params``
+        (default 0 for the initialisation, ``inner_steps`` for adapted weights, as :meth:`adapt` takes)."""
+        if step is None:
+            step = 0 if params is None else self.inner_steps
+        return self.forward(self.params if params is None else params, x, step)
 
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
         sx, sy, qx, qy = task
         values = [self.metric(params, qx, qy)]
         for s in range(steps):
             params = _detach(self.inner_step(params, meta, sx, sy, s, self.eval_rule, True))
-            values.append(self.metric(params, qx, qy))
+            values.append(self.metric(params, qx, qy, s + 1))
         return torch.stack(values).detach()
 
     def adaptation_curve(self, batch: TaskBatch, steps: int, chunk: int | None = None) -> Tensor:
@@ -218,13 +235,34 @@ class MetaLearner:
             out.append(self.map_tasks(self._curve, (_detach(self.params), _detach(self.meta_state), steps), tasks))
         return torch.cat(out)
 
+    @torch.no_grad()
+    def track_statistics(self, batch: TaskBatch, tasks: int = 4) -> None:
+        """Fold the per-step batch statistics of the first ``tasks`` tasks into the model's running statistics.
+
+        Per-step batch norm only (a no-op otherwise); the trainer calls it after each meta-step. Each task is
+        adapted as in training; step ``s`` sees the support set under the weights after ``s`` steps, and the last
+        step the query set, which is what those rows normalise in training. Plain forward passes outside every
+        transform, so the running statistics are ordinary in-place buffer updates (identical on every rank)."""
+        if not (self.per_step and self.buffers):
+            return
+        from metagrad.models.conv4 import tracking_statistics
+
+        for i in range(min(int(tasks), len(batch))):
+            sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
+            p = _detach(self.params)
+            for s in range(self.inner_steps):
+                with tracking_statistics(self.model):
+                    self.forward(p, sx, s)
+                p = _detach(self.inner_step(p, self.meta_state, sx, sy, s, self.rule, True))
+            with tracking_statistics(self.model):
+                self.forward(p, qx, self.inner_steps)
+
     # ----- state ------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Params]:
-        return {"params": self.params, "meta": self.meta_state, "extra": self.extra_state}
+        return {"params": self.params, "meta": self.meta_state, "extra": self.extra_state, "buffers": self.buffers}
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MetaLearner:
-        self.model.to(device=device, dtype=dtype)
-        self.buffers = dict(self.model.named_buffers())
+        self.model.to(device=device, dtype=dtype)  # ``self.buffers`` may hold loaded values: moved below
         for tree in self.state_tensors().values():
             for k, v in tree.items():
                 tree[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)

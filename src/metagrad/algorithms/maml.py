@@ -80,6 +80,6 @@ class MAML(MetaLearner):
         for step in range(self.inner_steps):
             params = self.inner_step(params, meta, sx, sy, step, self.rule, first_order)
             if weights is not None or step == self.inner_steps - 1:
-                losses.append(self.loss(params, qx, qy))
+                losses.append(self.loss(params, qx, qy, step + 1))
         loss = (weights * torch.stack(losses)).sum() if weights is not None else losses[-1]
         return loss, {"pre_loss": pre.detach(), "post_loss": losses[-1].detach()}

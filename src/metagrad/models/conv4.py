@@ -1,60 +1,158 @@
 """The Conv-4 network of the few-shot image classification literature (Vinyals et al. 2016; MAML; Reptile).
 
-Four blocks of 3x3 convolution (``hidden`` filters, padding 1), BatchNorm, ReLU and 2x2 max-pooling, then a
+Four blocks of 3x3 convolution (``hidden`` filters, padding 1), batch norm, ReLU and 2x2 max-pooling, then a
 linear head to ``ways`` logits. For 28x28 Omniglot the feature map ends at 1x1, so the head sees ``hidden``
 features (the MAML code's Omniglot variant uses strided convolutions instead of pooling; this is the
 pooling variant of Vinyals et al., Snell et al. and MAML's MiniImagenet network).
 
-BatchNorm uses *transductive batch statistics*: ``nn.BatchNorm2d(track_running_stats=False)`` has no
-buffers, normalises every forward pass with the statistics of the batch it is given, in training and in
-evaluation alike, and learns only its affine scale and shift. Under ``torch.func.functional_call`` + ``vmap``
-each task is normalised with its own support (or query) statistics, nothing leaks from one task to another,
-and second-order gradients flow through the normalisation. This is MAML's choice. MAML++'s per-step
-running statistics (Antoniou et al. 2019, "BNRS") and per-step affine parameters ("BNWB") are not
-implemented yet. A consequence: predictions depend on the whole query set passed together, as in MAML.
+Two batch-norm modes, chosen with ``bn``:
+
+* ``"transductive"`` (MAML's choice): ``nn.BatchNorm2d(track_running_stats=False)`` has no buffers, normalises
+  every forward pass with the statistics of the batch it is given, in training and in evaluation alike, and
+  learns one affine scale and shift per channel. Under ``functional_call`` + ``vmap`` each task is normalised
+  with its own support (or query) statistics and nothing leaks from one task to another.
+* ``"per_step"`` (MAML++, Antoniou et al. 2019, "BNWB" and "BNRS"): one affine scale and shift per channel
+  *and per inner step* (``[steps + 1, C]``, row ``s`` used by the network after ``s`` inner steps), meta-learned
+  in the outer loop and not adapted in the inner loop (``meta_only``), and per-step running statistics. The
+  forward pass takes the step: ``model(x, step)``. Running statistics are *buffers* that only
+  :meth:`metagrad.algorithms.MetaLearner.track_statistics` updates (the trainer calls it after each meta-step,
+  outside every ``torch.func`` transform); evaluation never writes them, so nothing leaks between evaluation
+  tasks and there is no state to restore after each task. Normalisation uses the batch's statistics by
+  default, as MAML++ does; :func:`use_statistics` ``(model, "running")`` normalises with the running ones
+  instead, so that each query image is classified on its own (inductive evaluation).
+
+In both modes second-order gradients flow through the normalisation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Conv4"]
+__all__ = ["Conv4", "PerStepBatchNorm2d", "BN_MODES", "use_statistics", "tracking_statistics"]
+
+BN_MODES = ("transductive", "per_step")
+
+
+class PerStepBatchNorm2d(nn.Module):
+    """Batch norm with an affine scale/shift and running statistics per inner step (MAML++).
+
+    ``forward(x, step)`` uses row ``min(step, steps)``: adapting for more steps than were meta-trained reuses the
+    last row. ``statistics`` is ``"batch"`` (normalise with ``x``'s own statistics) or ``"running"``.
+    """
+
+    def __init__(self, channels: int, steps: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.steps, self.eps, self.momentum = int(steps), float(eps), float(momentum)
+        self.weight = nn.Parameter(torch.ones(steps + 1, channels))
+        self.bias = nn.Parameter(torch.zeros(steps + 1, channels))
+        self.register_buffer("running_mean", torch.zeros(steps + 1, channels))
+        self.register_buffer("running_var", torch.ones(steps + 1, channels))
+        self.statistics = "batch"
+        self.tracking = False
+
+    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+        s = min(max(int(step), 0), self.steps)
+        if self.statistics == "running":
+            mean, var = self.running_mean[s], self.running_var[s]
+        else:
+            mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), correction=0)
+            if self.tracking:  # only ever set outside torch.func transforms, under no_grad
+                n = x.numel() // x.shape[1]
+                self.running_mean[s].lerp_(mean.detach(), self.momentum)
+                self.running_var[s].lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+        scale = self.weight[s] * torch.rsqrt(var + self.eps)
+        return x * scale[:, None, None] + (self.bias[s] - mean * scale)[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, steps={self.steps}, statistics={self.statistics!r}"
 
 
 class Conv4(nn.Module):
-    """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28)``: [N, in_channels, S, S] -> [N, ways] logits.
-
-    Used through ``torch.func.functional_call``; it has no buffers (see the module docstring on BatchNorm).
+    """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0)``:
+    [N, in_channels, S, S] -> [N, ways] logits; ``forward(x, step=0)`` (the step matters only with per-step BN).
     """
 
-    def __init__(self, in_channels: int = 1, ways: int = 5, hidden: int = 64, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        ways: int = 5,
+        hidden: int = 64,
+        image_size: int = 28,
+        bn: str = "transductive",
+        steps: int = 0,
+    ) -> None:
         super().__init__()
         if min(int(in_channels), int(ways), int(hidden), int(image_size)) <= 0:
             raise ValueError(
                 f"in_channels, ways, hidden and image_size must be positive, got {in_channels}, {ways}, {hidden}, "
                 f"{image_size}"
             )
+        if bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         side = int(image_size)
         for _ in range(4):
             side //= 2
         if side < 1:
             raise ValueError(f"image_size must be at least 16 for four 2x2 poolings, got {image_size}")
         self.in_channels, self.ways = int(in_channels), int(ways)
-        self.hidden, self.image_size = int(hidden), int(image_size)
-        blocks: list[nn.Module] = []
+        self.hidden, self.image_size, self.bn = int(hidden), int(image_size), bn
+        self.per_step = bn == "per_step"
+        # Meta-learned in the outer loop only: per-step BN rows are indexed by the inner step, so adapting them
+        # in the inner loop would mean nothing (MAML++ does not either).
+        self.meta_only: tuple[str, ...] = ()
+        convs, norms = [], []
         channels = self.in_channels
         for _ in range(4):
-            blocks += [
-                nn.Conv2d(channels, self.hidden, kernel_size=3, padding=1),
-                nn.BatchNorm2d(self.hidden, affine=True, track_running_stats=False),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
+            convs.append(nn.Conv2d(channels, self.hidden, kernel_size=3, padding=1))
+            if self.per_step:
+                norms.append(PerStepBatchNorm2d(self.hidden, steps))
+            else:
+                norms.append(nn.BatchNorm2d(self.hidden, affine=True, track_running_stats=False))
             channels = self.hidden
-        self.features = nn.Sequential(*blocks)
+        self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
+        if self.per_step:
+            self.meta_only = ("norms.",)
         self.head = nn.Linear(self.hidden * side * side, self.ways)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, step: int = 0) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"Conv4 expects [N, C, H, W] images, got shape {tuple(x.shape)}")
-        return self.head(self.features(x).flatten(1))
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = conv(x)
+            x = norm(x, step) if self.per_step else norm(x)
+            x = nn.functional.max_pool2d(nn.functional.relu(x), 2)
+        return self.head(x.flatten(1))
+
+
+def _per_step_norms(model: nn.Module) -> list[PerStepBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, PerStepBatchNorm2d)]
+
+
+def use_statistics(model: nn.Module, statistics: str) -> None:
+    """Normalise a per-step-BN model with ``"batch"`` statistics (MAML++'s default) or its ``"running"`` ones."""
+    if statistics not in ("batch", "running"):
+        raise ValueError(f"statistics must be 'batch' or 'running', got {statistics!r}")
+    norms = _per_step_norms(model)
+    if statistics == "running" and not norms:
+        raise ValueError("running statistics need a model with per-step batch norm (model.bn = 'per_step')")
+    for m in norms:
+        m.statistics = statistics
+
+
+@contextmanager
+def tracking_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, forward passes in batch mode fold their statistics into the running ones."""
+    norms = _per_step_norms(model)
+    for m in norms:
+        m.tracking = True
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.tracking = False
