@@ -101,3 +101,55 @@ def test_torchrun_training_matches_single_process(tmp_path) -> None:
         torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines))  # one writer
+
+
+def test_two_node_rendezvous_matches_single_process(tmp_path) -> None:
+    """docs/scaling.md's multi-node launch, with two 'nodes' on this machine (one torchrun each, c10d rendezvous,
+    one shared run directory): the same weights as one process with the same total meta-batch."""
+    overrides = ["train.iterations=6", "train.meta_batch=4", "train.val_every=3", "train.checkpoint_every=3",
+                 "train.threads=1", "model.hidden=[16, 16]"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "nodes", tmp_path / "one"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}",
+              "--rdzv-id", "test"]  # fmt: skip
+    cmd = [*launch, "-m", "metagrad", "train", "--out", str(two), "--no-progress", *overrides]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outputs = [p.communicate(timeout=240) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum(out.count("trained maml") for out, _ in outputs) == 1  # the node holding rank 0 reports
+    cmd = [sys.executable, "-m", "metagrad", "train", "--out", str(one), "--no-progress", *overrides]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+    _, a, _ = load_learner(one)
+    _, b, meta = load_learner(two)
+    assert meta["iteration"] == 6
+    for k in a.params:
+        torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_bad_input_is_one_line_once_and_every_rank_exits(tmp_path) -> None:
+    """An error that rank 0 alone can see (the run directory exists) stops every rank at once; metagrad's line
+    is printed once, before torchrun's own failure report, and rank 0 exits 2."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "mine.txt").write_text("keep")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [
+        *launch,
+        "-m",
+        "metagrad",
+        "train",
+        "--out",
+        str(run),
+        "--no-progress",
+        "train.threads=1",
+        "train.meta_batch=4",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("metagrad train:")]
+    assert len(ours) == 1 and "is not empty and is not a metagrad run" in ours[0], done.stderr[-3000:]
+    assert done.stderr.index(ours[0]) < done.stderr.index("ChildFailedError")
+    assert "exitcode  : 2" in done.stderr and "metagrad/" not in done.stderr  # no traceback from metagrad itself
+    assert (run / "mine.txt").read_text() == "keep" and sorted(p.name for p in run.iterdir()) == ["mine.txt"]

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     shots = args.shots or ev.shots
     result = evaluate(
         learner, build_task(cfg), shots, args.steps or ev.steps, args.tasks or ev.tasks, args.scoring or ev.scoring,
-        device, DTYPES[cfg.train.dtype],
+        device, DTYPES[cfg.train.dtype], queries=cfg.task.queries,
     )  # fmt: skip
     print(format_table(result))
     print(f"(checkpoint at iteration {meta.get('iteration')}; mean ± 95% CI = 1.96·σ/√n over tasks)")
@@ -233,22 +234,30 @@ class _usage(Exception):  # noqa: N801 - raised like argparse's own errors
     pass
 
 
+def _fail(speak: bool, message: str, code: int) -> int:
+    if speak:
+        print(message, file=sys.stderr)
+    else:  # let rank 0 print and exit first: torchrun stops the other ranks as soon as one exits with an error
+        time.sleep(1.0)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from metagrad.errors import DivergenceError, MetagradError
 
     commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "compare": _cmd_compare}
+    # Under torchrun every rank meets the same error (see distributed.on_main); rank 0 alone says it.
+    speak = os.environ.get("RANK", "0") == "0"
     try:
         return commands[args.command](args)
     except _usage as e:
-        parser.exit(2, f"metagrad {args.command}: error: {e}\n")
+        parser.exit(2, f"metagrad {args.command}: error: {e}\n" if speak else None)
     except DivergenceError as e:
-        print(f"metagrad {args.command}: {e}", file=sys.stderr)
-        return 1
+        return _fail(speak, f"metagrad {args.command}: {e}", 1)
     except MetagradError as e:
-        print(f"metagrad {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(speak, f"metagrad {args.command}: error: {e}", 2)
     except KeyboardInterrupt:
         print(
             f"metagrad {args.command}: interrupted (the latest checkpoint is kept; continue with --resume)",

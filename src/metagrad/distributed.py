@@ -10,13 +10,16 @@ progress, validates and writes checkpoints. Backend: NCCL on CUDA, gloo on the C
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["World", "init_world", "shutdown_world", "all_reduce_mean"]
+from metagrad.errors import MetagradError
+
+__all__ = ["World", "init_world", "shutdown_world", "all_reduce_mean", "on_main"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,26 @@ def all_reduce_mean(tensors: list[Tensor], world: World) -> list[Tensor]:
         out.append(flat[i : i + t.numel()].view_as(t))
         i += t.numel()
     return out
+
+
+def on_main(world: World, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 alone (e.g. creating the run directory) and make every rank agree on its outcome.
+
+    If it raises a :class:`MetagradError` (bad input), every rank raises the same error, so all exit together with
+    one message (printed by rank 0) instead of the others waiting at the next collective until torchrun kills
+    them. Also a barrier: no rank goes on before rank 0 is done."""
+    error: MetagradError | None = None
+    if world.is_main:
+        try:
+            fn()
+        except MetagradError as e:
+            error = e
+    if world.enabled:
+        box: list[MetagradError | None] = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
 
 
 def shutdown_world(world: World) -> None:

@@ -24,7 +24,7 @@ from metagrad.algorithms import MetaLearner
 from metagrad.build import DTYPES, build_learner, build_task, resolve_device
 from metagrad.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from metagrad.config import Config
-from metagrad.distributed import all_reduce_mean, init_world, shutdown_world
+from metagrad.distributed import all_reduce_mean, init_world, on_main, shutdown_world
 from metagrad.errors import CheckpointError, ConfigError, DivergenceError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
 from metagrad.run import checkpoints, init_run, init_run_record, latest_checkpoint, load_state, read_run_config
@@ -118,10 +118,9 @@ class _Trainer:
         return {f"{g}.{k}": v for g, tree in self.learner.state_tensors().items() for k, v in tree.items()}
 
     def save(self, name: str | None = None) -> Path | None:
-        if not self.world.is_main:
-            return None
         weights = self._weights()
         bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # Checked on every rank (their weights are identical), so all stop together.
         if bad:  # never write a checkpoint that a later "last good checkpoint" message would point to
             last = latest_checkpoint(self.run_dir)
             raise DivergenceError(
@@ -129,6 +128,8 @@ class _Trainer:
                 f"probably too high (train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr="
                 f"{self.cfg.algorithm.inner_lr}); last good checkpoint: {last if last else 'none yet'}"
             )
+        if not self.world.is_main:
+            return None
         tensors, opt_meta = _optimizer_tensors(self.opt)
         tensors["rng.tasks"] = self.generator.get_state()
         meta = {
@@ -306,19 +307,16 @@ def train(
                 f"resume of {str(run_dir)!r} must use the run's own config (only [train] keys may change)"
             )
     trainer = _Trainer(cfg, run_dir, progress, callback)
-    if not resume:
-        if trainer.world.is_main:
-            init_run(run_dir, cfg.validate(), overwrite=overwrite)
-        trainer.world.barrier()
-    if resume:
-        if trainer.world.is_main:  # the run's record follows the config it now runs with
-            init_run_record(run_dir, cfg)
-        path = latest_checkpoint(run_dir)
-        if path is not None:
-            trainer.restore(path)
-        else:
-            trainer._truncate_metrics()  # killed before its first checkpoint: start over cleanly
     try:
+        if not resume:
+            on_main(trainer.world, lambda: init_run(run_dir, cfg, overwrite=overwrite))
+        else:  # the run's record follows the config it now runs with
+            on_main(trainer.world, lambda: init_run_record(run_dir, cfg))
+            path = latest_checkpoint(run_dir)
+            if path is not None:
+                trainer.restore(path)
+            else:
+                trainer._truncate_metrics()  # killed before its first checkpoint: start over cleanly
         last = trainer.run()
     finally:
         shutdown_world(trainer.world)
