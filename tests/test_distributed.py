@@ -127,29 +127,25 @@ def test_two_node_rendezvous_matches_single_process(tmp_path) -> None:
         torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)
 
 
-def test_torchrun_bad_input_is_one_line_once_and_every_rank_exits(tmp_path) -> None:
-    """An error that rank 0 alone can see (the run directory exists) stops every rank at once; metagrad's line
-    is printed once, before torchrun's own failure report, and rank 0 exits 2."""
+@pytest.mark.parametrize(
+    ("meta_batch", "expected"),
+    [(4, "is not empty and is not a metagrad run"), (5, "train.meta_batch=5 must be divisible by the 2 ranks")],
+)
+def test_torchrun_bad_input_is_one_line_once_and_every_rank_exits(tmp_path, meta_batch, expected) -> None:
+    """An error that rank 0 alone can see (a non-empty --out) or that every rank sees (an indivisible meta-batch)
+    stops every rank at once; metagrad's line is printed once, before torchrun's own failure report, rank 0
+    exits 2, and nothing is written."""
     run = tmp_path / "r"
     run.mkdir()
     (run / "mine.txt").write_text("keep")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [
-        *launch,
-        "-m",
-        "metagrad",
-        "train",
-        "--out",
-        str(run),
-        "--no-progress",
-        "train.threads=1",
-        "train.meta_batch=4",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    args = ["--out", str(run), "--no-progress", "train.threads=1", f"train.meta_batch={meta_batch}"]
+    done = subprocess.run([*launch, "-m", "metagrad", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("metagrad train:")]
-    assert len(ours) == 1 and "is not empty and is not a metagrad run" in ours[0], done.stderr[-3000:]
+    assert len(ours) == 1 and expected in ours[0], done.stderr[-3000:]
     assert done.stderr.index(ours[0]) < done.stderr.index("ChildFailedError")
     assert "exitcode  : 2" in done.stderr and "metagrad/" not in done.stderr  # no traceback from metagrad itself
     assert (run / "mine.txt").read_text() == "keep" and sorted(p.name for p in run.iterdir()) == ["mine.txt"]
