@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from metagrad.config import load_config
 from metagrad.train import _Trainer
@@ -32,3 +33,18 @@ def test_memory_is_flat_across_iterations(tmp_path, algorithm: str) -> None:
     growth = _rss_mib() - before
     # Keeping one meta-step's graph alive per iteration would cost far more than this over 400 iterations.
     assert growth < 8.0, f"RSS grew by {growth:.1f} MiB over 400 iterations"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_still_does_not_compose_with_torch_func(reentrant: bool) -> None:
+    """docs/scaling.md says activation checkpointing is not offered because neither form of
+    torch.utils.checkpoint runs under torch.func.grad (and vmap). If this test fails, PyTorch has learned it:
+    offer checkpointing of the inner loop and measure what it saves (issue 6)."""
+    from torch.func import grad, vmap
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(lambda w: torch.tanh(x * w).sum(), w, use_reentrant=reentrant)
+
+    with pytest.raises(RuntimeError, match="saved tensor hooks|setup_context"):
+        vmap(grad(loss), in_dims=(None, 0))(torch.tensor(1.0), torch.ones(2, 3))
