@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from metagrad.algorithms import MAML, MAMLEnhanced
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
-from metagrad.models.conv4 import Conv4, PerStepBatchNorm2d, tracking_statistics, use_statistics
+from metagrad.evaluate import set_bn_statistics
+from metagrad.models.conv4 import Conv4, PerStepBatchNorm2d
 from metagrad.tasks import TaskBatch
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -53,20 +54,20 @@ def test_per_step_bn_matches_batch_norm_row_by_row_and_clamps_past_the_last_step
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
-    use_statistics(bn, "running")
     expected = F.batch_norm(x, bn.running_mean[1], bn.running_var[1], bn.weight[1], bn.bias[1], training=False)
-    torch.testing.assert_close(bn(x, 1), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bn(x[:1], 1), expected[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn(x, 1, "running"), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn(x[:1], 1, "running"), expected[:1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="statistics"):
+        bn(x, 1, "runing")
 
 
 def test_tracking_folds_batch_statistics_with_momentum():
     bn = PerStepBatchNorm2d(3, steps=1, momentum=0.25)
     x = torch.randn(5, 3, 4, 4) * 2 + 3
     bn(x, 1)
+    bn(x, 1, "running", track=True)  # tracking folds batch statistics only
     assert torch.equal(bn.running_mean, torch.zeros(2, 3))  # never without tracking
-    with torch.no_grad(), tracking_statistics(bn):
-        bn(x, 1)
-    assert not bn.tracking
+    bn(x, 1, track=True)
     torch.testing.assert_close(bn.running_mean[1], 0.25 * x.mean((0, 2, 3)))
     torch.testing.assert_close(bn.running_var[1], 0.75 + 0.25 * x.transpose(0, 1).reshape(3, -1).var(1))
     assert torch.equal(bn.running_mean[0], torch.zeros(3)) and torch.equal(bn.running_var[0], torch.ones(3))
@@ -149,7 +150,7 @@ def test_running_statistics_track_training_and_never_change_in_evaluation():
     torch.testing.assert_close(changed["norms.0.running_mean"][0], m)
     # Evaluating in either mode, twice, leaves them as they are and gives the same numbers: no leaks.
     for mode in ("batch", "running"):
-        use_statistics(learner.model, mode)
+        set_bn_statistics(learner, mode)
         first = learner.adaptation_curve(batch, 3)
         second = learner.adaptation_curve(batch, 3)
         assert torch.equal(first, second)
@@ -163,13 +164,17 @@ def test_running_statistics_classify_each_query_on_its_own():
         learner.track_statistics(batch)
     sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
     adapted = learner.adapt(sx, sy)
-    use_statistics(learner.model, "running")
+    set_bn_statistics(learner, "running")
     alone = torch.cat([learner.predict(qx[i : i + 1], adapted) for i in range(len(qx))])
     torch.testing.assert_close(learner.predict(qx, adapted), alone, rtol=1e-5, atol=1e-6)
-    use_statistics(learner.model, "batch")  # transductive: a query's logits depend on the others
+    # Adaptation still normalises the support set with its own statistics, as in training.
+    assert all(torch.equal(a, b) for a, b in zip(adapted.values(), learner.adapt(sx, sy).values(), strict=True))
+    set_bn_statistics(learner, "batch")  # transductive: a query's logits depend on the others
     assert not torch.allclose(learner.predict(qx, adapted), alone, atol=1e-4)
     with pytest.raises(ValueError, match="per-step"):
-        use_statistics(Conv4(), "running")
+        Conv4()(torch.rand(2, 1, 28, 28), 0, "running")
+    with pytest.raises(ConfigError, match="per_step"):
+        set_bn_statistics(MAML(Conv4(), loss="cross_entropy"), "running")
 
 
 def test_config_rules_for_per_step_bn():

@@ -61,20 +61,18 @@ def summarize(losses: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def set_bn_statistics(learner: MetaLearner, statistics: str) -> None:
-    """Evaluate a per-step-BN learner with its ``"batch"`` statistics (MAML++, transductive) or its ``"running"``
-    ones (inductive: each query image on its own). ``"batch"`` is all other models can do."""
-    from metagrad.models.conv4 import use_statistics
-
-    if not learner.per_step:
-        if statistics != "batch":
-            raise ConfigError(f"bn statistics {statistics!r} need a run trained with model.bn = 'per_step'")
-        return
-    use_statistics(learner.model, statistics)
+    """Normalise a per-step-BN learner's query images with the query batch's statistics (``"batch"``, MAML++,
+    transductive) or the running ones (``"running"``: inductive, each query on its own). Adaptation normalises
+    the support set with its own statistics either way. ``"batch"`` is all other models can do."""
+    if statistics not in ("batch", "running"):
+        raise ConfigError(f"bn statistics must be 'batch' or 'running', got {statistics!r}")
+    if statistics != "batch" and not learner.per_step:
+        raise ConfigError(f"bn statistics {statistics!r} need a run trained with model.bn = 'per_step'")
+    learner.query_statistics = statistics
 
 
 def _bn_mode(learner: MetaLearner) -> dict[str, str]:
-    norm = next((m for m in learner.model.modules() if hasattr(m, "statistics")), None)
-    return {"bn_statistics": norm.statistics} if learner.per_step and norm is not None else {}
+    return {"bn_statistics": learner.query_statistics} if learner.per_step else {}
 
 
 def evaluate(

@@ -78,6 +78,10 @@ class MetaLearner:
         self.buffers: Params = dict(model.named_buffers())
         # A model whose forward takes the inner step (Conv4 with per-step batch norm, MAML++).
         self.per_step = bool(getattr(model, "per_step", False))
+        # How such a model normalises *query* images in evaluation: with the query batch's statistics ("batch",
+        # MAML++) or the running ones ("running": each query on its own). Adaptation always normalises the
+        # support set with its own statistics, as in training.
+        self.query_statistics = "batch"
         # The parameters adapted in the inner loop: all, or those under the given prefixes (ANIL: the head),
         # less those the model meta-learns in the outer loop only (per-step batch norm).
         meta_only = tuple(getattr(model, "meta_only", ()))
@@ -94,10 +98,14 @@ class MetaLearner:
         self._compiled: Callable[..., Any] | None = None
 
     # ----- pure functions of (params, ...) ------------------------------------------------------------
-    def forward(self, params: Mapping[str, Tensor], x: Tensor, step: int = 0) -> Tensor:
-        """The network with ``params`` on ``x``; ``step`` (inner steps taken so far) selects per-step BN rows."""
+    def forward(
+        self, params: Mapping[str, Tensor], x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False
+    ) -> Tensor:
+        """The network with ``params`` on ``x``. Per-step batch norm only: ``step`` (inner steps taken so far)
+        selects the rows, ``statistics`` the normalisation, ``track`` updates the running statistics."""
         if self.per_step:
-            return functional_call(self.model, (dict(params), self.buffers), (x,), {"step": step})
+            options = {"step": step, "statistics": statistics, "track": track}
+            return functional_call(self.model, (dict(params), self.buffers), (x,), options)
         return functional_call(self.model, (dict(params), self.buffers), (x,))
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
@@ -126,8 +134,8 @@ class MetaLearner:
         return {**params, **{k: params[k] - update[k] for k in self.fast}}
 
     def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
-        """What evaluation reports: the MSE for regression, accuracy for classification."""
-        return self.metric_fn(self.forward(params, x, step), y)
+        """What evaluation reports on query points: the MSE for regression, accuracy for classification."""
+        return self.metric_fn(self.forward(params, x, step, self.query_statistics), y)
 
     def task_loss(
         self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
@@ -210,10 +218,11 @@ class MetaLearner:
         """The network's output on ``x`` with ``params`` (default: the meta-learned initialisation).
 
         ``step`` matters only for per-step batch norm: the number of inner steps that produced ``params``
-        (default 0 for the initialisation, ``inner_steps`` for adapted weights, as :meth:`adapt` takes)."""
+        (default 0 for the initialisation, ``inner_steps`` for adapted weights, as :meth:`adapt` takes); ``x`` is
+        normalised as a query batch (``query_statistics``)."""
         if step is None:
             step = 0 if params is None else self.inner_steps
-        return self.forward(self.params if params is None else params, x, step)
+        return self.forward(self.params if params is None else params, x, step, self.query_statistics)
 
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
         sx, sy, qx, qy = task
@@ -245,17 +254,13 @@ class MetaLearner:
         transform, so the running statistics are ordinary in-place buffer updates (identical on every rank)."""
         if not (self.per_step and self.buffers):
             return
-        from metagrad.models.conv4 import tracking_statistics
-
         for i in range(min(int(tasks), len(batch))):
             sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
             p = _detach(self.params)
             for s in range(self.inner_steps):
-                with tracking_statistics(self.model):
-                    self.forward(p, sx, s)
+                self.forward(p, sx, s, track=True)
                 p = _detach(self.inner_step(p, self.meta_state, sx, sy, s, self.rule, True))
-            with tracking_statistics(self.model):
-                self.forward(p, qx, self.inner_steps)
+            self.forward(p, qx, self.inner_steps, track=True)
 
     # ----- state ------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Params]:

@@ -14,34 +14,35 @@ Two batch-norm modes, chosen with ``bn``:
 * ``"per_step"`` (MAML++, Antoniou et al. 2019, "BNWB" and "BNRS"): one affine scale and shift per channel
   *and per inner step* (``[steps + 1, C]``, row ``s`` used by the network after ``s`` inner steps), meta-learned
   in the outer loop and not adapted in the inner loop (``meta_only``), and per-step running statistics. The
-  forward pass takes the step: ``model(x, step)``. Running statistics are *buffers* that only
-  :meth:`metagrad.algorithms.MetaLearner.track_statistics` updates (the trainer calls it after each meta-step,
-  outside every ``torch.func`` transform); evaluation never writes them, so nothing leaks between evaluation
-  tasks and there is no state to restore after each task. Normalisation uses the batch's statistics by
-  default, as MAML++ does; :func:`use_statistics` ``(model, "running")`` normalises with the running ones
-  instead, so that each query image is classified on its own (inductive evaluation).
+  forward pass takes the step and, per call, which statistics to use: ``model(x, step, statistics="batch")``.
+  Running statistics are *buffers* that only a forward pass with ``track=True`` updates:
+  :meth:`metagrad.algorithms.MetaLearner.track_statistics` does so after each meta-step, outside every
+  ``torch.func`` transform. Evaluation never writes them, so nothing leaks between evaluation tasks and there
+  is no state to restore after each task. Normalisation uses the batch's statistics by default, as MAML++
+  does; ``statistics="running"`` uses the running ones (the learner does so for query images only, see
+  ``MetaLearner.query_statistics``, so that each query is classified on its own).
 
 In both modes second-order gradients flow through the normalisation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Conv4", "PerStepBatchNorm2d", "BN_MODES", "use_statistics", "tracking_statistics"]
+__all__ = ["Conv4", "PerStepBatchNorm2d", "BN_MODES", "BN_STATISTICS"]
 
 BN_MODES = ("transductive", "per_step")
+BN_STATISTICS = ("batch", "running")
 
 
 class PerStepBatchNorm2d(nn.Module):
     """Batch norm with an affine scale/shift and running statistics per inner step (MAML++).
 
-    ``forward(x, step)`` uses row ``min(step, steps)``: adapting for more steps than were meta-trained reuses the
-    last row. ``statistics`` is ``"batch"`` (normalise with ``x``'s own statistics) or ``"running"``.
+    ``forward(x, step, statistics, track)`` uses row ``min(step, steps)``: adapting for more steps than were
+    meta-trained reuses the last row. ``statistics`` is ``"batch"`` (normalise with ``x``'s own statistics) or
+    ``"running"``; ``track=True`` (outside ``torch.func`` transforms only) folds the batch's statistics into the
+    running ones with ``momentum``.
     """
 
     def __init__(self, channels: int, steps: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -53,29 +54,31 @@ class PerStepBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(steps + 1, channels))
         self.register_buffer("running_mean", torch.zeros(steps + 1, channels))
         self.register_buffer("running_var", torch.ones(steps + 1, channels))
-        self.statistics = "batch"
-        self.tracking = False
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+    def forward(self, x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False) -> Tensor:
         s = min(max(int(step), 0), self.steps)
-        if self.statistics == "running":
+        if statistics == "running":
             mean, var = self.running_mean[s], self.running_var[s]
-        else:
+        elif statistics == "batch":
             mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), correction=0)
-            if self.tracking:  # only ever set outside torch.func transforms, under no_grad
-                n = x.numel() // x.shape[1]
-                self.running_mean[s].lerp_(mean.detach(), self.momentum)
-                self.running_var[s].lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+            if track:
+                with torch.no_grad():
+                    n = x.numel() // x.shape[1]
+                    self.running_mean[s].lerp_(mean.detach(), self.momentum)
+                    self.running_var[s].lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+        else:
+            raise ValueError(f"statistics must be one of {BN_STATISTICS}, got {statistics!r}")
         scale = self.weight[s] * torch.rsqrt(var + self.eps)
         return x * scale[:, None, None] + (self.bias[s] - mean * scale)[:, None, None]
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]}, steps={self.steps}, statistics={self.statistics!r}"
+        return f"{self.weight.shape[1]}, steps={self.steps}, momentum={self.momentum}"
 
 
 class Conv4(nn.Module):
     """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0)``:
-    [N, in_channels, S, S] -> [N, ways] logits; ``forward(x, step=0)`` (the step matters only with per-step BN).
+    [N, in_channels, S, S] -> [N, ways] logits. ``forward(x, step=0, statistics="batch", track=False)``: the
+    step and the other options matter only with per-step BN (see the module docstring).
     """
 
     def __init__(
@@ -120,39 +123,13 @@ class Conv4(nn.Module):
             self.meta_only = ("norms.",)
         self.head = nn.Linear(self.hidden * side * side, self.ways)
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
+    def forward(self, x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"Conv4 expects [N, C, H, W] images, got shape {tuple(x.shape)}")
+        if not self.per_step and (statistics != "batch" or track):
+            raise ValueError("running statistics need per-step batch norm (Conv4(bn='per_step'))")
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = conv(x)
-            x = norm(x, step) if self.per_step else norm(x)
+            x = norm(x, step, statistics, track) if self.per_step else norm(x)
             x = nn.functional.max_pool2d(nn.functional.relu(x), 2)
         return self.head(x.flatten(1))
-
-
-def _per_step_norms(model: nn.Module) -> list[PerStepBatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, PerStepBatchNorm2d)]
-
-
-def use_statistics(model: nn.Module, statistics: str) -> None:
-    """Normalise a per-step-BN model with ``"batch"`` statistics (MAML++'s default) or its ``"running"`` ones."""
-    if statistics not in ("batch", "running"):
-        raise ValueError(f"statistics must be 'batch' or 'running', got {statistics!r}")
-    norms = _per_step_norms(model)
-    if statistics == "running" and not norms:
-        raise ValueError("running statistics need a model with per-step batch norm (model.bn = 'per_step')")
-    for m in norms:
-        m.statistics = statistics
-
-
-@contextmanager
-def tracking_statistics(model: nn.Module) -> Iterator[None]:
-    """Within the block, forward passes in batch mode fold their statistics into the running ones."""
-    norms = _per_step_norms(model)
-    for m in norms:
-        m.tracking = True
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.tracking = False
