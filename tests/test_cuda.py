@@ -39,3 +39,27 @@ def test_cli_train_and_eval_on_cuda(tmp_path, capsys) -> None:
     assert main(["train", "--out", str(run), "--device", "cuda", "--no-progress", *overrides]) == 0
     assert main(["eval", str(run), "--device", "cuda", "--tasks", "20", "--steps", "2"]) == 0
     assert "maml on sinusoid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bn", ["transductive", "per_step"])
+def test_conv4_meta_gradient_and_running_statistics_match_cpu(bn: str) -> None:
+    from metagrad.config import load_config
+    from metagrad.tasks import TaskBatch
+
+    cfg = load_config(None, ["task.name=omniglot", "model.name=conv4", "model.channels=4", "task.image_size=16",
+                             "task.ways=2", "algorithm.inner_steps=2", "algorithm.name=maml_enhanced",
+                             f"model.bn={bn}"])  # fmt: skip
+    cpu = build_learner(cfg).to("cpu", torch.float64)
+    gpu = copy.deepcopy(cpu).to("cuda", torch.float64)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.rand(3, 4, 1, 16, 16, generator=g), torch.rand(3, 6, 1, 16, 16, generator=g)
+    sy, qy = torch.tensor([[0, 0, 1, 1]] * 3), torch.tensor([[0, 0, 0, 1, 1, 1]] * 3)
+    batch = TaskBatch(sx, sy, qx, qy).to("cpu", torch.float64)
+    gp_c, _, m_c = cpu.meta_gradient(batch, 0)
+    gp_g, _, m_g = gpu.meta_gradient(batch.to("cuda"), 0)
+    for k in gp_c:
+        torch.testing.assert_close(gp_g[k].cpu(), gp_c[k], rtol=1e-7, atol=1e-9)
+    cpu.track_statistics(batch)
+    gpu.track_statistics(batch.to("cuda"))
+    for k in cpu.buffers:
+        torch.testing.assert_close(gpu.buffers[k].cpu(), cpu.buffers[k])
