@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=Path, help="Omniglot folder holding all_runs.zip (default: the run's task.data)")
     e.add_argument(
         "--bn-statistics", choices=["batch", "running"],
-        help="per-step batch norm: normalise with each batch's statistics (MAML++, default) or the running ones",
+        help="per-step batch norm: normalise query images with the query batch's statistics (MAML++, default) "
+        "or the running ones (each query on its own)",
     )  # fmt: skip
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     e.add_argument("--json", type=Path, help="write the results as JSON")
