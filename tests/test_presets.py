@@ -102,3 +102,18 @@ def test_omniglot_bad_inputs_are_one_line_errors(tmp_path, capsys) -> None:
 
 def test_compare_algorithm_list_matches_presets() -> None:
     assert set(COMPARE_ALGORITHMS) <= set(PRESETS)
+
+
+def test_compare_keeps_the_other_results_when_one_run_fails(tmp_path, capsys) -> None:
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")  # an earlier comparison, replaced with --overwrite
+    (out / "maml").write_text("not a run")  # maml's run directory cannot be created: that run alone fails
+    argv = ["compare", "--budget", "tiny", "--out", str(out), "--algorithms", "maml", "reptile", "--no-progress"]
+    assert main([*argv, "--overwrite"]) == 1
+    assert "some runs failed" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["failures"]) == ["maml"] and "is not a directory" in results["failures"]["maml"]
+    assert [r["algorithm"] for r in results["results"]] == ["reptile"]
+    assert "Failed runs (not in the table): maml" in (out / "report.md").read_text()
+    assert (out / "adaptation.png").is_file()
