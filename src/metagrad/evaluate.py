@@ -64,8 +64,10 @@ def set_bn_statistics(learner: MetaLearner, statistics: str) -> None:
     """Normalise a per-step-BN learner's query images with the query batch's statistics (``"batch"``, MAML++,
     transductive) or the running ones (``"running"``: inductive, each query on its own). Adaptation normalises
     the support set with its own statistics either way. ``"batch"`` is all other models can do."""
-    if statistics not in ("batch", "running"):
-        raise ConfigError(f"bn statistics must be 'batch' or 'running', got {statistics!r}")
+    from metagrad.models.conv4 import BN_STATISTICS
+
+    if statistics not in BN_STATISTICS:
+        raise ConfigError(f"bn statistics must be one of {', '.join(BN_STATISTICS)}, got {statistics!r}")
     if statistics != "batch" and not learner.per_step:
         raise ConfigError(f"bn statistics {statistics!r} need a run trained with model.bn = 'per_step'")
     learner.query_statistics = statistics
