@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from metagrad.inner.base import InnerRule, Params
+from metagrad.models.norm import make_exact
+from metagrad.models.norm import statistics as norm_statistics
 from metagrad.tasks.base import TaskBatch
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
@@ -66,6 +68,7 @@ class MetaLearner:
             raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        make_exact(model)  # PyTorch's batch/layer norm kernels are wrong under vmap of grad of grad
         self.model = model
         self.rule = rule
         self.eval_rule = eval_rule if eval_rule is not None else rule
@@ -101,12 +104,15 @@ class MetaLearner:
     def forward(
         self, params: Mapping[str, Tensor], x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False
     ) -> Tensor:
-        """The network with ``params`` on ``x``. Per-step batch norm only: ``step`` (inner steps taken so far)
-        selects the rows, ``statistics`` the normalisation, ``track`` updates the running statistics."""
+        """The network with ``params`` on ``x``. ``statistics`` picks the batch norms' normalisation (``"batch"``
+        or ``"running"``, for layers that have running statistics) and ``track`` whether this pass updates them
+        (only ever outside the transforms). Per-step batch norm: ``step`` (inner steps taken so far) selects the
+        rows."""
         if self.per_step:
             options = {"step": step, "statistics": statistics, "track": track}
             return functional_call(self.model, (dict(params), self.buffers), (x,), options)
-        return functional_call(self.model, (dict(params), self.buffers), (x,))
+        with norm_statistics(statistics, track):
+            return functional_call(self.model, (dict(params), self.buffers), (x,))
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         return self.loss_fn(self.forward(params, x, step), y)

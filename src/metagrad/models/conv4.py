@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from metagrad.models.norm import BatchNorm2d
+
 __all__ = ["Conv4", "PerStepBatchNorm2d", "BN_MODES", "BN_STATISTICS"]
 
 BN_MODES = ("transductive", "per_step")
@@ -116,7 +118,7 @@ class Conv4(nn.Module):
             if self.per_step:
                 norms.append(PerStepBatchNorm2d(self.hidden, steps))
             else:
-                norms.append(nn.BatchNorm2d(self.hidden, affine=True, track_running_stats=False))
+                norms.append(BatchNorm2d(self.hidden, affine=True, track_running_stats=False))
             channels = self.hidden
         self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
         if self.per_step:

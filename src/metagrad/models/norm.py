@@ -1,0 +1,209 @@
+"""Normalisation layers that are exact under ``torch.func`` (vmap of grad of grad), and the statistics they use.
+
+PyTorch 2.13's ``F.batch_norm`` (training mode), ``F.instance_norm`` and ``F.layer_norm`` return wrong
+second-order derivatives under ``vmap``: the gradient of a vmapped gradient through them is off by up to 1 % of
+a meta-gradient's largest entry, silently (the plain loop is right; ``F.group_norm`` and eval-mode batch norm are
+right). Second-order MAML through them is therefore wrong. The layers here compute the same functions from
+``mean``, ``var`` and ``rsqrt``, whose derivatives ``torch.func`` batches correctly. ``tests/test_norm.py`` checks
+them against float64 central differences and holds a canary that fails the day PyTorch's own kernels are fixed.
+
+:func:`make_exact` swaps the class of every stock ``nn.BatchNorm*d``, ``nn.InstanceNorm*d`` and ``nn.LayerNorm``
+in a model for the exact subclass here (same parameters, buffers, ``state_dict`` keys and ``isinstance``), so a
+user's own network is exact without any change; a :class:`metagrad.MetaLearner` calls it on its model.
+
+Batch statistics. Outside metagrad these layers behave exactly like PyTorch's: batch statistics in ``train()``
+(and the running ones updated in place), running statistics in ``eval()``. Inside metagrad's transforms the
+learner chooses per call, with :func:`statistics`: the support set is always normalised with its own
+statistics (transductive, as in MAML), query images with the batch's statistics or the running ones, and running
+statistics are never written there (an in-place update inside ``grad``/``vmap`` is an error, and evaluation must
+not leak one task into the next); the learner updates them in a plain forward pass after each meta-step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "make_exact",
+    "statistics",
+    "STATISTICS",
+]
+
+STATISTICS = ("batch", "running")
+
+
+class _Mode:
+    """What metagrad's learner asks of batch-norm layers right now (``None``: PyTorch's own behaviour)."""
+
+    statistics: str | None = None  # "batch" or "running" for every batch norm that has running statistics
+    track: bool | None = None  # whether a batch-statistics pass folds into the running statistics
+
+
+_MODE = _Mode()
+
+
+@contextlib.contextmanager
+def statistics(which: str | None, track: bool | None = False) -> Iterator[None]:
+    """Within the block, batch norms normalise with ``which`` statistics (``"batch"`` or ``"running"``; layers
+    without running statistics always use the batch's) and update their running statistics only if ``track``.
+    ``None`` restores PyTorch's behaviour (by ``module.training``)."""
+    if which is not None and which not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {which!r}")
+    saved = (_MODE.statistics, _MODE.track)
+    _MODE.statistics, _MODE.track = which, track
+    try:
+        yield
+    finally:
+        _MODE.statistics, _MODE.track = saved
+
+
+def _channel_view(t: Tensor, dims: int) -> Tensor:
+    return t.reshape((1, -1) + (1,) * (dims - 2))
+
+
+class _ExactBatchNorm:
+    """Batch norm from mean / biased variance / rsqrt (see the module docstring for when each statistic is used)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        has_running = self.running_mean is not None
+        which = _MODE.statistics or ("batch" if self.training else "running")
+        track = _MODE.track if _MODE.track is not None else self.training
+        if which == "running" and has_running:
+            mean, var = self.running_mean, self.running_var
+        else:
+            dims = (0, *range(2, x.dim()))
+            mean, var = x.mean(dims), x.var(dims, correction=0)
+            if track and has_running and self.track_running_stats:
+                self._fold(x, mean, var)
+        inv = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = self.weight * inv
+            shift = self.bias - mean * scale
+        else:
+            scale, shift = inv, -mean * inv
+        return x * _channel_view(scale, x.dim()) + _channel_view(shift, x.dim())
+
+    @torch.no_grad()
+    def _fold(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
+        n = x.numel() // x.shape[1]
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.detach(), momentum)
+        self.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
+
+
+class _ExactInstanceNorm:
+    """Instance norm (per sample and channel, batch statistics only) from mean / biased variance / rsqrt."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        unbatched = x.dim() == self._get_no_batch_dim()
+        if unbatched:
+            x = x.unsqueeze(0)
+        dims = tuple(range(2, x.dim()))
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, correction=0, keepdim=True)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * _channel_view(self.weight, x.dim()) + _channel_view(self.bias, x.dim())
+        return out.squeeze(0) if unbatched else out
+
+
+class _ExactLayerNorm:
+    """Layer norm over the trailing ``normalized_shape`` from mean / biased variance / rsqrt."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        if tuple(x.shape[x.dim() - len(dims) :]) != tuple(self.normalized_shape):
+            raise RuntimeError(
+                f"LayerNorm{tuple(self.normalized_shape)} got input of shape {tuple(x.shape)}: its last dimensions "
+                "must equal normalized_shape"
+            )
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, correction=0, keepdim=True)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        if getattr(self, "bias", None) is not None:
+            out = out + self.bias
+        return out
+
+
+class BatchNorm1d(_ExactBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d``, exact under ``torch.func`` (see the module docstring)."""
+
+
+class BatchNorm2d(_ExactBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d``, exact under ``torch.func`` (see the module docstring)."""
+
+
+class BatchNorm3d(_ExactBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d``, exact under ``torch.func`` (see the module docstring)."""
+
+
+class InstanceNorm1d(_ExactInstanceNorm, nn.InstanceNorm1d):
+    """``nn.InstanceNorm1d``, exact under ``torch.func``."""
+
+
+class InstanceNorm2d(_ExactInstanceNorm, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d``, exact under ``torch.func``."""
+
+
+class InstanceNorm3d(_ExactInstanceNorm, nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d``, exact under ``torch.func``."""
+
+
+class LayerNorm(_ExactLayerNorm, nn.LayerNorm):
+    """``nn.LayerNorm``, exact under ``torch.func``."""
+
+
+_EXACT: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.InstanceNorm1d: InstanceNorm1d,
+    nn.InstanceNorm2d: InstanceNorm2d,
+    nn.InstanceNorm3d: InstanceNorm3d,
+    nn.LayerNorm: LayerNorm,
+}
+_AFFECTED = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+
+
+def make_exact(model: nn.Module) -> list[str]:
+    """Swap, in place, the class of every stock PyTorch batch, instance and layer norm in ``model`` for its exact
+    subclass here; returns the names of the layers swapped.
+
+    Parameters, buffers, hooks and ``state_dict`` keys are untouched and ``isinstance(m, nn.BatchNorm2d)`` still
+    holds. A norm layer of a user's own subclass is left as it is (its ``forward`` is the user's), with a warning
+    if it still calls PyTorch's kernel, and an instance norm with running statistics is refused."""
+    swapped = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls in _EXACT:
+            if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+                raise ValueError(
+                    f"{name or 'model'}: {cls.__name__}(track_running_stats=True) is not supported by metagrad; use "
+                    "track_running_stats=False (the default) or a BatchNorm"
+                )
+            module.__class__ = _EXACT[cls]
+            swapped.append(name)
+        elif isinstance(module, _AFFECTED) and not isinstance(module, tuple(_EXACT.values())):
+            owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+            if owner.__module__.startswith("torch."):
+                warnings.warn(
+                    f"{name}: {cls.__name__} subclasses a PyTorch norm layer whose second-order derivatives are wrong "
+                    "under vmap (torch 2.13); subclass metagrad.models.norm's exact layer instead",
+                    stacklevel=2,
+                )
+    return swapped

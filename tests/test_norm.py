@@ -1,0 +1,267 @@
+"""Normalisation under torch.func: exact layers, the canary on PyTorch's kernels, and meta-gradients through every
+model and batch-norm mode (vmap == loop == float64 central difference)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from metagrad.algorithms import MAML, MAMLEnhanced
+from metagrad.models import norm
+from metagrad.models.conv4 import Conv4, PerStepBatchNorm2d
+from metagrad.tasks import TaskBatch
+
+F64 = torch.float64
+
+
+# ----- the defect, on one layer ------------------------------------------------------------------------------
+# L_i(w, a) = Σ c_i · norm(x_i · a; weight=w); the derivative d/da Σ_i <u, ∂L_i/∂w> computed with vmap over i
+# against a plain loop over i and a float64 central difference.
+
+
+def _second_order(layer, vectorize: bool, a: torch.Tensor | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    b, n, c, h = 3, 4, 2, 3
+    x = torch.randn(b, n, c, h, h, generator=g, dtype=F64)
+    coef = torch.randn(b, n, c, h, h, generator=g, dtype=F64)
+    u = torch.randn(c, generator=g, dtype=F64)
+    w = torch.rand(c, generator=g, dtype=F64) + 0.5
+    a = torch.rand(c, generator=g, dtype=F64) + 0.5 if a is None else a
+
+    def loss(w, a, xi, ci):
+        return (ci * layer(xi * a[:, None, None], w)).sum()
+
+    def inner(a, xi, ci):
+        return (grad(loss)(w, a, xi, ci) * u).sum()
+
+    def outer(a):
+        if vectorize:
+            return vmap(inner, in_dims=(None, 0, 0))(a, x, coef).sum()
+        return sum(inner(a, x[i], coef[i]) for i in range(b))
+
+    return outer, a
+
+
+PYTORCH_LAYERS = {
+    "F.batch_norm": lambda x, w: F.batch_norm(x, None, None, w, None, training=True),
+    "F.instance_norm": lambda x, w: F.instance_norm(x, weight=w),
+    "F.layer_norm": lambda x, w: F.layer_norm(x.transpose(1, 3), (x.shape[1],), w).transpose(1, 3),
+}
+
+
+def _exact_layer(kind: str):
+    def layer(x, w):
+        if kind == "F.batch_norm":
+            m = norm.BatchNorm2d(x.shape[1], affine=False, track_running_stats=False)
+            return m(x) * w[:, None, None]
+        if kind == "F.instance_norm":
+            return norm.InstanceNorm2d(x.shape[1])(x) * w[:, None, None]
+        m = norm.LayerNorm(x.shape[1], elementwise_affine=False)
+        return (m(x.transpose(1, 3)) * w).transpose(1, 3)
+
+    return layer
+
+
+@pytest.mark.parametrize("kind", list(PYTORCH_LAYERS))
+def test_canary_pytorch_norm_kernels_are_still_wrong_under_vmap_of_grad_of_grad(kind):
+    """Fails the day PyTorch fixes its kernel: metagrad's exact layers (models/norm.py) may then go."""
+    f_vmap, a = _second_order(PYTORCH_LAYERS[kind], True)
+    f_loop, _ = _second_order(PYTORCH_LAYERS[kind], False)
+    wrong = (grad(f_vmap)(a) - grad(f_loop)(a)).abs().max()
+    assert wrong > 1e-3, f"PyTorch's {kind} is now right under vmap of grad of grad: drop the workaround"
+
+
+@pytest.mark.parametrize("kind", list(PYTORCH_LAYERS))
+def test_exact_layers_are_right_under_vmap_of_grad_of_grad(kind):
+    f_vmap, a = _second_order(_exact_layer(kind), True)
+    f_loop, _ = _second_order(_exact_layer(kind), False)
+    gv, gl = grad(f_vmap)(a), grad(f_loop)(a)
+    h = 1e-6
+    fd = torch.stack([(f_loop(a + h * e) - f_loop(a - h * e)) / (2 * h) for e in torch.eye(len(a), dtype=F64)])
+    scale = gl.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(gv, gl, rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(gl, fd, rtol=0, atol=1e-6 * scale)
+
+
+# ----- the exact layers are PyTorch's layers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.BatchNorm1d(3), (5, 3)),
+        (lambda: nn.BatchNorm1d(3, momentum=None), (5, 3, 4)),
+        (lambda: nn.BatchNorm2d(3), (5, 3, 4, 4)),
+        (lambda: nn.BatchNorm2d(3, affine=False), (5, 3, 4, 4)),
+        (lambda: nn.BatchNorm2d(3, track_running_stats=False), (5, 3, 4, 4)),
+        (lambda: nn.BatchNorm3d(3), (2, 3, 2, 3, 3)),
+        (lambda: nn.InstanceNorm1d(3, affine=True), (2, 3, 6)),
+        (lambda: nn.InstanceNorm2d(3, affine=True), (3, 4, 4)),  # unbatched
+        (lambda: nn.InstanceNorm3d(3), (2, 3, 2, 3, 3)),
+        (lambda: nn.LayerNorm(4), (5, 3, 4)),
+        (lambda: nn.LayerNorm((3, 4), bias=False), (5, 3, 4)),
+        (lambda: nn.LayerNorm(4, elementwise_affine=False), (5, 4)),
+    ],
+)
+def test_exact_layers_compute_what_pytorch_computes_in_train_and_eval(make, shape):
+    torch.manual_seed(0)
+    ref = make().double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(0.5, 1.5)
+    mine = nn.Sequential(make().double())
+    mine[0].load_state_dict(ref.state_dict())
+    assert norm.make_exact(mine) == ["0"]
+    assert isinstance(mine[0], type(ref)) and type(mine[0]) is not type(ref)
+    assert mine[0].state_dict().keys() == ref.state_dict().keys()
+    for step in range(3):
+        x = torch.randn(shape, dtype=F64) * 2 + step
+        torch.testing.assert_close(mine(x), ref(x), rtol=1e-10, atol=1e-10)
+        for k, v in ref.state_dict().items():  # running statistics and batch counts follow PyTorch's
+            torch.testing.assert_close(mine[0].state_dict()[k], v, rtol=1e-12, atol=1e-12)
+    ref.eval(), mine.eval()
+    x = torch.randn(shape, dtype=F64)
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+def test_statistics_context_overrides_the_training_flag_and_never_tracks_by_default():
+    bn = norm.BatchNorm2d(2).double()
+    x = torch.randn(6, 2, 3, 3, dtype=F64) * 3 + 1
+    with norm.statistics("batch"):
+        bn(x)
+    assert torch.equal(bn.running_mean, torch.zeros(2, dtype=F64)) and int(bn.num_batches_tracked) == 0
+    with norm.statistics("batch", track=True):
+        bn(x)
+    assert int(bn.num_batches_tracked) == 1 and (bn.running_mean != 0).all()
+    with norm.statistics("running"):  # training mode, yet the running statistics: each image on its own
+        torch.testing.assert_close(torch.cat([bn(x[i : i + 1]) for i in range(6)]), bn(x))
+    with pytest.raises(ValueError, match="statistics"):
+        with norm.statistics("runing"):
+            pass
+
+
+def test_make_exact_refuses_and_warns_where_it_cannot_help():
+    with pytest.raises(ValueError, match="track_running_stats"):
+        norm.make_exact(nn.Sequential(nn.InstanceNorm2d(3, track_running_stats=True)))
+
+    class Mine(nn.BatchNorm2d):  # a user's subclass that still runs PyTorch's kernel
+        pass
+
+    with pytest.warns(UserWarning, match="subclass metagrad.models.norm"):
+        assert norm.make_exact(nn.Sequential(Mine(3))) == []
+
+    class Own(nn.BatchNorm2d):  # the user's own forward: left alone, silently
+        def forward(self, x):
+            return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert norm.make_exact(nn.Sequential(Own(3))) == []
+
+
+# ----- meta-gradients through every model and batch-norm mode ---------------------------------------------------
+
+
+def _image_batch(tasks: int = 3, ways: int = 2, shots: int = 2, queries: int = 2, side: int = 8) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    sx = torch.rand(tasks, ways * shots, 1, side, side, generator=g, dtype=F64)
+    qx = torch.rand(tasks, ways * queries, 1, side, side, generator=g, dtype=F64)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).clone()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).clone()
+    return TaskBatch(sx, sy, qx, qy)
+
+
+def _vector_batch(tasks: int = 3, ways: int = 2, shots: int = 3, queries: int = 2) -> TaskBatch:
+    b = _image_batch(tasks, ways, shots, queries, side=2)
+    return TaskBatch(b.support_x.flatten(2), b.support_y, b.query_x.flatten(2), b.query_y)
+
+
+def _user_cnn() -> nn.Module:
+    """A researcher's own CNN: stock BatchNorm2d with running statistics, and an InstanceNorm (smooth
+    activations and pooling, so that the finite difference has no kink to cross)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.SiLU(), nn.AvgPool2d(2),
+        nn.Conv2d(3, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=True), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(12, 2),
+    )  # fmt: skip
+
+
+def _user_mlp() -> nn.Module:
+    """A researcher's own MLP: LayerNorm and BatchNorm1d (running statistics)."""
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(),
+                         nn.Linear(5, 2))  # fmt: skip
+
+
+def _per_step_conv4() -> nn.Module:
+    model = Conv4(ways=2, hidden=3, image_size=16, bn="per_step", steps=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PerStepBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+MODELS = {
+    "conv4_transductive": (lambda: Conv4(ways=2, hidden=3, image_size=16), lambda: _image_batch(side=16)),
+    "conv4_per_step": (_per_step_conv4, lambda: _image_batch(side=16)),
+    "user_cnn_batchnorm_instancenorm": (_user_cnn, _image_batch),
+    "user_mlp_layernorm_batchnorm1d": (_user_mlp, _vector_batch),
+}
+ALGORITHMS = {
+    "maml": lambda m: MAML(m, inner_lr=0.5, inner_steps=2, loss="cross_entropy"),
+    "maml_enhanced": lambda m: MAMLEnhanced(m, inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
+}
+
+
+def _learner(model_name: str, algorithm: str, vectorize: bool):
+    torch.manual_seed(0)
+    make_model, make_batch = MODELS[model_name]
+    learner = ALGORITHMS[algorithm](make_model())
+    learner.vectorize = vectorize
+    learner.to("cpu", F64)
+    g = torch.Generator().manual_seed(1)
+    for k, v in learner.meta_state.items():  # away from the identity / initial rates, so every factor matters
+        learner.meta_state[k] = v + 0.1 * torch.randn(v.shape, generator=g, dtype=F64)
+    return learner, make_batch()
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(model_name, algorithm):
+    """The regression test for PyTorch's norm kernels under vmap: every model and BN mode, exact to 1e-6."""
+    vec, batch = _learner(model_name, algorithm, True)
+    loop, _ = _learner(model_name, algorithm, False)
+    gp_v, gm_v, m_v = vec.meta_gradient(batch, 0)
+    gp_l, gm_l, m_l = loop.meta_gradient(batch, 0)
+    grads_v, grads_l = {**gp_v, **gm_v}, {**gp_l, **gm_l}
+    scale = max(g.abs().max() for g in grads_l.values())
+    for k in grads_l:  # every entry, relative to the largest one (the defect moved entries by up to 0.9 %)
+        torch.testing.assert_close(grads_v[k], grads_l[k], rtol=0, atol=1e-9 * scale, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(m_v["loss"], m_l["loss"], rtol=1e-12, atol=0)
+    if model_name == "conv4_transductive":  # batch norm cancels the conv biases: their exact gradient is 0
+        assert all(grads_v[f"convs.{i}.bias"].abs().max() < 1e-12 * scale for i in range(4))
+
+    # Central difference of the meta-loss along a random direction in (params, meta-state).
+    weights, first_order = loop.schedule(0)
+    tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    g = torch.Generator().manual_seed(2)
+    dp = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in loop.params.items()}
+    dm = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in loop.meta_state.items()}
+
+    def f(t: float) -> torch.Tensor:
+        p = {k: v + t * dp[k] for k, v in loop.params.items()}
+        m = {k: v + t * dm[k] for k, v in loop.meta_state.items()}
+        with torch.no_grad():
+            return loop.meta_loss(p, m, tasks, weights, first_order)[0]
+
+    # Conv-4's ReLU and max-pooling make the inner gradient piecewise: a step small enough not to cross a kink.
+    h = 1e-6
+    fd = (f(h) - f(-h)) / (2 * h)
+    analytic = sum((gp_v[k] * dp[k]).sum() for k in dp) + sum((gm_v[k] * dm[k]).sum() for k in dm)
+    torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
