@@ -107,7 +107,7 @@ def test_per_step_meta_gradient_matches_hand_unrolled_maml_and_finite_difference
     sx, sy, qx, qy = batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0]
 
     def loss(p, x, y, step):
-        return F.cross_entropy(torch.func.functional_call(learner.model, (p, learner.buffers), (x, step)), y)
+        return F.cross_entropy(torch.func.functional_call(learner.model, (p, dict(learner.buffers)), (x, step)), y)
 
     def meta(p):
         fast = [k for k in p if not k.startswith("norms.")]

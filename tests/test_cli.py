@@ -154,7 +154,7 @@ BAD: dict[str, tuple[Callable[[Path, Path], list], str]] = {
     ),
     "eval --bn-statistics running of a transductive run": (
         lambda t, r: ["eval", _copy_run(r, t), "--bn-statistics", "running"],
-        "need a run trained with model.bn = 'per_step'",
+        "need a model with batch-norm running statistics (model.bn = 'per_step'",
     ),
     "per-step batch norm on the MLP": (
         lambda t, r: ["train", "--out", t / "out", "--no-progress", "model.bn=per_step"],

@@ -389,7 +389,7 @@ def test_maml_conv4_learns_5way_1shot_on_held_out_characters(omniglot, one_threa
         for t in range(len(eval_batch)):
             adapted = learner.adapt(eval_batch.support_x[t], eval_batch.support_y[t])
             with torch.no_grad():
-                pred = learner.forward(adapted, eval_batch.query_x[t]).argmax(-1)
+                pred = learner.network(adapted, eval_batch.query_x[t]).argmax(-1)
             hits.append((pred == eval_batch.query_y[t]).float().mean())
         return torch.stack(hits).mean().item()
 

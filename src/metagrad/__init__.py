@@ -1,7 +1,15 @@
 """metagrad: vectorised gradient-based meta-learning on PyTorch with torch.func."""
 
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
-from metagrad.errors import CheckpointError, ConfigError, DivergenceError, MetagradError, RunError
+from metagrad.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DivergenceError,
+    MetagradError,
+    ModelError,
+    RunError,
+)
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.inner import MetaSGD as MetaSGDRule
 from metagrad.models import MLP
@@ -30,5 +38,7 @@ __all__ = [
     "RunError",
     "CheckpointError",
     "DivergenceError",
+    "DataError",
+    "ModelError",
     "__version__",
 ]

@@ -107,7 +107,9 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
     loss = "cross_entropy" if cfg.task.name == "omniglot" else "mse"
     common = {"vectorize": cfg.train.vectorize, "inner_steps": a.inner_steps, "loss": loss}
     if a.anil:
-        common["adapt_only"] = ["head."] if cfg.model.name == "conv4" else [f"{len(cfg.model.hidden) * 2}."]
+        # ANIL adapts the network's last layer: Conv-4's head, the MLP's last Linear.
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        common["adapt_only"] = getattr(model, "head", None) or linear[-1]
     learned = a.name in ("metasgd", "maml_enhanced") or a.lslr or a.curvature
     if a.eval_inner_lr is not None and learned:
         raise ConfigError(

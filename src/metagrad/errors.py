@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MetagradError", "ConfigError", "RunError", "DivergenceError", "CheckpointError"]
+__all__ = ["MetagradError", "ConfigError", "RunError", "DivergenceError", "CheckpointError", "DataError", "ModelError"]
 
 
 class MetagradError(Exception):
@@ -23,3 +23,11 @@ class CheckpointError(MetagradError, ValueError):
 
 class DivergenceError(MetagradError, RuntimeError):
     """Training produced a NaN or inf."""
+
+
+class DataError(MetagradError, ValueError):
+    """A task batch or data set does not fit the learner (shapes, labels, dtype, empty sets)."""
+
+
+class ModelError(MetagradError, ValueError):
+    """A model cannot run under metagrad's transforms as it is (the message names the module and the fix)."""

@@ -68,13 +68,16 @@ def set_bn_statistics(learner: MetaLearner, statistics: str) -> None:
 
     if statistics not in BN_STATISTICS:
         raise ConfigError(f"bn statistics must be one of {', '.join(BN_STATISTICS)}, got {statistics!r}")
-    if statistics != "batch" and not learner.per_step:
-        raise ConfigError(f"bn statistics {statistics!r} need a run trained with model.bn = 'per_step'")
+    if statistics != "batch" and not learner.tracks_statistics:
+        raise ConfigError(
+            f"bn statistics {statistics!r} need a model with batch-norm running statistics (model.bn = 'per_step', "
+            "or a BatchNorm with track_running_stats=True)"
+        )
     learner.query_statistics = statistics
 
 
 def _bn_mode(learner: MetaLearner) -> dict[str, str]:
-    return {"bn_statistics": learner.query_statistics} if learner.per_step else {}
+    return {"bn_statistics": learner.query_mode()} if learner.tracks_statistics else {}
 
 
 def evaluate(

@@ -54,10 +54,11 @@ def meta_lr_at(cfg: Config, iteration: int) -> float:
 
 def _optimizer(cfg: Config, learner: MetaLearner) -> torch.optim.Optimizer:
     t = cfg.train
-    groups = [{"params": list(learner.params.values()), "lr": t.meta_lr, "name": "params"}]
+    # Frozen parameters (requires_grad=False) are left out: they never get a gradient.
+    groups = [{"params": [p for p in learner.model.parameters() if p.requires_grad], "lr": t.meta_lr, "name": "params"}]
     if learner.meta_state:
         lr = t.meta_state_lr if t.meta_state_lr is not None else t.meta_lr
-        groups.append({"params": list(learner.meta_state.values()), "lr": lr, "name": "meta", "base_lr": lr})
+        groups.append({"params": list(learner.rule.parameters()), "lr": lr, "name": "meta", "base_lr": lr})
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.meta_lr)
     return torch.optim.Adam(groups, lr=t.meta_lr)
@@ -150,8 +151,6 @@ class _Trainer:
     def restore(self, path: Path) -> None:
         weights, tensors, meta = load_checkpoint(path)
         load_state(self.learner, weights, path)
-        # The optimizer holds references to the tensors it updates: rebuild it on the restored ones.
-        self.opt = _optimizer(self.cfg, self.learner)
         try:
             _restore_optimizer(self.opt, tensors, meta["optimizer"])
             self.generator.set_state(tensors["rng.tasks"])
@@ -211,22 +210,20 @@ class _Trainer:
         batch = self.dist.sample(self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
         batch = batch.to(self.device, self.dtype)
         shard = (self.world.rank, self.world.size)
-        gp, gm, metrics = self.learner.meta_gradient(batch, self.iteration, self.generator, shard)
-        pairs = [(self.learner.params[k], g) for k, g in gp.items()]
-        pairs += [(self.learner.meta_state[k], g) for k, g in gm.items()]
+        self.opt.zero_grad(set_to_none=True)
+        # Also folds the batch into batch-norm running statistics (identical on every rank).
+        metrics = self.learner.backward(batch, self.iteration, self.generator, shard)
+        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
         if self.world.enabled:
             names = list(metrics)
             extra = self.learner.extra_state
-            reduced = all_reduce_mean(
-                [g for _, g in pairs] + [metrics[k] for k in names] + list(extra.values()), self.world
-            )
-            pairs = [(p, g) for (p, _), g in zip(pairs, reduced, strict=False)]
-            metrics = dict(zip(names, reduced[len(pairs) : len(pairs) + len(names)], strict=True))
-            for k, v in zip(list(extra), reduced[len(pairs) + len(names) :], strict=True):
-                extra[k] = v.clone()
-        norm = self._check_and_clip([g for _, g in pairs], metrics["loss"])
-        for p, g in pairs:
-            p.grad = g
+            reduced = all_reduce_mean(grads + [metrics[k] for k in names] + list(extra.values()), self.world)
+            for g, r in zip(grads, reduced, strict=False):
+                g.copy_(r)
+            metrics = dict(zip(names, reduced[len(grads) : len(grads) + len(names)], strict=True))
+            for k, v in zip(list(extra), reduced[len(grads) + len(names) :], strict=True):
+                extra[k] = v
+        norm = self._check_and_clip(grads, metrics["loss"])
         lr = meta_lr_at(self.cfg, self.iteration)
         scale = lr / self.cfg.train.meta_lr if self.cfg.train.meta_lr > 0 else 1.0
         for group in self.opt.param_groups:
@@ -238,9 +235,7 @@ class _Trainer:
                 f"the optimizer step failed at iteration {self.iteration + 1} ({e}); the learning rate "
                 f"train.meta_lr={self.cfg.train.meta_lr} is probably far too high"
             ) from None
-        for p, _ in pairs:
-            p.grad = None
-        self.learner.track_statistics(batch)  # per-step BN running statistics; identical on every rank
+        self.opt.zero_grad(set_to_none=True)
         self.iteration += 1
         return {**{k: v.item() for k, v in metrics.items()}, "grad_norm": norm, "lr": lr}
 
@@ -272,7 +267,8 @@ class _Trainer:
                     last.update(val)
                     self.log({"iteration": it, **val})
                     # Lower is better: validation MSE, or minus the validation accuracy.
-                    score = val["val_mse"] if "val_mse" in val else -val["val_accuracy"]
+                    value = val[f"val_{self.learner.metric_name}"]
+                    score = -value if self.learner.metric_higher_is_better else value
                     if score < self.best:
                         self.best = score
                         self.save("best")

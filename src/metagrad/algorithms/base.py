@@ -1,14 +1,23 @@
-"""MetaLearner: one pure per-task function, mapped over the task batch with ``torch.func.vmap``.
+"""MetaLearner: an ``nn.Module`` around the user's network, with one pure per-task function underneath.
 
-Subclasses write ``task_loss(params, meta, task, weights, first_order)`` for a single task; this base class
-maps it over a batch (vmap, or a plain loop with the same numbers), differentiates it with
-``torch.func.grad_and_value`` (exact second order unless ``first_order``), optionally through
-``torch.compile``, and provides ``adapt``/``predict`` and the adaptation curves used by evaluation.
+The network is the submodule ``learner.model`` and its ``nn.Parameter`` objects *are* the meta-learned
+initialisation; the inner rule's learned tensors (LSLR rates, Meta-SGD rates, curvature factors) are the
+parameters of ``learner.rule``. So ``parameters()``, ``state_dict()``, ``.to()``, ``train()``/``eval()`` and any
+``torch.optim`` optimizer work as in PyTorch, and the usual loop is::
+
+    opt.zero_grad(); learner.backward(batch); opt.step()
+
+Subclasses write ``task_loss(params, meta, task, weights, first_order)`` for a single task; this base class maps
+it over a batch (``torch.func.vmap``, or a plain loop with the same numbers), differentiates it with
+``torch.func.grad_and_value`` (exact second order unless ``first_order``), optionally through ``torch.compile``,
+and provides ``adapt``/``predict`` and the adaptation curves used by evaluation. The functional core reads the
+module's tensors (detached aliases, never copies), so nothing goes stale.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,16 +25,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from metagrad.errors import ConfigError, DataError, ModelError
 from metagrad.inner.base import InnerRule, Params
 from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
+from metagrad.named import NamedTensors, TensorView
 from metagrad.tasks.base import TaskBatch
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
 
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y of one task
+Loss = Callable[[Tensor, Tensor], Tensor]
 
-LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+LOSSES: dict[str, Loss] = {
     "mse": F.mse_loss,
     "cross_entropy": F.cross_entropy,
 }
@@ -36,20 +48,55 @@ def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
 
 
 # What evaluation reports for each loss: the loss itself for regression, accuracy for classification.
-METRICS: dict[str, tuple[str, Callable[[Tensor, Tensor], Tensor]]] = {
+METRICS: dict[str, tuple[str, Loss]] = {
     "mse": ("mse", F.mse_loss),
     "cross_entropy": ("accuracy", _accuracy),
 }
+_HIGHER_IS_BETTER = {"accuracy"}
 
 
 def _detach(tree: Mapping[str, Tensor]) -> Params:
     return {k: v.detach() for k, v in tree.items()}
 
 
-class MetaLearner:
-    """Shared machinery of every algorithm. ``params`` and ``meta_state`` are plain tensors that the trainer
-    updates; ``extra_state`` holds non-learned state that must survive a checkpoint (e.g. Reptile's Adam
-    moments)."""
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", type(fn).__name__).strip("_<>") or "loss"
+
+
+def _has_running_statistics(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules()
+    )
+
+
+def _is_random(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.dropout._DropoutNd) or bool(getattr(module, "stochastic", False))
+
+
+# What torch.func says when a network cannot run under its transforms, and what to do about it.
+_TRANSFORM_FAILURES = {
+    "in-place operation": "it updates a tensor in place in its forward pass (a buffer or a captured tensor): "
+    "compute it out of place, or update it outside the learner",
+    "random operation": "it draws random numbers but is not marked as random: set `stochastic = True` on it so "
+    "that every task draws its own (as for nn.Dropout)",
+    ".item()": "it reads a tensor's value in Python (.item(), bool(), a data-dependent if): keep the computation in "
+    "tensors, or pass vectorize=False",
+    "data-dependent control flow": "it branches on a tensor's value: keep the computation in tensors, or pass "
+    "vectorize=False",
+    "Batching rule not implemented": "vmap cannot batch one of its operations: pass vectorize=False",
+    "vmap": "vmap cannot batch it: pass vectorize=False",
+    "During a grad": "torch.func.grad cannot differentiate it: see the message above",
+}
+
+
+class MetaLearner(nn.Module):
+    """Shared machinery of every algorithm (see the module docstring).
+
+    ``loss`` is ``"mse"``, ``"cross_entropy"`` or any callable ``(prediction, target) -> scalar``; ``metric``
+    (what evaluation reports) defaults to the MSE, the accuracy, or the loss itself. ``adapt_only`` chooses what
+    the inner loop adapts: a submodule (``adapt_only=model.head``, ANIL), a predicate ``(name, parameter) ->
+    bool`` or name prefixes; parameters with ``requires_grad=False`` are frozen: neither adapted nor
+    meta-learned."""
 
     name = "meta-learner"
 
@@ -59,49 +106,130 @@ class MetaLearner:
         rule: InnerRule,
         *,
         inner_steps: int,
-        loss: str = "mse",
+        loss: str | Loss = "mse",
+        metric: str | Loss | None = None,
         vectorize: bool = True,
         eval_rule: InnerRule | None = None,
-        adapt_only: Sequence[str] | None = None,
+        adapt_only: nn.Module | Callable[[str, Tensor], bool] | Sequence[str] | None = None,
     ) -> None:
+        super().__init__()
         if inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+            raise ConfigError(f"inner_steps must be >= 0, got {inner_steps}")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(rule, InnerRule):
+            raise ConfigError(f"rule must be a metagrad InnerRule (an nn.Module), got {type(rule).__name__}")
+        self.loss_name, self.loss_fn = self._resolve_loss(loss)
+        self.metric_name, self.metric_fn = self._resolve_metric(metric)
         make_exact(model)  # PyTorch's batch/layer norm kernels are wrong under vmap of grad of grad
         self.model = model
         self.rule = rule
-        self.eval_rule = eval_rule if eval_rule is not None else rule
+        # Not a submodule of its own: the same rule (or a parameterless one), never a second copy in state_dict.
+        self.__dict__["eval_rule"] = eval_rule if eval_rule is not None else rule
         self.inner_steps = int(inner_steps)
-        self.loss_name = loss
-        self.loss_fn = LOSSES[loss]
         self.vectorize = vectorize
-        self.metric_name, self.metric_fn = METRICS[loss]
-        self.params: Params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.buffers: Params = dict(model.named_buffers())
         # A model whose forward takes the inner step (Conv4 with per-step batch norm, MAML++).
         self.per_step = bool(getattr(model, "per_step", False))
-        # How such a model normalises *query* images in evaluation: with the query batch's statistics ("batch",
-        # MAML++) or the running ones ("running": each query on its own). Adaptation always normalises the
-        # support set with its own statistics, as in training.
-        self.query_statistics = "batch"
-        # The parameters adapted in the inner loop: all, or those under the given prefixes (ANIL: the head),
-        # less those the model meta-learns in the outer loop only (per-step batch norm).
-        meta_only = tuple(getattr(model, "meta_only", ()))
-        self.fast = [
-            n
-            for n in self.params
-            if (adapt_only is None or any(n.startswith(p) for p in adapt_only))
-            and not any(n.startswith(m) for m in meta_only)
-        ]
+        self.random = any(_is_random(m) for m in model.modules())
+        # How query images are normalised by batch norms with running statistics: "batch" (transductive, MAML++)
+        # or "running" (inductive: each query on its own); None follows train() / eval(). The support set is
+        # always normalised with its own statistics.
+        self.query_statistics: str | None = None
+        self._select = self._selector(adapt_only)
         if not self.fast:
-            raise ValueError(f"adapt_only={list(adapt_only or [])} matches no parameter of {sorted(self.params)}")
-        self.meta_state: Params = rule.init({n: self.params[n] for n in self.fast})
-        self.extra_state: Params = {}
+            raise ConfigError(f"adapt_only={adapt_only!r} matches no trainable parameter of the model")
+        self.rule.bind({n: p.detach() for n, p in self.params.items() if n in self.fast})
+        self.extra = NamedTensors(learned=False)  # non-learned state that must survive a checkpoint
+        self.iteration = 0  # counts backward() calls made without an explicit iteration
         self._compiled: Callable[..., Any] | None = None
+        self._x_ndim: int | None = None
+        self._output_shapes: dict[tuple, tuple[int, ...]] = {}
+
+    # ----- construction helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_loss(loss: str | Loss) -> tuple[str, Loss]:
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ConfigError(f"loss must be one of {sorted(LOSSES)} or a callable, got {loss!r}")
+            return loss, LOSSES[loss]
+        if not callable(loss):
+            raise ConfigError(f"loss must be a string or a callable (prediction, target) -> scalar, got {loss!r}")
+        return _name_of(loss), loss
+
+    def _resolve_metric(self, metric: str | Loss | None) -> tuple[str, Loss]:
+        if metric is None:
+            return METRICS.get(self.loss_name, (self.loss_name, self.loss_fn))
+        if isinstance(metric, str):
+            named = {"mse": F.mse_loss, "accuracy": _accuracy, "cross_entropy": F.cross_entropy}
+            if metric not in named:
+                raise ConfigError(f"metric must be one of {sorted(named)} or a callable, got {metric!r}")
+            return metric, named[metric]
+        if not callable(metric):
+            raise ConfigError(f"metric must be a string or a callable (prediction, target) -> scalar, got {metric!r}")
+        return _name_of(metric), metric
+
+    def _selector(self, adapt_only: Any) -> Callable[[str, Tensor], bool]:
+        if adapt_only is None:
+            return lambda name, p: True
+        if isinstance(adapt_only, nn.Module):
+            ids = {id(p) for p in adapt_only.parameters()}
+            if not ids or not ids <= {id(p) for p in self.model.parameters()}:
+                raise ConfigError("adapt_only must be a submodule of the model that holds parameters")
+            return lambda name, p: id(p) in ids
+        if isinstance(adapt_only, str | bytes) or not isinstance(adapt_only, Sequence):
+            if callable(adapt_only):
+                return lambda name, p: bool(adapt_only(name, p))
+            raise ConfigError(f"adapt_only must be a module, a predicate or name prefixes, got {adapt_only!r}")
+        prefixes = tuple(adapt_only)
+        return lambda name, p: name.startswith(prefixes)
+
+    # ----- the module's tensors, as the functional core names them ---------------------------------------
+    @property
+    def params(self) -> TensorView:
+        """The network's parameters by name (live: assignment copies in place)."""
+        return TensorView(lambda: dict(self.model.named_parameters()))
+
+    @property
+    def meta_state(self) -> TensorView:
+        """The inner rule's learned tensors by name (live)."""
+        return self.rule.learned.view()
+
+    @property
+    def extra_state(self) -> TensorView:
+        """Non-learned state that a checkpoint keeps (e.g. Reptile's inner Adam moments)."""
+        return self.extra.view()
+
+    @property
+    def buffers(self) -> TensorView:
+        """The network's buffers (batch-norm running statistics) by name (live)."""
+        return TensorView(lambda: dict(self.model.named_buffers()))
+
+    @property
+    def trainable(self) -> list[str]:
+        """Names of the meta-learned parameters: every one with ``requires_grad``."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @property
+    def fast(self) -> list[str]:
+        """Names of the parameters adapted in the inner loop: trainable, chosen by ``adapt_only``, and not
+        meta-learned in the outer loop only (``model.meta_only``: per-step batch norm)."""
+        meta_only = tuple(getattr(self.model, "meta_only", ()))
+        return [
+            n
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and self._select(n, p) and not (meta_only and n.startswith(meta_only))
+        ]
+
+    def state_tensors(self) -> dict[str, TensorView]:
+        """What a checkpoint holds, by group (live views)."""
+        return {"params": self.params, "meta": self.meta_state, "extra": self.extra_state, "buffers": self.buffers}
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The network at the meta-learned initialisation (``learner(x)`` is ``learner.model(x)``)."""
+        return self.model(x, *args, **kwargs)
 
     # ----- pure functions of (params, ...) ------------------------------------------------------------
-    def forward(
+    def network(
         self, params: Mapping[str, Tensor], x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False
     ) -> Tensor:
         """The network with ``params`` on ``x``. ``statistics`` picks the batch norms' normalisation (``"batch"``
@@ -110,12 +238,12 @@ class MetaLearner:
         rows."""
         if self.per_step:
             options = {"step": step, "statistics": statistics, "track": track}
-            return functional_call(self.model, (dict(params), self.buffers), (x,), options)
+            return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,), options)
         with norm_statistics(statistics, track):
-            return functional_call(self.model, (dict(params), self.buffers), (x,))
+            return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,))
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
-        return self.loss_fn(self.forward(params, x, step), y)
+        return self.loss_fn(self.network(params, x, step), y)
 
     def inner_step(
         self,
@@ -128,20 +256,31 @@ class MetaLearner:
         first_order: bool,
     ) -> Params:
         """One inner update ``θ ← θ − rule(∇θ L_support, step)`` of the adapted (``fast``) parameters."""
+        fast = self.fast
 
-        def support_loss(fast: Params) -> Tensor:
-            return self.loss({**params, **fast}, x, y, step)
+        def support_loss(adapted: Params) -> Tensor:
+            return self.loss({**params, **adapted}, x, y, step)
 
-        g = grad(support_loss)({k: params[k] for k in self.fast})
+        g = grad(support_loss)({k: params[k] for k in fast})
         if first_order:
             # First-order MAML: the adapted weights depend on θ only through the identity path.
             g = _detach(g)
         update = rule.update(g, step, meta)
-        return {**params, **{k: params[k] - update[k] for k in self.fast}}
+        return {**params, **{k: params[k] - update[k] for k in fast}}
 
     def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         """What evaluation reports on query points: the MSE for regression, accuracy for classification."""
-        return self.metric_fn(self.forward(params, x, step, self.query_statistics), y)
+        return self.metric_fn(self.network(params, x, step, self.query_mode()), y)
+
+    @property
+    def metric_higher_is_better(self) -> bool:
+        return self.metric_name in _HIGHER_IS_BETTER
+
+    def query_mode(self) -> str:
+        """The statistics query images are normalised with now (see ``query_statistics``)."""
+        if self.query_statistics is not None:
+            return self.query_statistics
+        return "batch" if self.training else "running"
 
     def task_loss(
         self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
@@ -151,10 +290,13 @@ class MetaLearner:
 
     # ----- batching ---------------------------------------------------------------------------------
     def map_tasks(self, fn: Callable[..., Any], shared: tuple, tasks: tuple[Tensor, ...]) -> Any:
-        """``fn(*shared, tasks_i)`` for every task i, stacked: vmap, or a plain loop with the same numbers."""
+        """``fn(*shared, tasks_i)`` for every task i, stacked: vmap, or a plain loop with the same numbers.
+
+        Random layers (dropout) in training draw different randomness for every task."""
         if self.vectorize:
             in_dims = (None,) * len(shared) + (0,)
-            return vmap(fn, in_dims=in_dims, randomness="error")(*shared, tasks)
+            randomness = "different" if self.random and self.model.training else "error"
+            return vmap(fn, in_dims=in_dims, randomness=randomness)(*shared, tasks)
         outs = [fn(*shared, tuple(t[i] for t in tasks)) for i in range(tasks[0].shape[0])]
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
@@ -168,11 +310,12 @@ class MetaLearner:
         return losses.mean(), {k: v.mean() for k, v in aux.items()}
 
     def _meta_gradient(
-        self, params: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+        self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        (gp, gm), (loss, aux) = grad_and_value(self.meta_loss, argnums=(0, 1), has_aux=True)(
-            params, meta, tasks, weights, first_order
-        )
+        def objective(p: Params, m: Params) -> tuple[Tensor, dict[str, Tensor]]:
+            return self.meta_loss({**frozen, **p}, m, tasks, weights, first_order)
+
+        (gp, gm), (loss, aux) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(params, meta)
         return gp, gm, {"loss": loss, **aux}
 
     # ----- what the trainer calls ---------------------------------------------------------------------
@@ -180,47 +323,200 @@ class MetaLearner:
         """Per-iteration training options: multi-step loss weights and whether to use first order."""
         return None, False
 
-    def compile(self, **options: Any) -> None:
-        """Run the meta-gradient through ``torch.compile`` from now on."""
+    def compile(self, **options: Any) -> None:  # type: ignore[override]
+        """Run the meta-gradient through ``torch.compile`` from now on (``nn.Module.compile`` would compile
+        ``forward``, the plain network, which is not what training runs)."""
         self._compiled = torch.compile(self._meta_gradient, **options)
+
+    @contextlib.contextmanager
+    def _task_randomness(self, generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
+        """Random layers draw from a seed taken from ``generator`` (the trainer's, checkpointed), so that a resumed
+        run stays bit-identical; the global RNG is left as it was."""
+        if not (self.random and self.model.training and generator is not None):
+            yield
+            return
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(seed)
+            yield
 
     def meta_gradient(
         self,
         batch: TaskBatch,
-        iteration: int,
+        iteration: int = 0,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
+        params: Mapping[str, Tensor] | None = None,
+        meta: Mapping[str, Tensor] | None = None,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        """Gradients of the meta-loss with respect to ``params`` and ``meta_state``, plus metrics.
-
-        ``shard=(rank, world)`` computes them on that rank's share of the tasks (distributed training): any
-        randomness is drawn for the whole batch first, so the ranks together match one process."""
+        """The functional entry point: gradients of the meta-loss with respect to the trainable parameters and
+        the rule's learned tensors (``params``/``meta``, default the module's own), plus metrics; nothing is
+        written. ``shard=(rank, world)`` computes them on that rank's share of the tasks (distributed
+        training): any randomness is drawn for the whole batch first, so the ranks together match one process."""
+        self.check_batch(batch)
         weights, first_order = self.schedule(iteration)
         if shard[1] > 1:
             batch = batch.split(shard[1], shard[0])
         fn = self._compiled or self._meta_gradient
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        return fn(self.params, self.meta_state, tasks, weights, first_order)
+        params = _detach(self.params if params is None else params)
+        trainable = set(self.trainable)
+        learned = {k: v for k, v in params.items() if k in trainable}
+        frozen = {k: v for k, v in params.items() if k not in trainable}
+        args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
+        with self._explain_transform_errors(lambda: self._meta_gradient(*args)):
+            with self._task_randomness(generator, batch.support_x.device):
+                return fn(*args)
+
+    @contextlib.contextmanager
+    def _explain_transform_errors(self, rerun: Callable[[], Any]) -> Iterator[None]:
+        """Turn torch.func's failure on a user's network into one ModelError naming the module and the fix."""
+        try:
+            yield
+        except RuntimeError as e:
+            text = str(e)
+            advice = next((v for k, v in _TRANSFORM_FAILURES.items() if k in text), None)
+            if advice is None:
+                raise
+            where = self._failing_module(rerun)
+            first = text.strip().splitlines()[0][:300]
+            raise ModelError(
+                f"{where} cannot run under metagrad's torch.func transforms: {advice} (torch: {first})"
+            ) from None
+
+    def _failing_module(self, rerun: Callable[[], Any]) -> str:
+        """Re-run the failing call eagerly with hooks that record the innermost module still running."""
+        stack: list[str] = []
+        handles = []
+        for name, module in self.model.named_modules():
+            label = f"{name or 'model'} ({type(module).__name__})"
+            handles.append(module.register_forward_pre_hook(lambda m, a, label=label: stack.append(label)))
+            handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+        try:
+            rerun()
+        except Exception:  # noqa: BLE001 - the failure is the point; only the stack matters here
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return f"module {stack[-1]}" if stack else f"model {type(self.model).__name__}"
+
+    def backward(
+        self,
+        batch: TaskBatch,
+        iteration: int | None = None,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, Tensor]:
+        """Accumulate the meta-gradient of ``batch`` into ``.grad`` of the learner's parameters and return the
+        metrics (``loss``, ``pre_loss``, ...), so that ``opt.zero_grad(); learner.backward(batch); opt.step()``
+        trains with any ``torch.optim`` optimizer, scheduler and ``clip_grad_norm_``.
+
+        Frozen parameters get no ``.grad``. Reptile's "gradient" is its weight move ``θ − mean φ``. In training
+        mode the batch norms' running statistics are then updated from the same batch, outside the transforms.
+        ``iteration`` drives the algorithm's schedule (multi-step loss, first-order iterations); by default the
+        learner counts its own ``backward`` calls."""
+        it = self.iteration if iteration is None else int(iteration)
+        gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
+        for view, grads in ((self.params, gp), (self.meta_state, gm)):
+            for k, g in grads.items():
+                p = view[k]
+                if not p.requires_grad:
+                    continue
+                g = g.detach().to(p.dtype)
+                p.grad = g.clone() if p.grad is None else p.grad + g
+        if self.training:
+            self.track_statistics(batch)
+        if iteration is None:
+            self.iteration += 1
+        return {k: v.detach() for k, v in metrics.items()}
+
+    # ----- input checks --------------------------------------------------------------------------------
+    def check_batch(self, batch: TaskBatch) -> None:
+        """Raise a DataError if ``batch`` does not fit this learner (its dtype, labels or target shapes)."""
+        if not isinstance(batch, TaskBatch):
+            raise DataError(f"expected a TaskBatch, got {type(batch).__name__}")
+        ref = next(iter(self.params.values()))
+        for field in ("support_x", "query_x"):
+            x = getattr(batch, field)
+            if x.is_floating_point() and x.dtype != ref.dtype:
+                raise DataError(
+                    f"TaskBatch.{field} is {x.dtype} but the learner is {ref.dtype}: use batch.to(device, {ref.dtype})"
+                )
+        self._x_ndim = batch.support_x.dim() - 1
+        if self.loss_name != "cross_entropy" and self.loss_fn is not F.mse_loss:
+            return  # a user's loss: its own contract
+        key = (tuple(batch.support_x.shape[1:]), batch.support_x.dtype, batch.support_x.device)
+        if key not in self._output_shapes:  # one plain forward pass per input shape, to learn the output's
+            with torch.no_grad(), self._random_layers(False):
+                self._output_shapes[key] = tuple(self.network(_detach(self.params), batch.support_x[0]).shape)
+        out_shape = self._output_shapes[key]
+        for field in ("support_y", "query_y"):
+            y = getattr(batch, field)
+            if self.loss_name == "cross_entropy":
+                if y.is_floating_point() or y.dtype == torch.bool:
+                    raise DataError(f"TaskBatch.{field} must hold integer class labels, got {y.dtype}")
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_shape[-1]):
+                    raise DataError(
+                        f"TaskBatch.{field} holds labels in [{int(y.min())}, {int(y.max())}] but the model has "
+                        f"{out_shape[-1]} outputs: labels must be in [0, {out_shape[-1]})"
+                    )
+            elif tuple(y.shape[2:]) != out_shape[1:]:
+                raise DataError(
+                    f"TaskBatch.{field} has per-point shape {tuple(y.shape[2:])} but the model predicts "
+                    f"{out_shape[1:]}: targets must have the prediction's shape (e.g. [B, K, 1], not [B, K])"
+                )
+
+    def _check_task(self, support_x: Tensor, support_y: Tensor) -> None:
+        if isinstance(support_x, TaskBatch):
+            raise DataError("adapt() takes one task's support_x and support_y, not a TaskBatch")
+        if self._x_ndim is not None and support_x.dim() != self._x_ndim:
+            raise DataError(
+                f"adapt() takes one task ([K, ...], {self._x_ndim} dimensions); got support_x of shape "
+                f"{tuple(support_x.shape)}: a batch of tasks? adapt them one at a time"
+            )
+        if support_x.shape[0] != support_y.shape[0] or support_x.shape[0] == 0:
+            raise DataError(
+                f"adapt() needs K >= 1 support points with one target each; got support_x {tuple(support_x.shape)} "
+                f"and support_y {tuple(support_y.shape)}"
+            )
 
     # ----- adaptation and evaluation ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _random_layers(self, enabled: bool) -> Iterator[None]:
+        """Dropout and other random layers on or off (``train``/``eval`` of the network) within the block; batch
+        norms are unaffected (the learner picks their statistics per call)."""
+        was = self.model.training
+        self.model.train(enabled and was)
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
     def adapt(
         self,
         support_x: Tensor,
         support_y: Tensor,
         steps: int | None = None,
         params: Params | None = None,
+        dropout: bool = False,
     ) -> Params:
-        """Adapt to one task's support points ([K, ...]) with the learned inner rule; returns new weights."""
+        """Adapt to one task's support points ([K, ...]) with the learned inner rule; returns new weights.
+        Random layers are off unless ``dropout``."""
         steps = self.inner_steps if steps is None else int(steps)
         if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+            raise ConfigError(f"steps must be >= 0, got {steps}")
+        self._check_task(support_x, support_y)
         p = _detach(self.params if params is None else params)
-        for s in range(steps):
-            p = _detach(self.inner_step(p, self.meta_state, support_x, support_y, s, self.eval_rule, True))
+        meta = _detach(self.meta_state)
+        with self._random_layers(dropout):
+            for s in range(steps):
+                p = _detach(self.inner_step(p, meta, support_x, support_y, s, self.eval_rule, True))
         return p
 
     @torch.no_grad()
-    def predict(self, x: Tensor, params: Params | None = None, step: int | None = None) -> Tensor:
+    def predict(self, x: Tensor, params: Params | None = None, step: int | None = None, dropout: bool = False) -> Tensor:
         """The network's output on ``x`` with ``params`` (default: the meta-learned initialisation).
 
         ``step`` matters only for per-step batch norm: the number of inner steps that produced ``params``
@@ -228,7 +524,8 @@ class MetaLearner:
         normalised as a query batch (``query_statistics``)."""
         if step is None:
             step = 0 if params is None else self.inner_steps
-        return self.forward(self.params if params is None else params, x, step, self.query_statistics)
+        with self._random_layers(dropout):
+            return self.network(_detach(self.params if params is None else params), x, step, self.query_mode())
 
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
         sx, sy, qx, qy = task
@@ -240,41 +537,40 @@ class MetaLearner:
 
     def adaptation_curve(self, batch: TaskBatch, steps: int, chunk: int | None = None) -> Tensor:
         """The metric (query MSE, or accuracy) of every task after 0..steps inner steps: [B, steps + 1]."""
+        self.check_batch(batch)
         if chunk is None:  # bound the activations of one vmapped chunk (images are far larger than points)
             per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
             chunk = max(1, min(200, 400_000 // per_task))
         out = []
-        for start in range(0, len(batch), chunk):
-            b = batch[start : start + chunk]
-            tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
-            out.append(self.map_tasks(self._curve, (_detach(self.params), _detach(self.meta_state), steps), tasks))
+        with self._random_layers(False):
+            for start in range(0, len(batch), chunk):
+                b = batch[start : start + chunk]
+                tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
+                shared = (_detach(self.params), _detach(self.meta_state), steps)
+                out.append(self.map_tasks(self._curve, shared, tasks))
         return torch.cat(out)
+
+    @property
+    def tracks_statistics(self) -> bool:
+        """Whether the network has batch-norm running statistics that training updates."""
+        return (self.per_step and bool(self.buffers)) or _has_running_statistics(self.model)
 
     @torch.no_grad()
     def track_statistics(self, batch: TaskBatch, tasks: int = 4) -> None:
-        """Fold the per-step batch statistics of the first ``tasks`` tasks into the model's running statistics.
+        """Fold the batch statistics of the first ``tasks`` tasks into the model's running statistics.
 
-        Per-step batch norm only (a no-op otherwise); the trainer calls it after each meta-step. Each task is
-        adapted as in training; step ``s`` sees the support set under the weights after ``s`` steps, and the last
-        step the query set, which is what those rows normalise in training. Plain forward passes outside every
-        transform, so the running statistics are ordinary in-place buffer updates (identical on every rank)."""
-        if not (self.per_step and self.buffers):
+        :meth:`backward` calls it in training mode. Each task is adapted as in training; step ``s`` sees the
+        support set under the weights after ``s`` steps, and the last step the query set, which is what (per-step)
+        batch norm normalises in training. Plain forward passes outside every transform, with random layers off,
+        so the running statistics are ordinary in-place buffer updates (identical on every rank)."""
+        if not self.tracks_statistics:
             return
-        for i in range(min(int(tasks), len(batch))):
-            sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
-            p = _detach(self.params)
-            for s in range(self.inner_steps):
-                self.forward(p, sx, s, track=True)
-                p = _detach(self.inner_step(p, self.meta_state, sx, sy, s, self.rule, True))
-            self.forward(p, qx, self.inner_steps, track=True)
-
-    # ----- state ------------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, Params]:
-        return {"params": self.params, "meta": self.meta_state, "extra": self.extra_state, "buffers": self.buffers}
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MetaLearner:
-        self.model.to(device=device, dtype=dtype)  # ``self.buffers`` may hold loaded values: moved below
-        for tree in self.state_tensors().values():
-            for k, v in tree.items():
-                tree[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-        return self
+        meta = _detach(self.meta_state)
+        with self._random_layers(False):
+            for i in range(min(int(tasks), len(batch))):
+                sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
+                p = _detach(self.params)
+                for s in range(self.inner_steps):
+                    self.network(p, sx, s, track=True)
+                    p = _detach(self.inner_step(p, meta, sx, sy, s, self.rule, True))
+                self.network(p, qx, self.inner_steps, track=True)

@@ -55,30 +55,34 @@ class Reptile(MetaLearner):
         self.persist_inner_state = persist_inner_state
         self.beta2, self.eps = beta2, eps
         if inner_optimizer == "adam":
-            self.extra_state = {f"reptile.v.{k}": torch.zeros_like(v) for k, v in self.params.items()}
-            self.extra_state["reptile.t"] = torch.zeros((), dtype=next(iter(self.params.values())).dtype)
+            for k, v in self.params.items():
+                self.extra.add(f"reptile.v.{k}", torch.zeros_like(v))
+            self.extra.add("reptile.t", torch.zeros((), dtype=next(iter(self.params.values())).dtype))
 
     def _adapt_task(
         self, params: Params, v: Params, t: Tensor, task: tuple[Tensor, ...]
     ) -> tuple[Params, Params, Tensor, Tensor]:
         x, y, idx = task
         pre = self.loss(params, x, y)
+        fast = self.fast
         for s in range(self.inner_steps):
-            g = grad(self.loss)(params, x[idx[s]], y[idx[s]])
+            xs, ys = x[idx[s]], y[idx[s]]
+            g = grad(lambda f, p=params, xs=xs, ys=ys: self.loss({**p, **f}, xs, ys))({k: params[k] for k in fast})
             if self.inner_optimizer == "sgd":
-                params = {k: params[k] - self.inner_lr * g[k] for k in params}
+                params = {**params, **{k: params[k] - self.inner_lr * g[k] for k in fast}}
                 continue
             step_t = t + s + 1
-            v = {k: self.beta2 * v[k] + (1 - self.beta2) * g[k] ** 2 for k in params}
+            v = {**v, **{k: self.beta2 * v[k] + (1 - self.beta2) * g[k] ** 2 for k in fast}}
             correction = 1 - self.beta2**step_t
-            params = {k: params[k] - self.inner_lr * g[k] / ((v[k] / correction).sqrt() + self.eps) for k in params}
+            update = {k: params[k] - self.inner_lr * g[k] / ((v[k] / correction).sqrt() + self.eps) for k in fast}
+            params = {**params, **update}
         return params, v, pre, self.loss(params, x, y)
 
     def _reptile_step(
         self, params: Params, v: Params, t: Tensor, tasks: tuple[Tensor, ...]
     ) -> tuple[Params, Params, dict[str, Tensor]]:
         adapted, new_v, pre, post = self.map_tasks(self._adapt_task, (params, v, t), tasks)
-        delta = {k: params[k] - adapted[k].mean(0) for k in params}
+        delta = {k: params[k] - adapted[k].mean(0) for k in self.fast}
         return delta, {k: x.mean(0) for k, x in new_v.items()}, {"loss": post.mean(), "pre_loss": pre.mean()}
 
     def compile(self, **options: Any) -> None:
@@ -90,7 +94,9 @@ class Reptile(MetaLearner):
         iteration: int,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
+        **_: Any,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
+        self.check_batch(batch)
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
         b, n = x.shape[:2]

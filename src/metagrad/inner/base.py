@@ -1,8 +1,10 @@
 """The inner-loop update-rule interface: a transform of the per-tensor gradient.
 
 An inner step is ``θ ← θ − rule.update(g, step, meta)``. Rules that learn something (per-step rates,
-per-element rates, curvature factors) declare their tensors in ``init``; those tensors live in the
-learner's ``meta_state``, are trained by the outer optimizer and checkpointed with the weights. Rules
+per-element rates, curvature factors) declare their tensors in ``init``. A rule is an ``nn.Module``: the learner
+binds it to the network's adapted parameters, and those tensors become the rule's ``nn.Parameter`` objects
+(``learner.rule.parameters()``, named ``rule.learned.*`` in ``state_dict()``), trained by the outer optimizer,
+moved by ``.to()`` and checkpointed with the weights; the functional core reads them as ``meta``. Rules
 compose with :class:`Chain`, applied left to right: ``Chain(Curvature(), LSLR(0.01, 5))`` computes
 ``α(step, tensor) · MC(g)``.
 """
@@ -11,14 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import Tensor
+from torch import Tensor, nn
+
+from metagrad.named import NamedTensors
 
 __all__ = ["InnerRule", "Chain", "Params"]
 
 Params = dict[str, Tensor]
 
 
-class InnerRule:
+class InnerRule(nn.Module):
     """Base class: override ``update`` and, for learned rules, ``init``."""
 
     def init(self, params: Mapping[str, Tensor]) -> Params:
@@ -29,18 +33,23 @@ class InnerRule:
         """Transform the inner gradient of step ``step`` (0-based)."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
+    def bind(self, params: Mapping[str, Tensor]) -> None:
+        """Create this rule's learned tensors for ``params`` (the adapted ones) as its ``nn.Parameter`` objects."""
+        self.learned = NamedTensors(self.init(params), learned=True)
+
+    def extra_repr(self) -> str:
+        fields = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"}
+        return ", ".join(f"{k}={v!r}" for k, v in fields.items())
 
 
 class Chain(InnerRule):
     """Apply several rules in order; their learned tensors are merged into one ``meta_state``."""
 
     def __init__(self, *rules: InnerRule) -> None:
+        super().__init__()
         if not rules:
             raise ValueError("Chain needs at least one rule")
-        self.rules = tuple(rules)
+        self.rules = nn.ModuleList(rules)
 
     def init(self, params: Mapping[str, Tensor]) -> Params:
         out: Params = {}
@@ -58,5 +67,3 @@ class Chain(InnerRule):
             out = rule.update(out, step, meta)
         return out
 
-    def __repr__(self) -> str:
-        return "Chain(" + ", ".join(map(repr, self.rules)) + ")"

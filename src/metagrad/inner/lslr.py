@@ -34,6 +34,7 @@ class LSLR(InnerRule):
     def __init__(
         self, lr: float, steps: int, per_layer: bool = False, parameterization: str = "log", beyond: str = "stop"
     ) -> None:
+        super().__init__()
         if steps <= 0:
             raise ValueError(f"LSLR needs a positive number of trained inner steps, got {steps}")
         self.lr = float(lr)

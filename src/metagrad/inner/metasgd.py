@@ -22,6 +22,7 @@ class MetaSGD(InnerRule):
     prefix = "metasgd"
 
     def __init__(self, lr: float, parameterization: str = "log") -> None:
+        super().__init__()
         self.lr = float(lr)
         self.parameterization = parameterization
         encode_rate(self.lr, (1,), parameterization, Tensor())

@@ -16,6 +16,7 @@ class SGD(InnerRule):
     """A fixed inner learning rate, the same for every tensor and step."""
 
     def __init__(self, lr: float) -> None:
+        super().__init__()
         if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"inner learning rate must be finite and >= 0, got {lr}")
         self.lr = float(lr)

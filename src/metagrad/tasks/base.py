@@ -26,6 +26,29 @@ class TaskBatch:
     query_y: Tensor
     info: dict[str, Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from metagrad.errors import DataError
+
+        fields_ = {f: getattr(self, f) for f in ("support_x", "support_y", "query_x", "query_y")}
+        for f, t in fields_.items():
+            if not isinstance(t, Tensor):
+                raise DataError(f"TaskBatch.{f} must be a tensor, got {type(t).__name__}")
+            if t.dim() < 2:
+                raise DataError(f"TaskBatch.{f} must be [B, points, ...], got shape {tuple(t.shape)}")
+        sizes = {f: t.shape[0] for f, t in fields_.items()}
+        if len(set(sizes.values())) != 1:
+            raise DataError(f"TaskBatch fields disagree on the number of tasks B: {sizes}")
+        for x, y in (("support_x", "support_y"), ("query_x", "query_y")):
+            if fields_[x].shape[1] != fields_[y].shape[1]:
+                raise DataError(
+                    f"TaskBatch.{x} has {fields_[x].shape[1]} points per task but {y} has {fields_[y].shape[1]}"
+                )
+        if sizes["support_x"] and (fields_["support_x"].shape[1] < 1 or fields_["query_x"].shape[1] < 1):
+            raise DataError(
+                f"every task needs at least one support and one query point (K >= 1, Q >= 1); got "
+                f"K = {fields_['support_x'].shape[1]}, Q = {fields_['query_x'].shape[1]}"
+            )
+
     def __len__(self) -> int:
         return self.support_x.shape[0]
 

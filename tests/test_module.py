@@ -1,0 +1,338 @@
+"""The learner as a PyTorch module: ordinary networks (BatchNorm with running statistics, dropout, frozen parts),
+``backward()`` into ``.grad``, state that never goes stale, and clear errors for bad batches and models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metagrad import MAML, DataError, MAMLEnhanced, MetaSGD, ModelError, Reptile
+from metagrad.models import MLP
+from metagrad.tasks import Sinusoid, TaskBatch
+
+F64 = torch.float64
+DATA = Path(__file__).resolve().parents[2] / "shared/data/omniglot"
+ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def cnn(dropout: float = 0.2, seed: int = 0) -> nn.Sequential:
+    """An ordinary researcher's CNN for 28x28 images: stock BatchNorm2d (running statistics) and Dropout."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(dropout),
+        nn.Conv2d(6, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(24, 5),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def episodes(tmp_path_factory):
+    """5-way 1-shot episodes of real Omniglot characters (or, without the data, random images)."""
+    if all((DATA / z).is_file() for z in ZIPS):
+        from metagrad.tasks.episodes import EpisodeSampler
+        from metagrad.tasks.omniglot import load_omniglot
+
+        images, labels, _ = load_omniglot(DATA, cache_dir=tmp_path_factory.mktemp("cache"))
+        sampler = EpisodeSampler(images, labels, ways=5)
+        return lambda b, seed: sampler.sample(b, 1, 2, gen(seed))
+    pytest.skip(f"Omniglot subset not found at {DATA}")
+
+
+ALGORITHMS = {
+    "maml": lambda m: MAML(m, inner_lr=0.4, loss="cross_entropy"),
+    "fomaml": lambda m: MAML(m, inner_lr=0.4, first_order=True, loss="cross_entropy"),
+    "reptile": lambda m: Reptile(m, inner_lr=0.1, inner_steps=2, inner_batch=5, loss="cross_entropy"),
+    "metasgd": lambda m: MetaSGD(m, inner_lr=0.4, loss="cross_entropy"),
+    "maml_enhanced": lambda m: MAMLEnhanced(m, inner_lr=0.1, inner_steps=2, loss="cross_entropy"),
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_ordinary_cnn_trains_with_every_algorithm_and_tracks_running_statistics(name, episodes):
+    learner = ALGORITHMS[name](cnn())
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    g = gen(0)
+    bn = learner.model[1]
+    start = {k: v.clone() for k, v in learner.state_dict().items()}
+    for it in range(2):
+        opt.zero_grad()
+        metrics = learner.backward(episodes(4, it), generator=g)
+        opt.step()
+    assert torch.isfinite(metrics["loss"])
+    assert not torch.equal(learner.model[0].weight, start["model.0.weight"])  # the user's module is trained
+    assert int(bn.num_batches_tracked) > 0 and not torch.equal(bn.running_mean, start["model.1.running_mean"])
+    # Evaluation never writes the running statistics, in either mode, and gives the same numbers twice.
+    trained = {k: v.clone() for k, v in learner.state_dict().items()}
+    batch = episodes(3, 100)
+    for mode in (learner.train, learner.eval):
+        mode()
+        first = learner.adaptation_curve(batch, 2)
+        assert torch.equal(first, learner.adaptation_curve(batch, 2))
+        assert all(torch.equal(v, learner.state_dict()[k]) for k, v in trained.items())
+    # The same numbers after save -> load into a fresh learner.
+    fresh = ALGORITHMS[name](cnn(seed=1))
+    fresh.load_state_dict(learner.state_dict())
+    fresh.eval()
+    torch.testing.assert_close(fresh.adaptation_curve(batch, 2), first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["maml", "maml_enhanced", "reptile"])
+def test_ordinary_cnn_vmap_equals_loop_with_dropout_off(name, episodes):
+    batch = episodes(3, 0)
+    grads = []
+    for vectorize in (True, False):
+        learner = ALGORITHMS[name](cnn(dropout=0.0))
+        learner.vectorize = vectorize
+        gp, gm, metrics = learner.meta_gradient(batch, 0, gen(5))
+        grads.append({**gp, **gm, "loss": metrics["loss"]})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_ordinary_cnn_meta_gradient_equals_float64_central_difference(episodes):
+    """Second-order MAML through stock BatchNorm2d (smooth activations, so the difference crosses no kink)."""
+    model = cnn(dropout=0.0)
+    model[2], model[6] = nn.Tanh(), nn.Tanh()
+    learner = MAML(model, inner_lr=0.4, inner_steps=2, loss="cross_entropy").double()
+    batch = episodes(2, 0).to("cpu", F64)
+    batch = TaskBatch(batch.support_x[..., ::2, ::2], batch.support_y, batch.query_x[..., ::2, ::2], batch.query_y)
+    gp, _, _ = learner.meta_gradient(batch, 0)
+    params = {k: v.detach().clone() for k, v in learner.params.items()}
+    direction = {k: torch.randn(v.shape, generator=gen(3), dtype=F64) for k, v in params.items()}
+    tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    def f(t: float) -> torch.Tensor:
+        p = {k: v + t * direction[k] for k, v in params.items()}
+        return learner.meta_loss(p, {}, tasks, None, False)[0].detach()
+
+    fd = (f(1e-6) - f(-1e-6)) / 2e-6
+    torch.testing.assert_close(sum((gp[k] * direction[k]).sum() for k in gp), fd, rtol=1e-6, atol=1e-10)
+
+
+def test_dropout_draws_per_task_from_the_generator_and_is_off_in_adaptation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 1))
+    learner = MAML(model, inner_lr=0.01)
+    one = Sinusoid().sample(1, 5, 5, gen(0))
+    same = TaskBatch(*(t.expand(4, *t.shape[1:]) for t in (one.support_x, one.support_y, one.query_x, one.query_y)))
+
+    def per_task_losses(seed: int) -> torch.Tensor:
+        with learner._task_randomness(gen(seed), torch.device("cpu")):
+            tasks = (same.support_x, same.support_y, same.query_x, same.query_y)
+            return learner.map_tasks(lambda p, t: learner.loss(p, t[2], t[3]), (dict(learner.params),), tasks)
+
+    losses = per_task_losses(0)
+    assert losses.unique().numel() == 4  # four identical tasks, four different dropout masks
+    assert torch.equal(losses, per_task_losses(0))  # seeded by the trainer's generator
+    state = torch.get_rng_state()
+    a, b = learner.meta_gradient(same, 0, gen(1)), learner.meta_gradient(same, 0, gen(1))
+    assert torch.equal(a[2]["loss"], b[2]["loss"]) and torch.equal(state, torch.get_rng_state())
+    x = torch.linspace(-5, 5, 20)[:, None]
+    assert torch.equal(learner.predict(x), learner.predict(x))  # off unless asked
+    adapted = learner.adapt(one.support_x[0], one.support_y[0], steps=2)
+    assert torch.equal(learner.predict(x, adapted), learner.predict(x, learner.adapt(one.support_x[0],
+                                                                                      one.support_y[0], steps=2)))
+    assert not torch.equal(learner.predict(x, dropout=True), learner.predict(x, dropout=True))
+    assert learner.model.training  # restored
+
+
+def test_dropout_training_resumes_bit_identically():
+    """Train 6 steps straight, or 3, save everything (state_dict, optimizer, generator), load into a fresh
+    learner and train 3 more: the same weights, bit for bit."""
+
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+        learner = MAMLEnhanced(model, inner_steps=2)
+        return learner, torch.optim.Adam(learner.parameters(), lr=1e-2)
+
+    def run(learner, opt, g, start, stop):
+        for it in range(start, stop):
+            opt.zero_grad()
+            learner.backward(Sinusoid().sample(4, 5, 5, g), it, g)
+            opt.step()
+
+    straight, opt = fresh()
+    g = gen(7)
+    run(straight, opt, g, 0, 6)
+    first, opt = fresh()
+    g = gen(7)
+    run(first, opt, g, 0, 3)
+    saved = copy.deepcopy((first.state_dict(), opt.state_dict(), g.get_state()))
+    torch.manual_seed(123)  # the global RNG must not matter
+    second, opt2 = fresh()
+    second.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    g2 = torch.Generator()
+    g2.set_state(saved[2])
+    run(second, opt2, g2, 3, 6)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, second.state_dict()[k]), k
+
+
+def test_module_calls_mean_what_pytorch_users_expect():
+    learner = MAMLEnhanced(MLP(), inner_steps=2)
+    names = [n for n, _ in learner.named_parameters()]
+    assert any(n.startswith("model.") for n in names) and any(n.startswith("rule.") for n in names)
+    assert {id(p) for p in learner.parameters()} == {id(p) for p in learner.model.parameters()} | {
+        id(p) for p in learner.rule.parameters()
+    }
+    opt = torch.optim.Adam([{"params": learner.model.parameters()}, {"params": learner.rule.parameters(), "lr": 0.1}])
+    learner.to(torch.float64)  # in place, after the optimizer was made: it must keep working
+    assert all(p.dtype == F64 for p in learner.parameters())
+    before = learner.model[0].weight.clone()
+    opt.zero_grad()
+    learner.backward(Sinusoid().sample(4, 5, 5, gen(0)).to("cpu", F64))
+    opt.step()
+    assert not torch.equal(before, learner.model[0].weight)
+    x = torch.linspace(-3, 3, 7, dtype=F64)[:, None]
+    torch.testing.assert_close(learner(x), learner.model(x))
+    assert learner.double() is learner and learner.eval() is learner and not learner.model.training
+    learner.train()
+    assert learner.model.training
+    # state_dict round trip, rule tensors included
+    other = MAMLEnhanced(MLP(), inner_steps=2).double()
+    other.load_state_dict(learner.state_dict())
+    for k, v in learner.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])
+    # the live views write through
+    learner.params["0.bias"] = torch.zeros(40, dtype=F64)
+    assert torch.equal(learner.model[0].bias, torch.zeros(40, dtype=F64))
+
+
+def test_backward_accumulates_and_works_with_schedulers_and_clipping():
+    learner = MAML(MLP(), inner_lr=0.01)
+    batch = Sinusoid().sample(4, 5, 5, gen(0))
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    gp, _, _ = learner.meta_gradient(batch, 0)
+    learner.backward(batch)
+    learner.backward(batch)  # accumulates, as loss.backward() does
+    for k, g in gp.items():
+        torch.testing.assert_close(learner.params[k].grad, 2 * g)
+    torch.nn.utils.clip_grad_norm_(learner.parameters(), 1e-3)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05 and learner.iteration == 2
+
+
+def test_frozen_backbone_gets_no_gradient_and_does_not_move():
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+    for p in model[:4].parameters():
+        p.requires_grad_(False)
+    for cls in (MAML, MAMLEnhanced, Reptile):
+        learner = cls(copy.deepcopy(model))
+        assert learner.fast == ["4.weight", "4.bias"]
+        frozen = {k: v.clone() for k, v in learner.params.items() if not v.requires_grad}
+        opt = torch.optim.Adam(learner.parameters(), lr=0.1)
+        for it in range(2):
+            opt.zero_grad()
+            learner.backward(Sinusoid().sample(4, 5, 5, gen(it)))
+            opt.step()
+        for k, v in frozen.items():
+            assert learner.params[k].grad is None and torch.equal(learner.params[k], v), (cls.__name__, k)
+        adapted = learner.adapt(*Sinusoid().sample(1, 5, 5, gen(9)).support_x, torch.zeros(5, 1), steps=3)
+        assert all(torch.equal(adapted[k], v) for k, v in frozen.items())
+        assert not torch.equal(adapted["4.weight"], learner.params["4.weight"])
+
+
+def test_adapt_only_takes_a_module_or_a_predicate_and_tied_weights_work():
+    model = MLP()
+    head = MAML(model, adapt_only=model[4])
+    assert head.fast == ["4.weight", "4.bias"]
+    assert MAML(MLP(), adapt_only=lambda name, p: name.endswith("bias")).fast == ["0.bias", "2.bias", "4.bias"]
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
+    tied[2].weight = tied[0].weight
+    learner = MAML(tied, inner_lr=0.1)
+    batch = TaskBatch(*(torch.randn(2, 5, 4, generator=gen(i)) for i in range(4)))
+    gp, _, _ = learner.meta_gradient(batch, 0)
+    assert list(gp) == ["0.weight"] and gp["0.weight"].abs().sum() > 0
+
+
+def test_loss_and_metric_can_be_any_callable():
+    def huber(pred, y):
+        return torch.nn.functional.huber_loss(pred, y, delta=0.5)
+
+    learner = MAML(MLP(), loss=huber)
+    batch = Sinusoid().sample(3, 5, 5, gen(0))
+    assert learner.loss_name == "huber" and learner.metric_name == "huber"
+    assert torch.isfinite(learner.backward(batch)["loss"])
+    assert learner.adaptation_curve(batch, 1).shape == (3, 2)
+    mae = MAML(MLP(), metric=lambda p, y: (p - y).abs().mean())
+    assert mae.metric_name == "lambda" and not mae.metric_higher_is_better
+
+
+BAD_BATCHES = {
+    "B differs": (lambda b: TaskBatch(b.support_x, b.support_y[:2], b.query_x, b.query_y), "number of tasks"),
+    "no support points": (lambda b: TaskBatch(b.support_x[:, :0], b.support_y[:, :0], b.query_x, b.query_y), "K >= 1"),
+    "no query points": (lambda b: TaskBatch(b.support_x, b.support_y, b.query_x[:, :0], b.query_y[:, :0]), "Q >= 1"),
+    "y shaped [B, K]": (lambda b: TaskBatch(b.support_x, b.support_y[..., 0], b.query_x, b.query_y), "shape"),
+    "x and y disagree on K": (lambda b: TaskBatch(b.support_x, b.support_y[:, :3], b.query_x, b.query_y), "points"),
+    "float64 batch, float32 learner": (lambda b: b.to("cpu", F64), "batch.to"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_bad_task_batches_give_a_clear_error(case):
+    make, match = BAD_BATCHES[case]
+    learner = MAML(MLP())
+    with pytest.raises(DataError, match=match):
+        learner.backward(make(Sinusoid().sample(3, 5, 5, gen(0))))
+
+
+def test_bad_labels_and_a_batch_given_to_adapt_give_a_clear_error():
+    learner = MAML(nn.Sequential(nn.Flatten(), nn.Linear(16, 5)), loss="cross_entropy")
+    x = torch.rand(2, 5, 4, 4)
+    labels = torch.tensor([[0, 1, 2, 3, 7]] * 2)
+    with pytest.raises(DataError, match=r"labels must be in \[0, 5\)"):
+        learner.backward(TaskBatch(x, labels, x, labels.clamp_max(4)))
+    with pytest.raises(DataError, match="integer class labels"):
+        learner.backward(TaskBatch(x, labels.float(), x, labels.float()))
+    good = torch.tensor([[0, 1, 2, 3, 4]] * 2)
+    learner.backward(TaskBatch(x, good, x, good))
+    with pytest.raises(DataError, match="a batch of tasks"):
+        learner.adapt(x, good)
+    with pytest.raises(DataError, match="not a TaskBatch"):
+        learner.adapt(TaskBatch(x, good, x, good), good)
+
+
+def test_what_torch_func_cannot_run_is_one_clear_error_naming_the_module():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return x
+
+    class Noise(nn.Module):
+        def forward(self, x):
+            return x + torch.randn_like(x)
+
+    batch = Sinusoid().sample(2, 5, 5, gen(0))
+    for module, match in ((Counter(), "in place"), (Noise(), "stochastic = True")):
+        learner = MAML(nn.Sequential(nn.Linear(1, 8), module, nn.Linear(8, 1)))
+        with pytest.raises(ModelError, match=rf"module 1 \({type(module).__name__}\).*{match}"):
+            learner.meta_gradient(batch, 0)
+    Noise.stochastic = True  # marked: every task draws its own noise
+    assert torch.isfinite(MAML(nn.Sequential(nn.Linear(1, 8), Noise(), nn.Linear(8, 1))).backward(batch)["loss"])
+
+
+def test_compiled_module_path_equals_eager_with_dropout_off():
+    batch = Sinusoid().sample(4, 5, 5, gen(0))
+    eager = MAML(MLP(), inner_lr=0.01)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    for learner in (eager, compiled):
+        learner.backward(batch)
+    for (k, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=k)
