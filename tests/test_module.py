@@ -138,8 +138,9 @@ def test_dropout_draws_per_task_from_the_generator_and_is_off_in_adaptation():
     x = torch.linspace(-5, 5, 20)[:, None]
     assert torch.equal(learner.predict(x), learner.predict(x))  # off unless asked
     adapted = learner.adapt(one.support_x[0], one.support_y[0], steps=2)
-    assert torch.equal(learner.predict(x, adapted), learner.predict(x, learner.adapt(one.support_x[0],
-                                                                                      one.support_y[0], steps=2)))
+    assert torch.equal(
+        learner.predict(x, adapted), learner.predict(x, learner.adapt(one.support_x[0], one.support_y[0], steps=2))
+    )
     assert not torch.equal(learner.predict(x, dropout=True), learner.predict(x, dropout=True))
     assert learner.model.training  # restored
 

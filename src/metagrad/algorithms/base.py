@@ -64,9 +64,7 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 def _has_running_statistics(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules()
-    )
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules())
 
 
 def _is_random(module: nn.Module) -> bool:
@@ -516,7 +514,9 @@ class MetaLearner(nn.Module):
         return p
 
     @torch.no_grad()
-    def predict(self, x: Tensor, params: Params | None = None, step: int | None = None, dropout: bool = False) -> Tensor:
+    def predict(
+        self, x: Tensor, params: Params | None = None, step: int | None = None, dropout: bool = False
+    ) -> Tensor:
         """The network's output on ``x`` with ``params`` (default: the meta-learned initialisation).
 
         ``step`` matters only for per-step batch norm: the number of inner steps that produced ``params``
