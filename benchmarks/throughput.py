@@ -17,6 +17,11 @@ Paths:
 * ``vmap``     - ``vectorize=True`` (default): all tasks at once with ``torch.func.vmap``, eager.
 * ``compiled`` - ``vectorize=True`` and ``learner.compile()``: the vmapped meta-step through ``torch.compile``.
 
+Entries (``--entries``): ``meta_gradient`` (default) times the functional call above; ``backward`` times the
+module path a PyTorch user writes, ``opt.zero_grad(); learner.backward(batch, ...)`` (the same meta-step plus
+accumulating it into ``.grad``), and its rows get a ``vs functional`` column: its it/s divided by the
+``meta_gradient`` row's at the same algorithm, steps, path and threads, measured in the same run.
+
 Threads: ``1`` and/or ``all`` (the cores this process may use), set with ``torch.set_num_threads``.
 
 Columns:
@@ -68,6 +73,7 @@ from _common import (
 )
 
 PATHS = ("loop", "vmap", "compiled")
+ENTRIES = ("meta_gradient", "backward")
 DEFAULT_STEPS = (1, 5)
 DEFAULT_SECONDS = 2.0
 BLOCKS = 5  # timed blocks per measurement; it/s is their median
@@ -102,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="N",
         help="torch.set_num_threads settings: integers or 'all' (default: 1 all; --quick: 1)",
+    )
+    p.add_argument(
+        "--entries",
+        nargs="+",
+        choices=ENTRIES,
+        default=["meta_gradient"],
+        help="meta_gradient (functional, default) and/or backward (the nn.Module path into .grad)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration (default: 25)")
@@ -186,7 +199,9 @@ def measure(step: Callable[[], Any], sync: Callable[[], None], seconds: float) -
     }
 
 
-def run_one(algorithm: str, steps: int, path: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    algorithm: str, steps: int, path: str, threads: int, args: argparse.Namespace, entry: str = "meta_gradient"
+) -> dict[str, Any]:
     device = args.device
     torch.set_num_threads(threads)
     row: dict[str, Any] = {
@@ -196,6 +211,7 @@ def run_one(algorithm: str, steps: int, path: str, threads: int, args: argparse.
         "threads": threads,
         "device": str(device),
         "meta_batch": args.meta_batch,
+        "entry": entry,
     }
     learner = make_learner(algorithm, steps, vectorize=path != "loop").to(device)
     batch = make_batch(args.meta_batch, device)
@@ -204,7 +220,11 @@ def run_one(algorithm: str, steps: int, path: str, threads: int, args: argparse.
 
     def step() -> Any:
         nonlocal iteration
-        out = learner.meta_gradient(batch, iteration, generator)
+        if entry == "backward":
+            learner.zero_grad(set_to_none=True)
+            out = learner.backward(batch, iteration, generator)
+        else:
+            out = learner.meta_gradient(batch, iteration, generator)
         iteration += 1
         return out
 
@@ -257,7 +277,7 @@ def fresh_compile_cache() -> Iterator[None]:
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     def key(r: dict[str, Any], **over: Any) -> tuple:
         r = {**r, **over}
-        return (r["algorithm"], r["steps"], r["path"], r["threads"])
+        return (r["algorithm"], r["steps"], r["path"], r["threads"], r.get("entry", "meta_gradient"))
 
     rate = {key(r): r["it_per_s"] for r in rows if r.get("it_per_s")}
     for r in rows:
@@ -266,6 +286,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         loop = rate.get(key(r, path="loop"))
         if loop:
             r["speedup_vs_loop"] = r["it_per_s"] / loop
+        functional = rate.get(key(r, entry="meta_gradient"))
+        if r.get("entry") == "backward" and functional:
+            r["ratio_vs_functional"] = r["it_per_s"] / functional
         maml = rate.get(key(r, algorithm="maml"))
         if r["algorithm"] == "maml_enhanced" and maml:
             r["ratio_vs_maml"] = r["it_per_s"] / maml
@@ -276,9 +299,11 @@ COLUMNS = [
     ("steps", "steps", str),
     ("path", "path", str),
     ("threads", "threads", str),
+    ("entry", "entry", str),
     ("it_per_s", "it/s", lambda v: f"{v:.1f}" if v < 1000 else f"{v:.0f}"),
     ("speedup_vs_loop", "vs loop", lambda v: f"{v:.1f}x"),
     ("ratio_vs_maml", "vs maml", lambda v: f"{v:.2f}x"),
+    ("ratio_vs_functional", "vs functional", lambda v: f"{v:.3f}x"),
     ("compile_s", "compile_s", lambda v: f"{v:.1f}"),
     ("error", "error", str),
 ]
@@ -301,16 +326,23 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    configs = [(a, k, p, t) for a in args.algorithms for k in args.steps for t in args.threads for p in args.paths]
+    configs = [
+        (a, k, p, t, e)
+        for a in args.algorithms
+        for k in args.steps
+        for t in args.threads
+        for p in args.paths
+        for e in args.entries
+    ]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     try:
-        for i, (a, k, p, t) in enumerate(configs, 1):
-            row = run_one(a, k, p, t, args)
+        for i, (a, k, p, t, e) in enumerate(configs, 1):
+            row = run_one(a, k, p, t, args, e)
             rows.append(row)
             extra = f", compile {row['compile_s']:.1f} s" if "compile_s" in row else ""
             result = f"{row['it_per_s']:.1f} it/s" if "it_per_s" in row else row.get("error", "?")
-            print(f"[{i}/{len(configs)}] {a} steps={k} path={p} threads={t}: {result}{extra}", flush=True)
+            print(f"[{i}/{len(configs)}] {a} steps={k} path={p} threads={t} {e}: {result}{extra}", flush=True)
     finally:
         torch.set_num_threads(info["torch_default_threads"])
     add_ratios(rows)
@@ -324,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "algorithms": args.algorithms,
             "steps": args.steps,
             "paths": args.paths,
+            "entries": args.entries,
             "threads": args.threads,
             "meta_batch": args.meta_batch,
             "shots": SHOTS,

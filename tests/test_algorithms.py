@@ -578,7 +578,7 @@ def test_reptile_adam_matches_hand_computation(persist):
         eps=eps,
         persist_inner_state=persist,
     )
-    assert learner.extra_state["reptile.t"].item() == 0
+    assert learner.extra_state["adam.t"].item() == 0
     batch = make_batch(31, b=2, k=4, q=4)
     theta = {k: v.detach().clone() for k, v in learner.params.items()}
     v0 = {k: torch.zeros_like(p) for k, p in theta.items()}
@@ -605,8 +605,8 @@ def test_reptile_adam_matches_hand_computation(persist):
             v0 = {k: torch.stack([v[k] for v in vs]).mean(0) for k in theta}
             t0 += steps
         for k in theta:
-            torch.testing.assert_close(learner.extra_state[f"reptile.v.{k}"], v0[k], rtol=1e-10, atol=1e-15)
-        assert learner.extra_state["reptile.t"].item() == t0
+            torch.testing.assert_close(learner.extra_state[f"adam.v.{k}"], v0[k], rtol=1e-10, atol=1e-15)
+        assert learner.extra_state["adam.t"].item() == t0
     # On a first step Adam with β1 = 0 moves every weight by about ±lr.
     assert delta["0.weight"].abs().max() <= 2 * steps * lr
 

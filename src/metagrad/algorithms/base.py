@@ -252,9 +252,13 @@ class MetaLearner(nn.Module):
         step: int,
         rule: InnerRule,
         first_order: bool,
-    ) -> Params:
-        """One inner update ``θ ← θ − rule(∇θ L_support, step)`` of the adapted (``fast``) parameters."""
+        state: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Params, Params]:
+        """One inner update ``θ ← θ − rule(∇θ L_support, step)`` of the adapted (``fast``) parameters; returns the
+        new weights and the rule's new state (``state=None``: the rule's initial state)."""
         fast = self.fast
+        if state is None:
+            state = rule.init_state({k: params[k] for k in fast})
 
         def support_loss(adapted: Params) -> Tensor:
             return self.loss({**params, **adapted}, x, y, step)
@@ -263,8 +267,8 @@ class MetaLearner(nn.Module):
         if first_order:
             # First-order MAML: the adapted weights depend on θ only through the identity path.
             g = _detach(g)
-        update = rule.update(g, step, meta)
-        return {**params, **{k: params[k] - update[k] for k in fast}}
+        update, state = rule.update_with_state(g, state, meta, step)
+        return {**params, **{k: params[k] - update[k] for k in fast}}, state
 
     def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         """What evaluation reports on query points: the MSE for regression, accuracy for classification."""
@@ -508,9 +512,11 @@ class MetaLearner(nn.Module):
         self._check_task(support_x, support_y)
         p = _detach(self.params if params is None else params)
         meta = _detach(self.meta_state)
+        state = None
         with self._random_layers(dropout):
             for s in range(steps):
-                p = _detach(self.inner_step(p, meta, support_x, support_y, s, self.eval_rule, True))
+                p, state = self.inner_step(p, meta, support_x, support_y, s, self.eval_rule, True, state)
+                p, state = _detach(p), _detach(state)
         return p
 
     @torch.no_grad()
@@ -530,8 +536,10 @@ class MetaLearner(nn.Module):
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
         sx, sy, qx, qy = task
         values = [self.metric(params, qx, qy)]
+        state = None
         for s in range(steps):
-            params = _detach(self.inner_step(params, meta, sx, sy, s, self.eval_rule, True))
+            params, state = self.inner_step(params, meta, sx, sy, s, self.eval_rule, True, state)
+            params, state = _detach(params), _detach(state)
             values.append(self.metric(params, qx, qy, s + 1))
         return torch.stack(values).detach()
 
@@ -569,8 +577,9 @@ class MetaLearner(nn.Module):
         with self._random_layers(False):
             for i in range(min(int(tasks), len(batch))):
                 sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
-                p = _detach(self.params)
+                p, state = _detach(self.params), None
                 for s in range(self.inner_steps):
                     self.network(p, sx, s, track=True)
-                    p = _detach(self.inner_step(p, meta, sx, sy, s, self.rule, True))
+                    p, state = self.inner_step(p, meta, sx, sy, s, self.rule, True, state)
+                    p, state = _detach(p), _detach(state)
                 self.network(p, qx, self.inner_steps, track=True)

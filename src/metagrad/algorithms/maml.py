@@ -77,8 +77,9 @@ class MAML(MetaLearner):
         if self.inner_steps == 0:
             return pre, {"pre_loss": pre.detach(), "post_loss": pre.detach()}
         losses = []
+        state = None
         for step in range(self.inner_steps):
-            params = self.inner_step(params, meta, sx, sy, step, self.rule, first_order)
+            params, state = self.inner_step(params, meta, sx, sy, step, self.rule, first_order, state)
             if weights is not None or step == self.inner_steps - 1:
                 losses.append(self.loss(params, qx, qy, step + 1))
         loss = (weights * torch.stack(losses)).sum() if weights is not None else losses[-1]

@@ -4,9 +4,10 @@ For each task of the meta-batch, run k inner steps from θ on mini-batches of th
 query pooled: Reptile has no support/query split), then move θ towards the mean adapted weights:
 ``θ ← θ + ε·(mean φ − θ)``. That move is handed to the trainer as the "gradient" ``θ − mean φ`` of an outer
 SGD step whose learning rate is ε (linear schedule from ``meta_lr`` to ``meta_lr_final`` in the config).
-The inner optimizer is SGD, or Adam with β1 = 0 as in the paper's code; with ``persist_inner_state`` its
-second-moment estimate carries over between meta-iterations (averaged over the tasks of the batch, which
-are adapted in parallel here rather than one after another).
+The inner optimizer is any inner rule: SGD, or :class:`metagrad.inner.Adam` with β1 = 0 as in the paper's
+code; with ``persist_inner_state`` the rule's state (Adam's second-moment estimate) carries over between
+meta-iterations (averaged over the tasks of the batch, which are adapted in parallel here rather than one after
+another), held in ``extra_state`` so that a checkpoint keeps it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
 from metagrad.algorithms.base import MetaLearner, Params, _detach
+from metagrad.inner.adam import Adam
+from metagrad.inner.base import InnerRule
 from metagrad.inner.sgd import SGD
 from metagrad.tasks.base import TaskBatch
 
@@ -27,13 +29,15 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 
 
 class Reptile(MetaLearner):
-    """Reptile; evaluation adapts with plain SGD at ``inner_lr``."""
+    """Reptile; evaluation adapts with plain SGD at ``inner_lr`` (or ``eval_rule``). ``rule`` overrides the inner
+    optimizer that ``inner_optimizer`` names."""
 
     name = "reptile"
 
     def __init__(
         self,
         model: nn.Module,
+        rule: InnerRule | None = None,
         *,
         inner_lr: float = 0.02,
         inner_steps: int = 5,
@@ -42,48 +46,39 @@ class Reptile(MetaLearner):
         persist_inner_state: bool = True,
         beta2: float = 0.999,
         eps: float = 1e-8,
+        eval_rule: InnerRule | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, SGD(inner_lr), inner_steps=inner_steps, **kwargs)
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {inner_optimizer!r}")
         if inner_batch <= 0:
             raise ValueError(f"inner_batch must be positive, got {inner_batch}")
+        if rule is None:
+            rule = Adam(inner_lr, beta1=0.0, beta2=beta2, eps=eps) if inner_optimizer == "adam" else SGD(inner_lr)
+        eval_rule = eval_rule if eval_rule is not None else SGD(inner_lr)
+        super().__init__(model, rule, inner_steps=inner_steps, eval_rule=eval_rule, **kwargs)
         self.inner_lr = float(inner_lr)
         self.inner_batch = int(inner_batch)
         self.inner_optimizer = inner_optimizer
         self.persist_inner_state = persist_inner_state
-        self.beta2, self.eps = beta2, eps
-        if inner_optimizer == "adam":
-            for k, v in self.params.items():
-                self.extra.add(f"reptile.v.{k}", torch.zeros_like(v))
-            self.extra.add("reptile.t", torch.zeros((), dtype=next(iter(self.params.values())).dtype))
+        for k, v in self.rule.init_state({k: p.detach() for k, p in self.params.items() if k in self.fast}).items():
+            self.extra.add(k, v)
 
     def _adapt_task(
-        self, params: Params, v: Params, t: Tensor, task: tuple[Tensor, ...]
+        self, params: Params, meta: Params, state: Params, task: tuple[Tensor, ...]
     ) -> tuple[Params, Params, Tensor, Tensor]:
         x, y, idx = task
         pre = self.loss(params, x, y)
-        fast = self.fast
         for s in range(self.inner_steps):
-            xs, ys = x[idx[s]], y[idx[s]]
-            g = grad(lambda f, p=params, xs=xs, ys=ys: self.loss({**p, **f}, xs, ys))({k: params[k] for k in fast})
-            if self.inner_optimizer == "sgd":
-                params = {**params, **{k: params[k] - self.inner_lr * g[k] for k in fast}}
-                continue
-            step_t = t + s + 1
-            v = {**v, **{k: self.beta2 * v[k] + (1 - self.beta2) * g[k] ** 2 for k in fast}}
-            correction = 1 - self.beta2**step_t
-            update = {k: params[k] - self.inner_lr * g[k] / ((v[k] / correction).sqrt() + self.eps) for k in fast}
-            params = {**params, **update}
-        return params, v, pre, self.loss(params, x, y)
+            params, state = self.inner_step(params, meta, x[idx[s]], y[idx[s]], s, self.rule, True, state)
+        return params, state, pre, self.loss(params, x, y)
 
     def _reptile_step(
-        self, params: Params, v: Params, t: Tensor, tasks: tuple[Tensor, ...]
+        self, params: Params, meta: Params, state: Params, tasks: tuple[Tensor, ...]
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        adapted, new_v, pre, post = self.map_tasks(self._adapt_task, (params, v, t), tasks)
+        adapted, new_state, pre, post = self.map_tasks(self._adapt_task, (params, meta, state), tasks)
         delta = {k: params[k] - adapted[k].mean(0) for k in self.fast}
-        return delta, {k: x.mean(0) for k, x in new_v.items()}, {"loss": post.mean(), "pre_loss": pre.mean()}
+        return delta, {k: x.mean(0) for k, x in new_state.items()}, {"loss": post.mean(), "pre_loss": pre.mean()}
 
     def compile(self, **options: Any) -> None:
         self._compiled = torch.compile(self._reptile_step, **options)
@@ -91,7 +86,7 @@ class Reptile(MetaLearner):
     def meta_gradient(
         self,
         batch: TaskBatch,
-        iteration: int,
+        iteration: int = 0,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
         **_: Any,
@@ -110,17 +105,13 @@ class Reptile(MetaLearner):
             size = b // shard[1]
             part = slice(shard[0] * size, (shard[0] + 1) * size)
             x, y, idx = x[part], y[part], idx[part]
-        adam = self.inner_optimizer == "adam"
-        t = self.extra_state["reptile.t"] if adam else torch.zeros((), device=x.device)
-        v = (
-            {k: self.extra_state[f"reptile.v.{k}"] for k in self.params}
-            if adam
-            else {k: torch.zeros((), device=x.device) for k in self.params}
-        )
+        state = _detach(self.extra_state)
         fn = self._compiled or self._reptile_step
-        delta, new_v, metrics = fn(_detach(self.params), v, t, (x, y, idx))
-        if adam and self.persist_inner_state:
-            for k in self.params:
-                self.extra_state[f"reptile.v.{k}"] = new_v[k].detach()
-            self.extra_state["reptile.t"] = t + self.inner_steps
+        params, meta = _detach(self.params), _detach(self.meta_state)
+        with self._explain_transform_errors(lambda: self._reptile_step(params, meta, state, (x, y, idx))):
+            with self._task_randomness(generator, x.device):
+                delta, new_state, metrics = fn(params, meta, state, (x, y, idx))
+        if self.persist_inner_state:
+            for k, v in new_state.items():
+                self.extra_state[k] = v.detach()
         return delta, {}, metrics

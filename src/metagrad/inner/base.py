@@ -7,6 +7,12 @@ binds it to the network's adapted parameters, and those tensors become the rule'
 moved by ``.to()`` and checkpointed with the weights; the functional core reads them as ``meta``. Rules
 compose with :class:`Chain`, applied left to right: ``Chain(Curvature(), LSLR(0.01, 5))`` computes
 ``α(step, tensor) · MC(g)``.
+
+Rules may also carry state across the inner steps of one adaptation (optax-style): ``init_state(params)`` gives
+the state a task's adaptation starts from (e.g. Adam's moment estimates) and ``update_with_state(grads, state,
+meta, step)`` returns ``(updates, state)``. A stateless rule writes ``update`` only; the learner always calls
+``update_with_state``. State is per task (vmapped with it), never learned; Reptile can carry it over between
+meta-iterations.
 """
 
 from __future__ import annotations
@@ -32,6 +38,16 @@ class InnerRule(nn.Module):
     def update(self, grads: Mapping[str, Tensor], step: int, meta: Mapping[str, Tensor]) -> Params:
         """Transform the inner gradient of step ``step`` (0-based)."""
         raise NotImplementedError
+
+    def init_state(self, params: Mapping[str, Tensor]) -> Params:
+        """The state an adaptation starts from (none by default); keys must not clash with other rules'."""
+        return {}
+
+    def update_with_state(
+        self, grads: Mapping[str, Tensor], state: Mapping[str, Tensor], meta: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, Params]:
+        """``(updates, new state)`` for the inner gradient of step ``step``; stateless rules need not override it."""
+        return self.update(grads, step, meta), dict(state)
 
     def bind(self, params: Mapping[str, Tensor]) -> None:
         """Create this rule's learned tensors for ``params`` (the adapted ones) as its ``nn.Parameter`` objects."""
@@ -61,9 +77,22 @@ class Chain(InnerRule):
             out.update(new)
         return out
 
+    def init_state(self, params: Mapping[str, Tensor]) -> Params:
+        out: Params = {}
+        for rule in self.rules:
+            out.update(rule.init_state(params))
+        return out
+
     def update(self, grads: Mapping[str, Tensor], step: int, meta: Mapping[str, Tensor]) -> Params:
         out = dict(grads)
         for rule in self.rules:
             out = rule.update(out, step, meta)
         return out
 
+    def update_with_state(
+        self, grads: Mapping[str, Tensor], state: Mapping[str, Tensor], meta: Mapping[str, Tensor], step: int
+    ) -> tuple[Params, Params]:
+        out, state = dict(grads), dict(state)
+        for rule in self.rules:
+            out, state = rule.update_with_state(out, state, meta, step)
+        return out, state
