@@ -158,11 +158,11 @@ BAD: dict[str, tuple[Callable[[Path, Path], list], str]] = {
     ),
     "per-step batch norm on the MLP": (
         lambda t, r: ["train", "--out", t / "out", "--no-progress", "model.bn=per_step"],
-        "Conv-4 option",
+        "unknown key model.bn for model 'mlp'",
     ),
     "running BN statistics without per-step BN": (
         lambda t, r: ["train", "--out", t / "out", "--no-progress", "eval.bn_statistics=running"],
-        "needs model.bn = 'per_step'",
+        "needs a model with batch-norm running statistics",
     ),
     "unknown flag": (
         lambda t, r: ["train", "--out", t / "out", "--bogus"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import tomllib
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from metagrad.config import (
-    ALGORITHMS,
     Config,
     apply_overrides,
     config_from_dict,
@@ -19,6 +17,7 @@ from metagrad.config import (
     load_config,
 )
 from metagrad.errors import ConfigError, MetagradError
+from metagrad.registry import registered
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "sinusoid"
@@ -178,10 +177,10 @@ def test_invalid_values_are_rejected(override: str, phrase: str) -> None:
 
 @pytest.mark.parametrize(("name", "suggestion"), [("mamll", "maml"), ("reptil", "reptile"), ("fomaml_", "fomaml")])
 def test_unknown_algorithm_is_rejected_with_a_suggestion(name: str, suggestion: str) -> None:
-    with pytest.raises(ConfigError, match=f"algorithm.name = '{name}' is not one of") as info:
+    with pytest.raises(ConfigError, match=f"algorithm.name = '{name}' is not a registered algorithm") as info:
         load_config(overrides=[f"algorithm.name={name}"])
     assert f"did you mean '{suggestion}'" in str(info.value)
-    for known in ALGORITHMS:
+    for known in registered("algorithm"):
         assert known in str(info.value)
 
 
@@ -235,11 +234,11 @@ def test_overrides_parse_every_value_kind() -> None:
             "train.iterations=123",  # int
             "train.meta_lr=2.5e-4",  # float
             "algorithm.inner_lr=1",  # int for a float
-            "algorithm.first_order=true",  # bool
+            "algorithm.lslr=true",  # bool
             "train.compile=false",
             "model.hidden=[16, 8, 4]",  # list of ints
             "task.amplitude=[1, 2.5]",  # list of numbers
-            "algorithm.name=reptile",  # bare string
+            "algorithm.name=fomaml",  # bare string
             'model.activation="tanh"',  # quoted string
             " train.seed = 7 ",  # surrounding spaces
         ],
@@ -247,11 +246,11 @@ def test_overrides_parse_every_value_kind() -> None:
     assert cfg.train.iterations == 123 and isinstance(cfg.train.iterations, int)
     assert cfg.train.meta_lr == 2.5e-4
     assert cfg.algorithm.inner_lr == 1.0 and isinstance(cfg.algorithm.inner_lr, float)
-    assert cfg.algorithm.first_order is True
+    assert cfg.algorithm.lslr is True
     assert cfg.train.compile is False
     assert cfg.model.hidden == [16, 8, 4]
     assert cfg.task.amplitude == [1.0, 2.5]
-    assert cfg.algorithm.name == "reptile"
+    assert cfg.algorithm.name == "fomaml" and cfg.algorithm.inner_lr == 1.0  # a switch keeps what was set
     assert cfg.model.activation == "tanh"
     assert cfg.train.seed == 7
 
@@ -306,7 +305,7 @@ def test_config_to_toml_round_trips_every_changed_field() -> None:
             "algorithm.name=reptile",
             "algorithm.inner_steps=3",
             "algorithm.eval_inner_lr=0.02",
-            "algorithm.first_order=true",
+            "algorithm.inner_batch=4",
             "train.grad_clip=0.5",
             "train.meta_lr=1.25e-5",
             "train.meta_state_lr=3e-17",
@@ -322,7 +321,7 @@ def test_config_to_toml_round_trips_every_changed_field() -> None:
     )
     back = _roundtrip(cfg)
     assert back == cfg
-    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+    assert back.to_dict() == cfg.to_dict()
     assert back.task.phase[1] == math.pi  # full float precision kept
 
 

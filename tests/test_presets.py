@@ -97,7 +97,7 @@ def test_omniglot_bad_inputs_are_one_line_errors(tmp_path, capsys) -> None:
                  "task.queries=10"]) == 2  # fmt: skip
     assert "images per Omniglot class" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "c"), "task.name=omniglot"]) == 2  # model must be conv4
-    assert "model.name = 'conv4'" in capsys.readouterr().err
+    assert "model mlp needs vector inputs; the task gives (1, 28, 28): use conv4" in capsys.readouterr().err
 
 
 def test_compare_algorithm_list_matches_presets() -> None:

@@ -13,6 +13,7 @@ from metagrad.errors import (
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.inner import MetaSGD as MetaSGDRule
 from metagrad.models import MLP
+from metagrad.registry import TaskSpec, register_algorithm, register_model, register_task
 from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
 
 __version__ = "0.1.0"
@@ -30,6 +31,10 @@ __all__ = [
     "MetaSGDRule",
     "Curvature",
     "MLP",
+    "register_task",
+    "register_model",
+    "register_algorithm",
+    "TaskSpec",
     "Sinusoid",
     "TaskBatch",
     "TaskDistribution",

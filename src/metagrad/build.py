@@ -1,25 +1,26 @@
-"""Objects from a :class:`~metagrad.config.Config`: the task family, the network and the meta-learner."""
+"""Objects from a :class:`~metagrad.config.Config`: the task family, the network and the meta-learner.
+
+Nothing here knows a component by name: each section names a registered component (see
+:mod:`metagrad.registry`), which builds itself from its own options. The task family tells the model its input
+and output shapes, and the algorithm its loss and metric.
+"""
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Oracle, Pretrain, Reptile
+from metagrad.algorithms import MetaLearner
 from metagrad.config import Config
 from metagrad.errors import ConfigError
-from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
-from metagrad.models import MLP
-from metagrad.models.conv4 import Conv4
-from metagrad.tasks import OracleSinusoid, Sinusoid, TaskDistribution
-from metagrad.tasks.episodes import EpisodeSampler
-from metagrad.tasks.omniglot import OmniglotData, augment_rotations, load_omniglot, split_classes
+from metagrad.registry import TaskSpec
+from metagrad.tasks import TaskDistribution
 
-__all__ = ["build_task", "build_model", "build_learner", "resolve_device", "DTYPES"]
+__all__ = ["build_task", "build_model", "build_learner", "task_spec", "resolve_device", "DTYPES", "SPLITS"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SPLITS = ("train", "val", "test")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,124 +35,72 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} is not a valid device; use auto, cpu or cuda") from None
 
 
-SPLITS = ("train", "val", "test")
-
-
-@functools.lru_cache(maxsize=4)
-def _omniglot(root: str, size: int, rotations: bool) -> OmniglotData:
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"task.data = {root!r} does not exist; point it at an Omniglot folder or its zip files "
-            "(e.g. task.data=../shared/data/omniglot)"
-        )
-    try:
-        data = load_omniglot(path, size=size)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"task.data = {root!r} could not be read as Omniglot: {e}") from None
-    return augment_rotations(*data) if rotations else data
-
-
 def build_task(cfg: Config, split: str = "test") -> TaskDistribution:
-    """The task family of ``cfg``; for classification, the episodes of one class split (train/val/test; by
-    default the held-out test classes, which is what every evaluation must use).
-
-    The class split is drawn from a fixed seed (0), independent of the training seed, so every run holds out
-    the same classes."""
-    t = cfg.task
-    if t.name == "sinusoid":
-        family = OracleSinusoid if cfg.algorithm.name == "oracle" else Sinusoid
-        return family(tuple(t.amplitude), tuple(t.phase), tuple(t.x_range), t.noise)
-    data = _omniglot(t.data, t.image_size, t.rotations)
-    if t.split == "none":
-        classes = list(range(len(data.class_names)))
-    else:
-        parts = dict(zip(SPLITS, split_classes(data.class_names, t.split, (0.7, 0.1, 0.2), seed=0), strict=True))
-        classes = parts[split]
-    sampler = EpisodeSampler(data.images, data.labels, t.ways, classes, name="omniglot")
-    if t.shots + t.queries > sampler.min_images_per_class:
+    """The task family of ``cfg`` for one split (train/val/test; by default the held-out test tasks, which is what
+    every evaluation must use). An algorithm may transform it (the oracle adds each task's true parameters)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    section = cfg.task
+    try:
+        task = section.component.build(section.options, split)
+    except ValueError as e:  # a component's own complaint about its options (MetagradErrors pass as they are)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"task {section.name!r}: {e}") from None
+    wrap = getattr(cfg.algorithm.component.target, "wrap_task", None)
+    if wrap is not None:
+        task = wrap(task)
+    missing = [a for a in ("sample", "loss", "input_shape", "outputs") if not hasattr(task, a)]
+    if missing:
         raise ConfigError(
-            f"task.shots + task.queries = {t.shots + t.queries} exceeds the {sampler.min_images_per_class} "
-            "images per Omniglot class"
+            f"task {section.name!r} built a {type(task).__name__} without {', '.join(missing)}: a task family must "
+            "have sample(batch_size, shots, queries, generator), loss, input_shape and outputs (metagrad.registry)"
         )
-    if t.ways > sampler.num_classes:
-        raise ConfigError(f"task.ways = {t.ways} exceeds the {sampler.num_classes} classes of the {split} split")
-    return sampler
+    return task
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    # The initialisation is drawn from a generator seeded by the run's seed, not the global RNG's state.
+def task_spec(cfg: Config, task: Any | None = None) -> TaskSpec:
+    """What the model and the algorithm need to know: shapes, loss and metric, inner steps, batching path."""
+    target = cfg.task.component.target
+    if task is None and hasattr(target, "spec") and not hasattr(cfg.algorithm.component.target, "wrap_task"):
+        input_shape, outputs = target.spec(cfg.task.options)
+        loss, metric = getattr(target, "loss", "mse"), getattr(target, "metric", None)
+    else:
+        task = task if task is not None else build_task(cfg, "train")
+        input_shape, outputs = tuple(task.input_shape), int(task.outputs)
+        loss, metric = task.loss, getattr(task, "metric", None)
+    if not hasattr(target, "spec") and task is None:  # pragma: no cover - handled above
+        raise ConfigError(f"task {cfg.task.name!r} declares no shapes")
+    return TaskSpec(
+        input_shape=tuple(int(d) for d in input_shape),
+        outputs=int(outputs),
+        loss=loss,
+        metric=metric,
+        inner_steps=int(getattr(cfg.algorithm, "inner_steps", 0)) if "inner_steps" in cfg.algorithm.keys else 0,
+        vectorize=cfg.train.vectorize,
+    )
+
+
+def build_model(cfg: Config, spec: TaskSpec | None = None) -> torch.nn.Module:
+    """The network of ``cfg``, built for the task's shapes. Its initialisation is drawn from a generator seeded
+    by the run's seed, not the global RNG's state."""
+    spec = spec if spec is not None else task_spec(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        if cfg.model.name == "conv4":
-            m = cfg.model
-            return Conv4(1, cfg.task.ways, m.channels, cfg.task.image_size, m.bn, cfg.algorithm.inner_steps)
-        inputs = OracleSinusoid.input_features if cfg.algorithm.name == "oracle" else Sinusoid.input_features
-        return MLP(inputs, tuple(cfg.model.hidden), 1, cfg.model.activation)
-
-
-def _maml_rule(cfg: Config) -> InnerRule:
-    a = cfg.algorithm
-    rate: InnerRule = (
-        LSLR(a.inner_lr, a.inner_steps, a.per_layer_lr, a.rate_parameterization, a.lslr_beyond)
-        if a.lslr
-        else SGD(a.inner_lr)
-    )
-    return Chain(Curvature(), rate) if a.curvature else rate
+        model = cfg.model.component.build(cfg.model.options, spec)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model {cfg.model.name!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLearner:
     """The meta-learner a config describes (on the CPU, in float32 unless moved)."""
-    a = cfg.algorithm
-    model = model if model is not None else build_model(cfg)
-    loss = "cross_entropy" if cfg.task.name == "omniglot" else "mse"
-    common = {"vectorize": cfg.train.vectorize, "inner_steps": a.inner_steps, "loss": loss}
-    if a.anil:
-        # ANIL adapts the network's last layer: Conv-4's head, the MLP's last Linear.
-        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        common["adapt_only"] = getattr(model, "head", None) or linear[-1]
-    learned = a.name in ("metasgd", "maml_enhanced") or a.lslr or a.curvature
-    if a.eval_inner_lr is not None and learned:
+    spec = task_spec(cfg)
+    model = model if model is not None else build_model(cfg, spec)
+    options = cfg.algorithm.options
+    learner = cfg.algorithm.component.build(type(options)(**vars(options)), model, spec)
+    if not isinstance(learner, MetaLearner):
         raise ConfigError(
-            "algorithm.eval_inner_lr cannot be set for learned inner rules: they adapt with what they learned"
+            f"algorithm {cfg.algorithm.name!r} built a {type(learner).__name__}, not a metagrad.MetaLearner"
         )
-    eval_rule = SGD(a.eval_inner_lr) if a.eval_inner_lr is not None else None
-    plus = {
-        "multi_step_loss": a.multi_step_loss,
-        "msl_epochs": a.msl_epochs,
-        "epoch_iterations": a.epoch_iterations,
-        "first_order_iterations": a.first_order_iterations,
-        "first_order": a.first_order,
-    }
-    if a.name == "reptile":
-        learner: MetaLearner = Reptile(
-            model,
-            inner_lr=a.inner_lr,
-            inner_batch=a.inner_batch,
-            inner_optimizer=a.inner_optimizer,
-            persist_inner_state=a.persist_inner_state,
-            eval_rule=eval_rule,
-            **common,
-        )
-    elif a.name in ("pretrain", "oracle"):
-        family = Pretrain if a.name == "pretrain" else Oracle
-        learner = family(model, inner_lr=a.inner_lr, eval_rule=eval_rule, vectorize=cfg.train.vectorize, loss=loss)
-    elif a.name == "metasgd":
-        learner = MetaSGD(model, inner_lr=a.inner_lr, parameterization=a.rate_parameterization, **plus, **common)
-    elif a.name == "maml_enhanced":
-        # The preset: Meta-Curvature + LSLR + multi-step loss. Ablations: name = "maml" with lslr/curvature.
-        learner = MAMLEnhanced(
-            model,
-            inner_lr=a.inner_lr,
-            per_layer=a.per_layer_lr,
-            parameterization=a.rate_parameterization,
-            beyond=a.lslr_beyond,
-            **{**plus, "multi_step_loss": True},
-            **common,
-        )
-    elif a.name in ("maml", "fomaml"):
-        plus["first_order"] = a.first_order or a.name == "fomaml"
-        learner = MAML(model, _maml_rule(cfg), eval_rule=eval_rule, **plus, **common)
-    else:  # pragma: no cover - validated by Config
-        raise ConfigError(f"unknown algorithm {a.name!r}")
     return learner

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", type=_positive, help="test tasks per shot count (default 600)")
     c.add_argument("--workers", type=_positive, help="parallel training processes (default: one per CPU core)")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument(
+        "--config", type=Path,
+        help="compare on this run config (e.g. your own task and model) instead of a shipped benchmark; each "
+        "algorithm runs with its own defaults and the keys the file sets",
+    )  # fmt: skip
+    c.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of --config")
 
     pl = sub.add_parser("plot", help="redraw figures", description="Redraw the figures of a run or comparison.")
     pl.add_argument("run", type=Path, help="a run directory or a `metagrad compare` directory")
@@ -107,11 +113,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from metagrad.presets import COMPARE_ALGORITHMS, OMNIGLOT_COMPARE_ALGORITHMS
 
     out = args.out
+    base = None
+    if args.config is not None or args.overrides:
+        from metagrad.config import load_config
+
+        base = load_config(args.config, args.overrides)
+        if not args.algorithms:
+            raise _usage("compare --config needs --algorithms A B ...")
     default = COMPARE_ALGORITHMS if args.task == "sinusoid" else OMNIGLOT_COMPARE_ALGORITHMS
     chosen = list(args.algorithms or default)
     results = compare(
         chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
-        workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task,
+        workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task, base=base,
     )  # fmt: skip
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, results.json and figures")

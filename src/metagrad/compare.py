@@ -27,17 +27,44 @@ COMPARE_FORMAT = "metagrad-compare/1"
 REPORT_STEPS = (1, 10)
 
 
+def config_for(algorithm: str, budget: str, task: str, base: dict[str, Any] | None = None) -> Any:
+    """The run config of ``algorithm``: the shipped preset of ``task`` under ``budget``, or ``base`` (a user's
+    config, as a dict) with the algorithm switched to ``algorithm`` (its own defaults, plus the keys ``base``
+    set that it has)."""
+    from metagrad.config import config_from_dict
+    from metagrad.presets import preset
+
+    if base is None:
+        return preset(algorithm, budget, task)
+    cfg = config_from_dict(base)
+    cfg.algorithm.name = algorithm
+    return cfg.validate()
+
+
+def run_name(algorithm: str) -> str:
+    """The run directory of an algorithm in a comparison: its registered name (an import path's class too)."""
+    from metagrad.registry import resolve
+
+    return resolve("algorithm", algorithm).name
+
+
 def _train_and_eval(
-    algorithm: str, budget: str, out: str, device: str, tasks: int | None, progress: Any, task: str = "sinusoid"
+    algorithm: str,
+    budget: str,
+    out: str,
+    device: str,
+    tasks: int | None,
+    progress: Any,
+    task: str = "sinusoid",
+    base: dict[str, Any] | None = None,
 ) -> dict:
     import torch
 
     from metagrad.build import DTYPES, build_task, resolve_device
     from metagrad.evaluate import evaluate, set_bn_statistics
-    from metagrad.presets import preset
     from metagrad.train import train
 
-    cfg = preset(algorithm, budget, task)
+    cfg = config_for(algorithm, budget, task, base)
     cfg.train.device = device
     if tasks is not None:
         cfg.eval.tasks = tasks
@@ -57,7 +84,7 @@ def _train_and_eval(
             except (OSError, EOFError):  # the progress manager went away with the parent
                 raise SystemExit(1) from None
 
-    result = train(cfg, Path(out) / algorithm, overwrite=True, progress=False, callback=report)
+    result = train(cfg, Path(out) / run_name(algorithm), overwrite=True, progress=False, callback=report)
     ev = cfg.eval
     family = build_task(cfg, "test")
     dtype = DTYPES[cfg.train.dtype]
@@ -70,7 +97,7 @@ def _train_and_eval(
         "iterations": result.iterations,
         "train_seconds": result.seconds,
         "iterations_per_second": result.iterations / result.seconds if result.seconds else None,
-        "inner_steps_train": cfg.algorithm.inner_steps,
+        "inner_steps_train": getattr(cfg.algorithm, "inner_steps", 0),
     }
 
 
@@ -130,7 +157,7 @@ def redraw_fits(out: Path, algorithms: Sequence[str]) -> None:
 
     pairs = []
     for a in algorithms:
-        cfg, learner, _ = load_learner(out / a)
+        cfg, learner, _ = load_learner(out / run_name(a))
         pairs.append((learner, build_task(cfg)))
     plot_fits(pairs, out / "fits.png", shots=5, steps=10)
 
@@ -162,10 +189,21 @@ def compare(
     tasks: int | None = None,
     progress: bool = True,
     task: str = "sinusoid",
+    base: Any = None,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``."""
+    """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``.
+
+    ``base`` (a :class:`metagrad.config.Config`) compares them on a user's config (task, model, training)
+    instead of a shipped benchmark's presets."""
     from metagrad.build import build_task, resolve_device
-    from metagrad.presets import COMPARE_ALGORITHMS, preset
+    from metagrad.presets import COMPARE_ALGORITHMS
+
+    base_dict = base.to_dict() if base is not None else None
+    if base is not None:
+        task = base.task.name
+
+    def preset(a: str, budget: str, task: str) -> Any:
+        return config_for(a, budget, task, base_dict)
 
     for a in algorithms:
         preset(a, budget, task)  # validates the names, with a suggestion
@@ -202,9 +240,10 @@ def compare(
     try:
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
             # Longest first (most inner steps), so that no long run starts last and leaves a worker idle.
-            order = sorted(algorithms, key=lambda a: -preset(a, budget, task).algorithm.inner_steps)
+            order = sorted(algorithms, key=lambda a: -getattr(preset(a, budget, task).algorithm, "inner_steps", 0))
             futures = {
-                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task): a for a in order
+                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict): a
+                for a in order
             }
             pending = set(futures)
             while pending:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import tomllib
 import types
@@ -20,75 +21,37 @@ from metagrad.errors import ConfigError
 
 __all__ = [
     "Config",
-    "TaskConfig",
-    "ModelConfig",
-    "AlgorithmConfig",
+    "Section",
     "TrainConfig",
     "EvalConfig",
-    "ALGORITHMS",
     "load_config",
     "apply_overrides",
     "config_from_dict",
     "config_to_toml",
 ]
 
-ALGORITHMS = ("maml", "fomaml", "metasgd", "maml_enhanced", "reptile", "pretrain", "oracle")
+COMPONENT_SECTIONS = ("task", "model", "algorithm")
+
+
+class UnknownKeyError(ConfigError, AttributeError):
+    """A config key that the section (or its chosen component) does not have."""
+
+
+class _Checked:
+    """Dataclass mixin: assigning a key checks that it exists and its type (a typo raises at once)."""
+
+    _section = ""
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        hints = _hints(type(self))
+        if key not in hints:
+            raise UnknownKeyError(f"unknown key {self._section}.{key}{_suggest(key, hints)}")
+        object.__setattr__(self, key, _check_type(f"{self._section}.{key}", value, hints[key]))
 
 
 @dataclass
-class TaskConfig:
-    name: str = "sinusoid"
-    shots: int = 10
-    queries: int = 10
-    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
-    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
-    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
-    noise: float = 0.0
-    # Few-shot classification (task.name = "omniglot"): shots and queries are per class.
-    ways: int = 5
-    data: str = "../shared/data/omniglot"
-    split: str = "character"
-    rotations: bool = True
-    image_size: int = 28
-
-
-@dataclass
-class ModelConfig:
-    name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
-    activation: str = "relu"
-    channels: int = 64
-    # Conv-4 batch norm: "transductive" (MAML) or "per_step" (MAML++: per-step affine weights and running stats).
-    bn: str = "transductive"
-
-
-@dataclass
-class AlgorithmConfig:
-    name: str = "maml"
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    eval_inner_lr: float | None = None
-    first_order: bool = False
-    anil: bool = False
-    # Learned inner rules (MAML Enhanced / Meta-SGD).
-    lslr: bool = False
-    per_layer_lr: bool = False
-    curvature: bool = False
-    rate_parameterization: str = "log"
-    lslr_beyond: str = "stop"
-    # MAML++ training.
-    multi_step_loss: bool = False
-    msl_epochs: int = 10
-    epoch_iterations: int = 500
-    first_order_iterations: int = 0
-    # Reptile.
-    inner_batch: int = 10
-    inner_optimizer: str = "sgd"
-    persist_inner_state: bool = True
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
+    _section = "train"
     iterations: int = 70000
     meta_batch: int = 25
     optimizer: str = "adam"
@@ -111,20 +74,120 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Checked):
+    _section = "eval"
     shots: list[int] = field(default_factory=lambda: [5, 10, 20])
     steps: int = 10
     tasks: int = 600
     scoring: str = "dense"
-    # Per-step batch norm only: normalise with the "batch" statistics (MAML++) or the learned "running" ones.
+    # Models with batch-norm running statistics: normalise query images with the "batch" statistics (MAML++,
+    # transductive) or the "running" ones (inductive).
     bn_statistics: str = "batch"
 
 
-@dataclass
+class Section:
+    """The ``[task]``, ``[model]`` or ``[algorithm]`` section: the chosen component's name and its options, an
+    instance of the component's own config dataclass. Keys are read and set as attributes
+    (``cfg.algorithm.inner_lr``); a key the component does not have, or a value of the wrong type, raises at
+    once, naming the component. Setting ``name`` switches the component, keeping the values of the keys both
+    have."""
+
+    __slots__ = ("_kind", "_component", "_options", "_name_value")
+
+    def __init__(self, kind: str, name: str, values: dict[str, Any] | None = None) -> None:
+        from metagrad.registry import resolve
+
+        component = resolve(kind, name)
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_component", component)
+        object.__setattr__(self, "_options", component.config())
+        object.__setattr__(self, "_name_value", name)
+        for key, value in (values or {}).items():
+            setattr(self, key, value)
+
+    @property
+    def component(self) -> Any:
+        """The registered component (see :mod:`metagrad.registry`)."""
+        return self._component
+
+    @property
+    def options(self) -> Any:
+        """The component's options (its config dataclass)."""
+        return self._options
+
+    @property
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self._options)]
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        if key == "name":
+            return object.__getattribute__(self, "_name_value")
+        options = object.__getattribute__(self, "_options")
+        names = [f.name for f in fields(options)]
+        if key in names:
+            return getattr(options, key)
+        raise UnknownKeyError(f"{self._describe()} has no key {key!r}{_suggest(key, names)}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "name":
+            if not isinstance(value, str):
+                raise ConfigError(f"{self._kind}.name must be a string, got {value!r}")
+            self._switch(value)
+            return
+        hints = _hints(type(self._options))
+        if key not in hints:
+            raise UnknownKeyError(f"unknown key {self._kind}.{key} for {self._describe()}{_suggest(key, hints)}")
+        setattr(self._options, key, _check_type(f"{self._kind}.{key}", value, hints[key]))
+
+    def _describe(self) -> str:
+        return f"{self._kind} {self.name!r}"
+
+    def _switch(self, name: str) -> None:
+        from metagrad.registry import resolve
+
+        if name == self.name:
+            return
+        component = resolve(self._kind, name)
+        old = dataclasses.asdict(self._options)
+        defaults = dataclasses.asdict(self._component.config())
+        options = component.config()
+        hints = _hints(component.config)
+        for key, value in old.items():  # keep what was set and both components have; the rest is the new defaults
+            if key in hints and value != defaults.get(key):
+                try:
+                    setattr(options, key, _check_type(key, value, hints[key]))
+                except ConfigError:
+                    pass
+        object.__setattr__(self, "_component", component)
+        object.__setattr__(self, "_options", options)
+        object.__setattr__(self, "_name_value", name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self._options)}
+
+    def __deepcopy__(self, memo: dict) -> Section:
+        new = object.__new__(Section)
+        object.__setattr__(new, "_kind", self._kind)
+        object.__setattr__(new, "_component", self._component)
+        object.__setattr__(new, "_options", copy.deepcopy(self._options, memo))
+        object.__setattr__(new, "_name_value", self.name)
+        return new
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Section) and self._kind == other._kind and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self._options).items())
+        return f"Section({self._kind}: {self.name!r}, {values})"
+
+
+@dataclass(slots=True)
 class Config:
-    task: TaskConfig = field(default_factory=TaskConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    task: Section = field(default_factory=lambda: Section("task", "sinusoid"))
+    model: Section = field(default_factory=lambda: Section("model", "mlp"))
+    algorithm: Section = field(default_factory=lambda: Section("algorithm", "maml"))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -133,16 +196,16 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out: dict[str, Any] = {k: getattr(self, k).to_dict() for k in COMPONENT_SECTIONS}
+        out["train"] = asdict(self.train)
+        out["eval"] = asdict(self.eval)
+        return out
 
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("task", "name"): ("sinusoid", "omniglot"),
     ("task", "split"): ("character", "alphabet", "none"),
-    ("model", "name"): ("mlp", "conv4"),
     ("model", "activation"): ("relu", "tanh", "gelu", "silu", "elu"),
     ("model", "bn"): ("transductive", "per_step"),
-    ("algorithm", "name"): ALGORITHMS,
     ("algorithm", "rate_parameterization"): ("log", "raw"),
     ("algorithm", "lslr_beyond"): ("stop", "last"),
     ("algorithm", "inner_optimizer"): ("sgd", "adam"),
@@ -165,6 +228,11 @@ RATES = {
     ("train", "meta_state_lr"), ("train", "meta_lr_final"), ("task", "noise"), ("train", "grad_clip"),
 }  # fmt: skip
 RANGES = {("task", "amplitude"), ("task", "phase"), ("task", "x_range")}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return {k: v for k, v in typing.get_type_hints(cls).items() if not k.startswith("_")}
 
 
 def _suggest(name: str, options: typing.Iterable[str]) -> str:
@@ -204,80 +272,66 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{where}: unsupported type {annotation}")  # pragma: no cover
 
 
-def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
-    """Merge a nested dict (as read from TOML) into ``base`` (default: the defaults), checking every key."""
+def config_from_dict(data: dict[str, Any], base: Config | None = None, strict: bool = True) -> Config:
+    """Merge a nested dict (as read from TOML) into ``base`` (default: the defaults), checking every key against
+    its section or, for ``[task]``, ``[model]`` and ``[algorithm]``, the chosen component's options.
+    ``strict=False`` skips keys the component does not have (run records written by older versions)."""
     cfg = copy.deepcopy(base) if base is not None else Config()  # a rejected key leaves ``base`` untouched
-    sections = {f.name: f for f in fields(Config)}
+    sections = [f.name for f in fields(Config)]
     for section, values in data.items():
         if section not in sections:
             raise ConfigError(f"unknown config section [{section}]{_suggest(section, sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
         obj = getattr(cfg, section)
-        hints = typing.get_type_hints(type(obj))
+        values = dict(values)
+        if section in COMPONENT_SECTIONS and "name" in values:
+            obj.name = values.pop("name")
         for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"unknown key {section}.{key}{_suggest(key, hints)}")
-            setattr(obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+            if not strict and key not in (obj.keys if isinstance(obj, Section) else _hints(type(obj))):
+                continue
+            setattr(obj, key, value)
     return cfg
 
 
 def _validate(cfg: Config) -> None:
+    def present(section: str, key: str) -> bool:
+        obj = getattr(cfg, section)
+        return key in (obj.keys if isinstance(obj, Section) else _hints(type(obj)))
+
+    def value(section: str, key: str) -> Any:
+        return getattr(getattr(cfg, section), key)
+
     for (section, key), options in CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in options:
-            raise ConfigError(
-                f"{section}.{key} = {value!r} is not one of {', '.join(options)}{_suggest(str(value), options)}"
-            )
+        if present(section, key) and value(section, key) not in options:
+            v = value(section, key)
+            raise ConfigError(f"{section}.{key} = {v!r} is not one of {', '.join(options)}{_suggest(str(v), options)}")
     for section, key in POSITIVE:
-        value = getattr(getattr(cfg, section), key)
-        if value <= 0:
-            raise ConfigError(f"{section}.{key} must be positive, got {value}")
+        if present(section, key) and value(section, key) <= 0:
+            raise ConfigError(f"{section}.{key} must be positive, got {value(section, key)}")
     for section, key in NON_NEGATIVE:
-        value = getattr(getattr(cfg, section), key)
-        if value < 0:
-            raise ConfigError(f"{section}.{key} must be >= 0, got {value}")
+        if present(section, key) and value(section, key) < 0:
+            raise ConfigError(f"{section}.{key} must be >= 0, got {value(section, key)}")
     for section, key in RATES:
-        value = getattr(getattr(cfg, section), key)
-        if value is not None and (not math.isfinite(value) or value < 0):
-            raise ConfigError(f"{section}.{key} must be a finite number >= 0, got {value}")
+        v = value(section, key) if present(section, key) else None
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise ConfigError(f"{section}.{key} must be a finite number >= 0, got {v}")
     for section, key in RANGES:
-        value = getattr(getattr(cfg, section), key)
-        if len(value) != 2 or not all(math.isfinite(v) for v in value) or value[1] <= value[0]:
-            raise ConfigError(f"{section}.{key} must be [low, high] with low < high, got {value}")
+        if not present(section, key):
+            continue
+        v = value(section, key)
+        if len(v) != 2 or not all(math.isfinite(x) for x in v) or v[1] <= v[0]:
+            raise ConfigError(f"{section}.{key} must be [low, high] with low < high, got {v}")
     if not 0 <= cfg.train.seed < 10**9:
         raise ConfigError(f"train.seed must be in [0, 10**9) (larger seeds are reserved), got {cfg.train.seed}")
-    if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
+    if present("model", "hidden") and (not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden)):
         raise ConfigError(f"model.hidden must be a non-empty list of positive sizes, got {cfg.model.hidden}")
     if not cfg.eval.shots or any(s <= 0 for s in cfg.eval.shots):
         raise ConfigError(f"eval.shots must be a non-empty list of positive integers, got {cfg.eval.shots}")
-    expected_model = {"sinusoid": "mlp", "omniglot": "conv4"}[cfg.task.name]
-    if cfg.model.name != expected_model:
-        raise ConfigError(f"task {cfg.task.name!r} needs model.name = {expected_model!r}, got {cfg.model.name!r}")
-    if cfg.task.name == "omniglot" and cfg.algorithm.name == "oracle":
-        raise ConfigError("the oracle baseline exists for the sinusoid task only")
-    alg = cfg.algorithm
-    if cfg.model.bn == "per_step":
-        if cfg.model.name != "conv4":
-            raise ConfigError("model.bn = 'per_step' is a Conv-4 option (task.name = 'omniglot')")
-        if alg.name not in ("maml", "fomaml", "metasgd", "maml_enhanced"):
-            raise ConfigError(
-                f"model.bn = 'per_step' indexes batch norm by MAML's inner step; {alg.name} has none: use "
-                "model.bn = 'transductive'"
-            )
-    elif cfg.eval.bn_statistics == "running":
-        raise ConfigError("eval.bn_statistics = 'running' needs model.bn = 'per_step' (transductive BN has none)")
-    if alg.anil and alg.name == "reptile":
-        raise ConfigError("algorithm.anil is not available for reptile (it adapts every weight)")
-    if alg.name in ("maml_enhanced",) and alg.inner_steps == 0:
-        raise ConfigError("algorithm.inner_steps must be positive for maml_enhanced (it learns per-step rates)")
-    if alg.name == "reptile" and alg.inner_steps == 0:
-        raise ConfigError("algorithm.inner_steps must be positive for reptile")
-    if (alg.lslr or alg.curvature) and alg.inner_steps == 0:
-        raise ConfigError("algorithm.inner_steps must be positive when lslr or curvature is on")
-    if alg.lslr or alg.name in ("maml_enhanced", "metasgd"):
-        if alg.inner_lr <= 0:
-            raise ConfigError("algorithm.inner_lr must be > 0 for learned rates (they start at it)")
+    for section in COMPONENT_SECTIONS:  # a component's own rules, in its config dataclass
+        check = getattr(getattr(cfg, section).options, "validate", None)
+        if check is not None:
+            check(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -326,9 +380,9 @@ def _toml_value(v: Any) -> str:
 def config_to_toml(cfg: Config) -> str:
     """The configuration as TOML (keys whose value is None are left out: TOML has no null)."""
     lines = []
-    for f in fields(cfg):
-        lines.append(f"[{f.name}]")
-        for k, v in dataclasses.asdict(getattr(cfg, f.name)).items():
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
             if v is not None:
                 lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")

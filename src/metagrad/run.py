@@ -76,7 +76,7 @@ def read_run_config(run_dir: str | Path) -> Config:
     if marker.get("format") != RUN_FORMAT or not isinstance(marker.get("config"), dict):
         raise RunError(f"{run_dir / 'run.json'} is not a {RUN_FORMAT} file")
     try:
-        return config_from_dict(marker["config"]).validate()
+        return config_from_dict(marker["config"], strict=False).validate()  # older records hold more keys
     except ConfigError as e:
         raise RunError(f"{run_dir / 'run.json'} holds an invalid config: {e}") from None
 

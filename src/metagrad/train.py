@@ -103,6 +103,11 @@ class _Trainer:
         self.dtype = DTYPES[t.dtype]
         self.dist = build_task(cfg, "train")
         self.learner = build_learner(cfg).to(self.device, self.dtype)
+        if cfg.eval.bn_statistics == "running" and not self.learner.tracks_statistics:
+            raise ConfigError(
+                "eval.bn_statistics = 'running' needs a model with batch-norm running statistics (model.bn = "
+                "'per_step', or a BatchNorm with track_running_stats=True)"
+            )
         if t.compile:
             self.learner.compile()
         self.opt = _optimizer(cfg, self.learner)
@@ -113,6 +118,9 @@ class _Trainer:
         self.iteration = 0
         self.seconds = 0.0
         self.best = math.inf
+
+    def _inner_lr(self) -> Any:
+        return getattr(self.cfg.algorithm, "inner_lr", None)
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def _weights(self) -> dict[str, torch.Tensor]:
@@ -126,8 +134,8 @@ class _Trainer:
             last = latest_checkpoint(self.run_dir)
             raise DivergenceError(
                 f"training diverged by iteration {self.iteration}: {bad[0]} holds NaN/inf; the learning rates are "
-                f"probably too high (train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr="
-                f"{self.cfg.algorithm.inner_lr}); last good checkpoint: {last if last else 'none yet'}"
+                f"probably too high (train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self._inner_lr()}); "
+                f"last good checkpoint: {last if last else 'none yet'}"
             )
         if not self.world.is_main:
             return None
@@ -197,7 +205,7 @@ class _Trainer:
             raise DivergenceError(
                 f"training diverged at iteration {self.iteration + 1}: meta-loss {value:.4g}, "
                 f"meta-gradient norm {n:.4g}; the learning rates are probably too high "
-                f"(train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self.cfg.algorithm.inner_lr}) "
+                f"(train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self._inner_lr()}) "
                 f"or set train.grad_clip; last good checkpoint: {last if last else 'none yet'}"
             )
         clip = self.cfg.train.grad_clip

@@ -17,6 +17,7 @@ module's tensors (detached aliases, never copies), so nothing goes stale.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -142,6 +143,24 @@ class MetaLearner(nn.Module):
         self._compiled: Callable[..., Any] | None = None
         self._x_ndim: int | None = None
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
+
+    @classmethod
+    def from_config(cls, options: Any, model: nn.Module, spec: Any) -> MetaLearner:
+        """Build from a config's ``[algorithm]`` options (a dataclass): its fields are passed as keyword
+        arguments, with the task's loss and metric and the trainer's batching path (see metagrad.registry)."""
+        values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+        return cls(model, loss=spec.loss, metric=spec.metric, vectorize=spec.vectorize, **values)
+
+    @staticmethod
+    def last_layer(model: nn.Module) -> nn.Module:
+        """What ANIL adapts: the model's ``head`` if it has one, else its last ``nn.Linear``."""
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Module):
+            return head
+        linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linear:
+            raise ConfigError(f"{type(model).__name__} has no head and no nn.Linear for ANIL to adapt")
+        return linear[-1]
 
     # ----- construction helpers -------------------------------------------------------------------------
     @staticmethod

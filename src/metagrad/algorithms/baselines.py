@@ -8,17 +8,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metagrad.algorithms.base import MetaLearner, Params, Task
+from metagrad.errors import ConfigError
 from metagrad.inner.sgd import SGD
+from metagrad.registry import register_algorithm
 
-__all__ = ["Pretrain", "Oracle"]
+__all__ = ["Pretrain", "PretrainConfig", "Oracle", "OracleConfig"]
 
 
+@dataclass
+class PretrainConfig:
+    """``[algorithm]`` options of the pretraining baseline (``name = "pretrain"``): fine-tuning's SGD rate."""
+
+    inner_lr: float = 0.01
+    eval_inner_lr: float | None = None
+
+
+@dataclass
+class OracleConfig:
+    """The oracle baseline (``name = "oracle"``) has no options."""
+
+
+@register_algorithm("pretrain", config=PretrainConfig)
 class Pretrain(MetaLearner):
     """Plain multi-task regression on pooled support and query points; SGD fine-tuning at ``inner_lr``."""
 
@@ -28,6 +45,19 @@ class Pretrain(MetaLearner):
         kwargs.pop("inner_steps", None)
         super().__init__(model, SGD(inner_lr), inner_steps=0, **kwargs)
 
+    @classmethod
+    def from_config(cls, options: Any, model: nn.Module, spec: Any) -> MetaLearner:
+        lr = getattr(options, "inner_lr", 0.0)
+        eval_lr = getattr(options, "eval_inner_lr", None)
+        return cls(
+            model,
+            inner_lr=lr,
+            eval_rule=SGD(eval_lr) if eval_lr is not None else None,
+            loss=spec.loss,
+            metric=spec.metric,
+            vectorize=spec.vectorize,
+        )
+
     def task_loss(
         self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -36,6 +66,7 @@ class Pretrain(MetaLearner):
         return loss, {"pre_loss": loss.detach()}
 
 
+@register_algorithm("oracle", config=OracleConfig)
 class Oracle(Pretrain):
     """Regression with the task's true parameters as extra inputs (see ``OracleSinusoid``).
 
@@ -48,3 +79,12 @@ class Oracle(Pretrain):
         kwargs.pop("inner_lr", None)
         kwargs.pop("eval_rule", None)
         super().__init__(model, inner_lr=0.0, **kwargs)
+
+    @staticmethod
+    def wrap_task(task: Any) -> Any:
+        """The oracle sees each task's true parameters: the sinusoid family with ``[x, A, φ]`` inputs."""
+        from metagrad.tasks.sinusoid import OracleSinusoid, Sinusoid
+
+        if type(task) is not Sinusoid:
+            raise ConfigError("the oracle baseline exists for the sinusoid task only")
+        return OracleSinusoid(task.amplitude, task.phase, task.x_range, task.noise)

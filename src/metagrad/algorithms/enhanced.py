@@ -8,18 +8,48 @@ the trainer's config).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from metagrad.algorithms.maml import MAML
+from metagrad.algorithms.maml import MAML, check_switches
+from metagrad.errors import ConfigError
 from metagrad.inner.base import Chain
 from metagrad.inner.curvature import Curvature
 from metagrad.inner.lslr import LSLR
+from metagrad.registry import register_algorithm
 
-__all__ = ["MAMLEnhanced"]
+__all__ = ["MAMLEnhanced", "MAMLEnhancedConfig"]
 
 
+@dataclass
+class MAMLEnhancedConfig:
+    """``[algorithm]`` options of MAML Enhanced (``name = "maml_enhanced"``). ``curvature = false`` or
+    ``multi_step_loss = false`` are ablations: LSLR alone, or no MAML++ multi-step loss."""
+
+    inner_lr: float = 0.01
+    inner_steps: int = 5
+    curvature: bool = True
+    per_layer_lr: bool = False
+    rate_parameterization: str = "log"
+    lslr_beyond: str = "stop"
+    multi_step_loss: bool = True
+    msl_epochs: int = 10
+    epoch_iterations: int = 500
+    first_order: bool = False
+    first_order_iterations: int = 0
+    anil: bool = False
+
+    def validate(self, cfg: Any) -> None:
+        check_switches(self, {"msl_epochs": "multi_step_loss", "epoch_iterations": "multi_step_loss"})
+        if self.inner_steps == 0:
+            raise ConfigError("algorithm.inner_steps must be positive for maml_enhanced (it learns per-step rates)")
+        if self.inner_lr <= 0:
+            raise ConfigError("algorithm.inner_lr must be > 0 for learned rates (they start at it)")
+
+
+@register_algorithm("maml_enhanced", config=MAMLEnhancedConfig)
 class MAMLEnhanced(MAML):
     """``MAMLEnhanced(model)``: the preset, tuned on the sinusoid benchmark (see docs/results.md)."""
 
@@ -44,3 +74,19 @@ class MAMLEnhanced(MAML):
             model, rule, inner_lr=inner_lr, inner_steps=inner_steps, multi_step_loss=multi_step_loss, **kwargs
         )
         self.name = "maml_enhanced"
+
+    @classmethod
+    def from_config(cls, options: MAMLEnhancedConfig, model: nn.Module, spec: Any) -> MAMLEnhanced:
+        values = {k: v for k, v in vars(options).items() if k not in ("anil", "rate_parameterization", "per_layer_lr",
+                                                                        "lslr_beyond")}  # fmt: skip
+        return cls(
+            model,
+            per_layer=options.per_layer_lr,
+            parameterization=options.rate_parameterization,
+            beyond=options.lslr_beyond,
+            adapt_only=cls.last_layer(model) if options.anil else None,
+            loss=spec.loss,
+            metric=spec.metric,
+            vectorize=spec.vectorize,
+            **values,
+        )

@@ -12,22 +12,42 @@ another), held in ``extra_state`` so that a checkpoint keeps it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metagrad.algorithms.base import MetaLearner, Params, _detach
+from metagrad.errors import ConfigError
 from metagrad.inner.adam import Adam
 from metagrad.inner.base import InnerRule
 from metagrad.inner.sgd import SGD
+from metagrad.registry import register_algorithm
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["Reptile", "INNER_OPTIMIZERS"]
+__all__ = ["Reptile", "ReptileConfig", "INNER_OPTIMIZERS"]
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 
+@dataclass
+class ReptileConfig:
+    """``[algorithm]`` options of Reptile (``name = "reptile"``); the outer step size is ``train.meta_lr``."""
+
+    inner_lr: float = 0.02
+    inner_steps: int = 5
+    eval_inner_lr: float | None = None
+    inner_batch: int = 10
+    inner_optimizer: str = "sgd"
+    persist_inner_state: bool = True
+
+    def validate(self, cfg: Any) -> None:
+        if self.inner_steps == 0:
+            raise ConfigError("algorithm.inner_steps must be positive for reptile")
+
+
+@register_algorithm("reptile", config=ReptileConfig)
 class Reptile(MetaLearner):
     """Reptile; evaluation adapts with plain SGD at ``inner_lr`` (or ``eval_rule``). ``rule`` overrides the inner
     optimizer that ``inner_optimizer`` names."""
@@ -63,6 +83,27 @@ class Reptile(MetaLearner):
         self.persist_inner_state = persist_inner_state
         for k, v in self.rule.init_state({k: p.detach() for k, p in self.params.items() if k in self.fast}).items():
             self.extra.add(k, v)
+
+    @classmethod
+    def from_config(cls, options: ReptileConfig, model: nn.Module, spec: Any) -> Reptile:
+        if getattr(model, "per_step", False):
+            raise ConfigError(
+                "model.bn = 'per_step' indexes batch norm by MAML's inner step; reptile has none: use "
+                "model.bn = 'transductive'"
+            )
+        o = options
+        return cls(
+            model,
+            inner_lr=o.inner_lr,
+            inner_steps=o.inner_steps,
+            inner_batch=o.inner_batch,
+            inner_optimizer=o.inner_optimizer,
+            persist_inner_state=o.persist_inner_state,
+            eval_rule=SGD(o.eval_inner_lr) if o.eval_inner_lr is not None else None,
+            loss=spec.loss,
+            metric=spec.metric,
+            vectorize=spec.vectorize,
+        )
 
     def _adapt_task(
         self, params: Params, meta: Params, state: Params, task: tuple[Tensor, ...]

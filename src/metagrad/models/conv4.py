@@ -27,12 +27,16 @@ In both modes second-order gradients flow through the normalisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from metagrad.models.norm import BatchNorm2d
+from metagrad.registry import register_model
 
-__all__ = ["Conv4", "PerStepBatchNorm2d", "BN_MODES", "BN_STATISTICS"]
+__all__ = ["Conv4", "Conv4Config", "PerStepBatchNorm2d", "BN_MODES", "BN_STATISTICS"]
 
 BN_MODES = ("transductive", "per_step")
 BN_STATISTICS = ("batch", "running")
@@ -77,6 +81,16 @@ class PerStepBatchNorm2d(nn.Module):
         return f"{self.weight.shape[1]}, steps={self.steps}, momentum={self.momentum}"
 
 
+@dataclass
+class Conv4Config:
+    """``[model]`` options of Conv-4 (``name = "conv4"``): filters per layer and the batch-norm mode."""
+
+    channels: int = 64
+    # "transductive" (MAML) or "per_step" (MAML++: per-step affine weights and running statistics)
+    bn: str = "transductive"
+
+
+@register_model("conv4", config=Conv4Config)
 class Conv4(nn.Module):
     """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0)``:
     [N, in_channels, S, S] -> [N, ways] logits. ``forward(x, step=0, statistics="batch", track=False)``: the
@@ -124,6 +138,16 @@ class Conv4(nn.Module):
         if self.per_step:
             self.meta_only = ("norms.",)
         self.head = nn.Linear(self.hidden * side * side, self.ways)
+
+    @classmethod
+    def from_config(cls, options: Conv4Config, spec: Any) -> Conv4:
+        """Built for the task's images ``[C, S, S]`` and its number of ways."""
+        from metagrad.errors import ConfigError
+
+        shape = tuple(spec.input_shape)
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise ConfigError(f"model conv4 needs square images [C, S, S] as inputs; the task gives {shape}")
+        return cls(shape[0], spec.outputs, options.channels, shape[1], options.bn, spec.inner_steps)
 
     def forward(self, x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False) -> Tensor:
         if x.dim() != 4:

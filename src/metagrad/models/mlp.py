@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ACTIVATIONS"]
+from metagrad.registry import register_model
+
+__all__ = ["MLP", "MLPConfig", "ACTIVATIONS"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -17,6 +21,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+@dataclass
+class MLPConfig:
+    """``[model]`` options of the MLP (``name = "mlp"``)."""
+
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    activation: str = "relu"
+
+
+@register_model("mlp", config=MLPConfig)
 class MLP(nn.Sequential):
     """Linear layers with ``activation`` between them; used through ``torch.func.functional_call``."""
 
@@ -38,6 +51,15 @@ class MLP(nn.Sequential):
             if i < len(sizes) - 2:
                 layers.append(ACTIVATIONS[activation]())
         super().__init__(*layers)
+
+    @classmethod
+    def from_config(cls, options: MLPConfig, spec: Any) -> MLP:
+        """Built for the task's vector inputs and outputs."""
+        from metagrad.errors import ConfigError
+
+        if len(spec.input_shape) != 1:
+            raise ConfigError(f"model mlp needs vector inputs; the task gives {tuple(spec.input_shape)}: use conv4")
+        return cls(spec.input_shape[0], tuple(options.hidden), spec.outputs, options.activation)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102 - nn.Sequential's, typed
         return super().forward(x)

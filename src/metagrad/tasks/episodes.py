@@ -28,6 +28,8 @@ class EpisodeSampler:
     ``support_index`` [B, N*K] and ``query_index`` [B, N*Q] (rows of ``images``). Algorithms must not read it.
     """
 
+    loss = "cross_entropy"
+
     def __init__(
         self,
         images: Tensor,
@@ -80,6 +82,16 @@ class EpisodeSampler:
     @property
     def num_classes(self) -> int:
         return int(self.classes.numel())
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One image's shape [C, H, W], what a model is built for."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def outputs(self) -> int:
+        """One logit per way."""
+        return self.ways
 
     @property
     def min_images_per_class(self) -> int:

@@ -16,6 +16,7 @@ The data is read where it lies, from the zip files or from their extracted folde
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -31,9 +32,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from metagrad.registry import register_task
 from metagrad.tasks.base import TaskBatch
+from metagrad.tasks.episodes import EpisodeSampler
 
 __all__ = [
+    "Omniglot",
+    "OmniglotConfig",
     "OmniglotData",
     "LakeRun",
     "load_omniglot",
@@ -449,3 +454,74 @@ def lake_task_batch(runs: Sequence[LakeRun], dtype: torch.dtype | None = None) -
     qx = torch.stack([f(r.test_images) for r in runs])
     qy = torch.stack([r.test_labels for r in runs])
     return TaskBatch(sx, sy, qx, qy)
+
+
+# ----- the registered task family -----------------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class OmniglotConfig:
+    """``[task]`` options of Omniglot N-way classification (``name = "omniglot"``); shots and queries are per
+    class. ``split``: how classes are held out (by ``character``, by ``alphabet``, or ``none``: every split uses
+    every class, e.g. to meta-train on the whole background set for Lake's runs)."""
+
+    shots: int = 1
+    queries: int = 5
+    ways: int = 5
+    data: str = "../shared/data/omniglot"
+    split: str = "character"
+    rotations: bool = True
+    image_size: int = 28
+
+
+@functools.lru_cache(maxsize=4)
+def _omniglot(root: str, size: int, rotations: bool) -> OmniglotData:
+    from metagrad.errors import ConfigError
+
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"task.data = {root!r} does not exist; point it at an Omniglot folder or its zip files "
+            "(e.g. task.data=../shared/data/omniglot)"
+        )
+    try:
+        data = load_omniglot(path, size=size)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"task.data = {root!r} could not be read as Omniglot: {e}") from None
+    return augment_rotations(*data) if rotations else data
+
+
+@register_task("omniglot", config=OmniglotConfig)
+class Omniglot:
+    """N-way K-shot episodes of Omniglot characters (Lake et al. 2015), one class split at a time.
+
+    The class split is drawn from a fixed seed (0), independent of the training seed, so every run holds out the
+    same classes; evaluation uses the ``test`` split."""
+
+    loss = "cross_entropy"
+
+    @staticmethod
+    def from_config(options: OmniglotConfig, split: str = "test") -> EpisodeSampler:
+        from metagrad.errors import ConfigError
+
+        t = options
+        data = _omniglot(t.data, t.image_size, t.rotations)
+        if t.split == "none":
+            classes = list(range(len(data.class_names)))
+        else:
+            parts = split_classes(data.class_names, t.split, (0.7, 0.1, 0.2), seed=0)
+            classes = dict(zip(SPLITS, parts, strict=True))[split]
+        if t.ways > len(classes):
+            raise ConfigError(f"task.ways = {t.ways} exceeds the {len(classes)} classes of the {split} split")
+        sampler = EpisodeSampler(data.images, data.labels, t.ways, classes, name="omniglot")
+        if t.shots + t.queries > sampler.min_images_per_class:
+            raise ConfigError(
+                f"task.shots + task.queries = {t.shots + t.queries} exceeds the {sampler.min_images_per_class} "
+                "images per Omniglot class"
+            )
+        return sampler
+
+    @staticmethod
+    def spec(options: OmniglotConfig) -> tuple[tuple[int, ...], int]:
+        return (1, options.image_size, options.image_size), options.ways

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from metagrad.registry import register_task
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["Sinusoid", "OracleSinusoid", "SCORINGS", "DENSE_POINTS"]
+__all__ = ["Sinusoid", "SinusoidConfig", "OracleSinusoid", "SCORINGS", "DENSE_POINTS"]
 
 SCORINGS = ("dense", "paper")
 DENSE_POINTS = 100
@@ -24,6 +26,19 @@ def _check_range(name: str, r: tuple[float, float]) -> tuple[float, float]:
 
 
 @dataclass
+class SinusoidConfig:
+    """``[task]`` options of the sinusoid family (``name = "sinusoid"``)."""
+
+    shots: int = 10
+    queries: int = 10
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    noise: float = 0.0
+
+
+@register_task("sinusoid", config=SinusoidConfig)
+@dataclass
 class Sinusoid:
     """y = A·sin(x − φ) with A ~ U[amplitude], φ ~ U[phase], x ~ U[x_range], plus optional Gaussian noise.
 
@@ -36,6 +51,22 @@ class Sinusoid:
     noise: float = 0.0
     name: str = "sinusoid"
     input_features = 1
+    loss = "mse"
+    outputs = 1
+
+    @classmethod
+    def from_config(cls, options: SinusoidConfig, split: str = "test") -> Sinusoid:
+        """Every split draws from the same family (the tasks are infinitely many)."""
+        o = options
+        return cls(tuple(o.amplitude), tuple(o.phase), tuple(o.x_range), o.noise)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.input_features,)
+
+    @classmethod
+    def spec(cls, options: Any) -> tuple[tuple[int, ...], int]:
+        return (cls.input_features,), cls.outputs
 
     def __post_init__(self) -> None:
         self.amplitude = _check_range("amplitude", self.amplitude)

@@ -1,0 +1,159 @@
+"""Bring your own task, model and algorithm: registries, per-component config validation, and the whole tool chain
+(train, eval, resume, compare, plot, load_learner) for components defined outside metagrad."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad.build import build_learner
+from metagrad.cli import main
+from metagrad.config import Config, config_from_dict, load_config
+from metagrad.errors import ConfigError
+from metagrad.registry import registered, resolve
+from metagrad.run import load_learner
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+USER = ["task.name=wave2d_plugin:Wave2D", "model.name=wave2d_plugin:ResMLP", "model.width=8", "task.shots=5",
+        "task.queries=5", "train.iterations=6", "train.meta_batch=4", "train.val_every=3", "train.checkpoint_every=3",
+        "train.log_every=3", "train.val_tasks=4", "train.threads=1", "eval.tasks=6", "eval.steps=2",
+        "eval.shots=[5]"]  # fmt: skip
+
+
+@pytest.fixture
+def plugins(monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGINS))  # the user's package is importable, as after `pip install -e`
+    monkeypatch.setenv("PYTHONPATH", str(PLUGINS))  # for compare's worker processes
+
+
+def test_shipped_components_are_registered_like_a_users():
+    assert {"sinusoid", "omniglot"} <= set(registered("task"))
+    assert {"mlp", "conv4"} <= set(registered("model"))
+    assert {"maml", "fomaml", "metasgd", "maml_enhanced", "reptile", "pretrain", "oracle"} <= set(
+        registered("algorithm")
+    )
+    assert resolve("algorithm", "metagrad.algorithms.maml:MAML").name == "maml"
+
+
+def test_user_components_go_through_train_eval_resume_compare_and_plot(plugins, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *USER]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"]["task"]["name"] == "wave2d_plugin:Wave2D" and record["config"]["model"]["width"] == 8
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--json", str(out), "--plot", str(tmp_path / "eval.png")]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "wave2d" and len(result["results"][0]["mse"]) == 3
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    # Resume: kill after the first checkpoint (simulated by training to 3), then continue to 6: bit-identical.
+    half = tmp_path / "half"
+    assert main(["train", "--out", str(half), "--no-progress", *USER, "train.iterations=3"]) == 0
+    assert main(["train", "--out", str(half), "--resume", "--no-progress", "train.iterations=6"]) == 0
+    _, full_learner, _ = load_learner(run)
+    _, resumed, _ = load_learner(half)
+    for k, v in full_learner.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert isinstance(full_learner.model, torch.nn.Module) and type(full_learner.model).__name__ == "ResMLP"
+    cmp = tmp_path / "cmp"
+    argv = ["compare", "--out", str(cmp), "--no-progress", "--workers", "1", "--algorithms", "maml", "maml_enhanced",
+            "--tasks", "6", *USER, "algorithm.inner_steps=2"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((cmp / "results.json").read_text())
+    assert [r["algorithm"] for r in data["results"]] == ["maml", "maml_enhanced"]
+    assert data["task"] == "wave2d_plugin:Wave2D"
+    assert main(["plot", str(cmp)]) == 0 and (cmp / "adaptation.png").is_file()
+    # A user's algorithm with a user's inner rule, by import path, on the user's task and model.
+    own = tmp_path / "own"
+    assert main(["train", "--out", str(own), "--no-progress", *USER, "algorithm.name=wave2d_plugin:ClippedMAML",
+                 "algorithm.max_norm=0.5"]) == 0  # fmt: skip
+    _, learner, _ = load_learner(own)
+    assert type(learner).__name__ == "ClippedMAML" and learner.rule.max_norm == 0.5
+    assert main(["eval", str(own), "--tasks", "4"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "phrase"),
+    [
+        ("task.name=nowhere_plugin:Wave", "cannot import module 'nowhere_plugin'"),
+        ("task.name=wave2d_plugin:Nothing", "has no attribute 'Nothing'"),
+        ("task.name=wave2d_plugin:dataclass", "is not a registered task"),
+        ("task.name=wav2d", "is not a registered task"),
+    ],
+)
+def test_a_missing_or_unregistered_component_is_one_line_exit_2(plugins, tmp_path, capsys, override, phrase):
+    assert main(["train", "--out", str(tmp_path / "r"), "--no-progress", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and phrase in err[0], err
+
+
+ALGORITHM_KEYS = {
+    "inner_batch": 3, "inner_optimizer": "adam", "persist_inner_state": False, "lslr": True, "curvature": False,
+    "per_layer_lr": True, "anil": True, "first_order": True, "multi_step_loss": True, "eval_inner_lr": 0.05,
+    "msl_epochs": 3, "rate_parameterization": "raw", "lslr_beyond": "last", "first_order_iterations": 2,
+    "epoch_iterations": 3, "inner_steps": 2, "inner_lr": 0.02,
+}  # fmt: skip
+
+
+def _fingerprint(learner) -> str:
+    """What a learner was built with: its module tree (rule and its settings) and its training options."""
+    attrs = ("inner_steps", "first_order", "multi_step_loss", "msl_epochs", "epoch_iterations",
+             "first_order_iterations", "inner_batch", "inner_optimizer", "persist_inner_state", "fast")  # fmt: skip
+    return repr((repr(learner), repr(learner.eval_rule), [getattr(learner, a, None) for a in attrs]))
+
+
+@pytest.mark.parametrize("algorithm", sorted(registered("algorithm")))
+def test_every_algorithm_key_is_honoured_or_rejected_naming_the_algorithm(algorithm):
+    """A key the algorithm does not have is an error; a key it has changes what is built or, where a switch it
+    depends on is off, is an error too (no silent ignoring)."""
+    config = resolve("algorithm", algorithm).config
+    keys = {f.name for f in dataclasses.fields(config)}
+    for key, value in ALGORITHM_KEYS.items():
+        if key in keys and getattr(config(), key) == value:  # choose a value that differs from the default
+            value = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else value * 1.5
+        overrides = [f"algorithm.name={algorithm}", f"algorithm.{key}={json.dumps(value)}"]
+        if key not in keys:
+            with pytest.raises(ConfigError, match=f"unknown key algorithm.{key} for algorithm '{algorithm}'"):
+                load_config(None, overrides)
+            continue
+        try:
+            cfg = load_config(None, overrides)
+        except ConfigError as e:  # rejected, saying why: it would be ignored
+            assert f"algorithm.{key} applies only with" in str(e)
+            continue
+        assert getattr(cfg.algorithm, key) == value
+        before = _fingerprint(build_learner(load_config(None, overrides[:1])))
+        changed = _fingerprint(build_learner(cfg)) != before
+        assert changed, f"{algorithm}: algorithm.{key} = {value!r} changed nothing"
+
+
+def test_maml_enhanced_ablation_builds_maml_plus_lslr():
+    learner = build_learner(load_config(None, ["algorithm.name=maml_enhanced", "algorithm.curvature=false"]))
+    assert type(learner.rule).__name__ == "LSLR" and not any(k.startswith("curvature") for k in learner.meta_state)
+
+
+def test_config_objects_reject_typos_and_wrong_types_when_set():
+    cfg = Config()
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        cfg.train.iteration = 7
+    with pytest.raises(ConfigError, match="train.iterations must be an integer"):
+        cfg.train.iterations = "20"
+    with pytest.raises(ConfigError, match="algorithm 'maml'"):
+        cfg.algorithm.inner_batch = 3
+    with pytest.raises(AttributeError):
+        cfg.trian = 3
+    cfg.algorithm.name = "reptile"
+    assert cfg.algorithm.inner_batch == 10 and not hasattr(cfg.algorithm, "first_order")
+    back = config_from_dict(cfg.to_dict())
+    assert back == cfg
+
+
+def test_old_run_records_with_keys_that_no_longer_apply_still_load():
+    old = Config().to_dict()
+    old["algorithm"]["inner_batch"] = 10  # written when every algorithm held every key
+    with pytest.raises(ConfigError):
+        config_from_dict(old)
+    assert config_from_dict(old, strict=False).algorithm.name == "maml"
