@@ -39,6 +39,19 @@ class TensorView(MutableMapping[str, Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._items())
 
+    # One walk of the owner's tensors, not one per key (the training loop reads these every iteration).
+    def items(self):  # type: ignore[override]
+        return self._items().items()
+
+    def values(self):  # type: ignore[override]
+        return self._items().values()
+
+    def keys(self):  # type: ignore[override]
+        return self._items().keys()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items()
+
     def __len__(self) -> int:
         return len(self._items())
 

@@ -381,10 +381,10 @@ class MetaLearner(nn.Module):
             batch = batch.split(shard[1], shard[0])
         fn = self._compiled or self._meta_gradient
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        params = _detach(self.params if params is None else params)
-        trainable = set(self.trainable)
-        learned = {k: v for k, v in params.items() if k in trainable}
-        frozen = {k: v for k, v in params.items() if k not in trainable}
+        named = dict(self.model.named_parameters())
+        params = _detach(named if params is None else params)
+        learned = {k: v for k, v in params.items() if named[k].requires_grad}
+        frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
         args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
         with self._explain_transform_errors(lambda: self._meta_gradient(*args)):
             with self._task_randomness(generator, batch.support_x.device):
@@ -440,13 +440,15 @@ class MetaLearner(nn.Module):
         learner counts its own ``backward`` calls."""
         it = self.iteration if iteration is None else int(iteration)
         gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
-        for view, grads in ((self.params, gp), (self.meta_state, gm)):
+        for tree, grads in ((dict(self.model.named_parameters()), gp), (self.rule.learned.tensors(), gm)):
             for k, g in grads.items():
-                p = view[k]
+                p = tree[k]
                 if not p.requires_grad:
                     continue
-                g = g.detach().to(p.dtype)
-                p.grad = g.clone() if p.grad is None else p.grad + g
+                if p.grad is None:  # the meta-step's outputs are fresh tensors: no copy needed
+                    p.grad = g.detach().to(p.dtype)
+                else:
+                    p.grad.add_(g.detach())
         if self.training:
             self.track_statistics(batch)
         if iteration is None:
@@ -458,7 +460,7 @@ class MetaLearner(nn.Module):
         """Raise a DataError if ``batch`` does not fit this learner (its dtype, labels or target shapes)."""
         if not isinstance(batch, TaskBatch):
             raise DataError(f"expected a TaskBatch, got {type(batch).__name__}")
-        ref = next(iter(self.params.values()))
+        ref = next(self.model.parameters())
         for field in ("support_x", "query_x"):
             x = getattr(batch, field)
             if x.is_floating_point() and x.dtype != ref.dtype:
@@ -580,7 +582,7 @@ class MetaLearner(nn.Module):
     @property
     def tracks_statistics(self) -> bool:
         """Whether the network has batch-norm running statistics that training updates."""
-        return (self.per_step and bool(self.buffers)) or _has_running_statistics(self.model)
+        return (self.per_step and any(True for _ in self.model.buffers())) or _has_running_statistics(self.model)
 
     @torch.no_grad()
     def track_statistics(self, batch: TaskBatch, tasks: int = 4) -> None:
