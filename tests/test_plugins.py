@@ -73,6 +73,22 @@ def test_user_components_go_through_train_eval_resume_compare_and_plot(plugins, 
     _, learner, _ = load_learner(own)
     assert type(learner).__name__ == "ClippedMAML" and learner.rule.max_norm == 0.5
     assert main(["eval", str(own), "--tasks", "4"]) == 0
+    # metagrad adapt: the user's 2-D points in, predictions out, equal to learner.adapt + predict.
+    (tmp_path / "s.csv").write_text("x1,x2,y\n0.5,1.0,0.9\n-1.0,2.0,1.5\n2.0,-0.5,-0.2\n")
+    import numpy as np
+
+    np.save(tmp_path / "q.npy", np.array([[0.0, 0.0], [1.0, 1.0]]))
+    assert main(["adapt", str(run), "--support", str(tmp_path / "s.csv"), "--query", str(tmp_path / "q.npy"),
+                 "--steps", "2", "--out", str(tmp_path / "p.csv")]) == 0  # fmt: skip
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "x0,x1,prediction" and len(rows) == 3
+    sx = torch.tensor([[0.5, 1.0], [-1.0, 2.0], [2.0, -0.5]])
+    adapted = full_learner.adapt(sx, torch.tensor([[0.9], [1.5], [-0.2]]), steps=2)
+    expected = full_learner.predict(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), adapted, step=2)
+    assert [float(r.split(",")[-1]) for r in rows[1:]] == pytest.approx(expected[:, 0].tolist(), rel=1e-5)
+    (tmp_path / "bad.csv").write_text("1,2,3\n4,5\n")
+    assert main(["adapt", str(run), "--support", str(tmp_path / "bad.csv"), "--query", str(tmp_path / "q.npy")]) == 2
+    assert "different numbers of columns" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

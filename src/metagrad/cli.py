@@ -36,6 +36,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="metagrad", description="Vectorised gradient-based meta-learning on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -95,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
         "algorithm runs with its own defaults and the keys the file sets",
     )  # fmt: skip
     c.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of --config")
+
+    a = sub.add_parser(
+        "adapt", help="adapt a trained run to your points and predict",
+        description="Adapt a trained run to the support points of a new task and write its predictions on query "
+        "points (the command-line form of learner.adapt and learner.predict). Files: CSV, .npy or .npz (see "
+        "metagrad.pointfiles).",
+    )  # fmt: skip
+    a.add_argument("run", type=Path, help="a run directory")
+    a.add_argument("--support", type=Path, required=True, help="support points: inputs then the target per row")
+    a.add_argument("--query", type=Path, required=True, help="query inputs, one point per row")
+    a.add_argument("--steps", type=_non_negative, help="inner steps (default: the run's)")
+    a.add_argument("--out", type=Path, help="CSV or .npy of predictions (default: CSV on standard output)")
+    a.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint name")
 
     pl = sub.add_parser("plot", help="redraw figures", description="Redraw the figures of a run or comparison.")
     pl.add_argument("run", type=Path, help="a run directory or a `metagrad compare` directory")
@@ -220,6 +243,39 @@ def _eval_lake(args: argparse.Namespace, cfg, learner, device) -> int:
     return 0
 
 
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from metagrad.errors import DataError
+    from metagrad.pointfiles import read_points, write_predictions
+    from metagrad.run import load_learner
+    from metagrad.tasks import TaskBatch
+
+    cfg, learner, _ = load_learner(args.run, args.checkpoint)
+    sx, sy = read_points(args.support, with_targets=True)
+    qx, _ = read_points(args.query, with_targets=False)
+    dtype = next(learner.parameters()).dtype
+    x_support = torch.as_tensor(sx, dtype=dtype)
+    classification = learner.loss_name == "cross_entropy"
+    y = torch.as_tensor(sy, dtype=torch.int64 if classification else dtype)
+    if classification:
+        y = y.reshape(-1)
+    if x_support.shape[1:] != torch.Size(qx.shape[1:]):
+        raise DataError(f"support inputs have shape {tuple(x_support.shape[1:])} per point, queries {qx.shape[1:]}")
+    learner.check_batch(TaskBatch(x_support[None], y[None], x_support[None], y[None]))  # targets fit the model
+    adapted = learner.adapt(x_support, y, steps=args.steps)
+    steps = learner.inner_steps if args.steps is None else args.steps
+    pred = learner.predict(torch.as_tensor(qx, dtype=dtype), adapted, step=steps)
+    if classification:
+        pred = torch.cat([pred.argmax(-1, keepdim=True).to(pred.dtype), pred.softmax(-1)], dim=-1)
+    text = write_predictions(args.out, qx, pred.numpy())
+    if args.out is None:
+        print(text, end="")
+    else:
+        print(f"adapted {learner.name} to {len(sx)} support points in {steps} steps; wrote {args.out}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from metagrad.build import build_task
     from metagrad.checkpoint import read_json
@@ -261,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from metagrad.errors import DivergenceError, MetagradError
 
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "compare": _cmd_compare}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "compare": _cmd_compare, "adapt": _cmd_adapt}
     # Under torchrun every rank meets the same error (see distributed.on_main); rank 0 alone says it.
     speak = os.environ.get("RANK", "0") == "0"
     try:
