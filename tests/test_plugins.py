@@ -173,3 +173,22 @@ def test_old_run_records_with_keys_that_no_longer_apply_still_load():
     with pytest.raises(ConfigError):
         config_from_dict(old)
     assert config_from_dict(old, strict=False).algorithm.name == "maml"
+
+
+def test_old_maml_enhanced_records_and_reptile_checkpoints_keep_their_meaning(tmp_path):
+    """Records from when every algorithm held every key: maml_enhanced's stored curvature = false and
+    multi_step_loss = false were ignored then (the preset had both on), so they are now; Reptile's inner Adam
+    moments were saved as extra.reptile.*."""
+    from metagrad import MLP, Reptile
+    from metagrad.run import load_state
+
+    old = Config().to_dict()
+    old["algorithm"] = {**old["algorithm"], "name": "maml_enhanced", "inner_batch": 10, "curvature": False,
+                        "multi_step_loss": False, "inner_steps": 3}  # fmt: skip
+    cfg = config_from_dict(old, strict=False)
+    assert cfg.algorithm.curvature and cfg.algorithm.multi_step_loss and cfg.algorithm.inner_steps == 3
+    learner = Reptile(MLP(), inner_optimizer="adam")
+    weights = {f"params.{k}": v.detach() + 1 for k, v in learner.params.items()}
+    weights |= {f"extra.{learner.legacy_names[k]}": torch.full_like(v, 0.5) for k, v in learner.extra_state.items()}
+    load_state(learner, weights, tmp_path)
+    assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in learner.extra_state.values())

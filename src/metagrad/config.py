@@ -287,6 +287,10 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, strict: b
         values = dict(values)
         if section in COMPONENT_SECTIONS and "name" in values:
             obj.name = values.pop("name")
+        known = obj.keys if isinstance(obj, Section) else _hints(type(obj))
+        legacy = getattr(obj.options, "legacy", None) if isinstance(obj, Section) else None
+        if not strict and legacy is not None and any(k not in known for k in values):
+            values = legacy(values)  # a record from when every section held every key: what it meant then
         for key, value in values.items():
             if not strict and key not in (obj.keys if isinstance(obj, Section) else _hints(type(obj))):
                 continue

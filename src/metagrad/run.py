@@ -101,6 +101,8 @@ def load_state(learner: MetaLearner, weights: dict[str, torch.Tensor], path: Pat
     for group, tree in learner.state_tensors().items():
         for key in list(tree):
             name = f"{group}.{key}"
+            if name not in weights:  # a checkpoint written under an older name of the same tensor
+                name = f"{group}.{learner.legacy_names.get(key, key)}"
             if name not in weights or weights[name].shape != tree[key].shape:
                 raise CheckpointError(
                     f"{path / 'weights.safetensors'} does not match this run's config (tensor {name!r})"

@@ -237,6 +237,11 @@ class MetaLearner(nn.Module):
             if p.requires_grad and self._select(n, p) and not (meta_only and n.startswith(meta_only))
         ]
 
+    @property
+    def legacy_names(self) -> dict[str, str]:
+        """Older checkpoint names of this learner's tensors (by their present names), for loading old runs."""
+        return {}
+
     def state_tensors(self) -> dict[str, TensorView]:
         """What a checkpoint holds, by group (live views)."""
         return {"params": self.params, "meta": self.meta_state, "extra": self.extra_state, "buffers": self.buffers}

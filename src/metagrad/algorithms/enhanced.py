@@ -41,6 +41,12 @@ class MAMLEnhancedConfig:
     first_order_iterations: int = 0
     anil: bool = False
 
+    @staticmethod
+    def legacy(values: dict[str, Any]) -> dict[str, Any]:
+        """A run record from before per-algorithm configs: its ``curvature`` and ``multi_step_loss`` (the shared
+        section's defaults, false) were ignored then, the preset always had both on."""
+        return {k: v for k, v in values.items() if k not in ("curvature", "multi_step_loss")}
+
     def validate(self, cfg: Any) -> None:
         check_switches(self, {"msl_epochs": "multi_step_loss", "epoch_iterations": "multi_step_loss"})
         if self.inner_steps == 0:

@@ -84,6 +84,11 @@ class Reptile(MetaLearner):
         for k, v in self.rule.init_state({k: p.detach() for k, p in self.params.items() if k in self.fast}).items():
             self.extra.add(k, v)
 
+    @property
+    def legacy_names(self) -> dict[str, str]:
+        """Checkpoints from before inner rules carried state named the inner Adam's moments ``reptile.*``."""
+        return {k: "reptile." + k.removeprefix("adam.") for k in self.extra_state if k.startswith("adam.")}
+
     @classmethod
     def from_config(cls, options: ReptileConfig, model: nn.Module, spec: Any) -> Reptile:
         if getattr(model, "per_step", False):
