@@ -192,3 +192,21 @@ def test_old_maml_enhanced_records_and_reptile_checkpoints_keep_their_meaning(tm
     weights |= {f"extra.{learner.legacy_names[k]}": torch.full_like(v, 0.5) for k, v in learner.extra_state.items()}
     load_state(learner, weights, tmp_path)
     assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in learner.extra_state.values())
+
+
+def test_review_fixes_configs_pickle_user_rules_and_compare_keys(plugins, tmp_path):
+    import pickle
+
+    from metagrad.compare import config_for
+    from metagrad.config import raw_config
+
+    cfg = load_config(None, ["algorithm.name=reptile", "algorithm.inner_batch=4"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg  # spawn workers can receive a Config
+    # A user's component is judged by its own rules, not the shipped components' tables for the same key names.
+    assert load_config(None, ["model.name=wave2d_plugin:ResMLP", "model.width=3"]).model.width == 3
+    # compare --config: what the user set is what each algorithm gets, even where it equals a default.
+    raw = raw_config(None, ["algorithm.inner_steps=1", "algorithm.inner_lr=0.01"])
+    reptile = config_for("reptile", "default", "sinusoid", raw)
+    assert (reptile.algorithm.inner_steps, reptile.algorithm.inner_lr) == (1, 0.01)
+    with pytest.raises(ConfigError, match="must look like 'package.module:Class'"):
+        load_config(None, ["task.name=:Wave2D"])

@@ -82,3 +82,13 @@ def test_reptile_takes_any_rule_and_keeps_its_state_in_extra_state():
     assert learner.extra_state["adam.t"].item() == 2
     assert all(learner.extra_state[f"adam.v.{k}"].abs().sum() > 0 for k in learner.fast)
     assert isinstance(learner.eval_rule, SGD)
+
+
+def test_second_order_through_inner_adam_is_finite_where_an_inner_gradient_is_exactly_zero():
+    torch.manual_seed(0)
+    model = MLP(1, (8,), 1, "relu").double()
+    with torch.no_grad():
+        model[0].bias[:3] = -100.0  # dead units: their inner gradients are exactly 0
+    learner = MAML(model, Adam(0.05), inner_steps=2)
+    gp, _, _ = learner.meta_gradient(Sinusoid().sample(3, 5, 5, gen(0)).to("cpu", F64), 0)
+    assert all(torch.isfinite(g).all() for g in gp.values())

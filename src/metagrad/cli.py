@@ -138,9 +138,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = args.out
     base = None
     if args.config is not None or args.overrides:
-        from metagrad.config import load_config
+        from metagrad.config import raw_config
 
-        base = load_config(args.config, args.overrides)
+        base = raw_config(args.config, args.overrides)  # only what the file and overrides set
         if not args.algorithms:
             raise _usage("compare --config needs --algorithms A B ...")
     default = COMPARE_ALGORITHMS if args.task == "sinusoid" else OMNIGLOT_COMPARE_ALGORITHMS
@@ -244,31 +244,43 @@ def _eval_lake(args: argparse.Namespace, cfg, learner, device) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
+    from metagrad.build import task_spec
     from metagrad.errors import DataError
+    from metagrad.evaluate import set_bn_statistics
     from metagrad.pointfiles import read_points, write_predictions
     from metagrad.run import load_learner
     from metagrad.tasks import TaskBatch
 
     cfg, learner, _ = load_learner(args.run, args.checkpoint)
+    set_bn_statistics(learner, cfg.eval.bn_statistics)  # queries normalised as `metagrad eval` does
     sx, sy = read_points(args.support, with_targets=True)
     qx, _ = read_points(args.query, with_targets=False)
     dtype = next(learner.parameters()).dtype
-    x_support = torch.as_tensor(sx, dtype=dtype)
     classification = learner.loss_name == "cross_entropy"
     y = torch.as_tensor(sy, dtype=torch.int64 if classification else dtype)
     if classification:
         y = y.reshape(-1)
-    if x_support.shape[1:] != torch.Size(qx.shape[1:]):
-        raise DataError(f"support inputs have shape {tuple(x_support.shape[1:])} per point, queries {qx.shape[1:]}")
+    shape = task_spec(cfg).input_shape
+    for what, x in (("support", sx), ("query", qx)):
+        if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            raise DataError(f"{what} points have {tuple(x.shape[1:])} inputs each; this run's model takes {shape}")
+    x_support = torch.as_tensor(sx, dtype=dtype).reshape(len(sx), *shape)
+    qx = qx.reshape(len(qx), *shape)
+    if classification and not np.all(np.equal(np.mod(sy, 1), 0)):
+        raise DataError("support targets of a classification run must be integer class labels")
     learner.check_batch(TaskBatch(x_support[None], y[None], x_support[None], y[None]))  # targets fit the model
     adapted = learner.adapt(x_support, y, steps=args.steps)
     steps = learner.inner_steps if args.steps is None else args.steps
     pred = learner.predict(torch.as_tensor(qx, dtype=dtype), adapted, step=steps)
     if classification:
         pred = torch.cat([pred.argmax(-1, keepdim=True).to(pred.dtype), pred.softmax(-1)], dim=-1)
-    text = write_predictions(args.out, qx, pred.numpy())
+    try:
+        text = write_predictions(args.out, qx, pred.numpy())
+    except OSError as e:
+        raise DataError(f"cannot write {args.out}: {e.strerror or e}") from None
     if args.out is None:
         print(text, end="")
     else:

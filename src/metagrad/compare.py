@@ -36,9 +36,8 @@ def config_for(algorithm: str, budget: str, task: str, base: dict[str, Any] | No
 
     if base is None:
         return preset(algorithm, budget, task)
-    cfg = config_from_dict(base)
-    cfg.algorithm.name = algorithm
-    return cfg.validate()
+    data = {**base, "algorithm": {**base.get("algorithm", {}), "name": algorithm}}
+    return config_from_dict(data).validate()
 
 
 def run_name(algorithm: str) -> str:
@@ -104,7 +103,8 @@ def _train_and_eval(
 def _cell(r: dict[str, Any], step: int) -> str:
     if "accuracy" in r:
         return f"{100 * r['accuracy'][step]:.1f} ± {100 * r['ci95'][step]:.1f} %"
-    m, c = r["mse"][step], r["ci95"][step]
+    key = next(k for k in r if k not in ("shots", "steps", "ci95", "diverged"))  # the metric: mse, or a user's
+    m, c = r[key][step], r["ci95"][step]
     if not m < 1e6:
         return f"{m:.2g} (diverged)"
     return f"{m:.3f} ± {c:.3f}" if m >= 0.01 else f"{m:.1e} ± {c:.0e}"
@@ -134,7 +134,8 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], header: str) -> Non
 
     table = report_table(results)
     r0 = results[0]
-    what = "MSE" if r0["task"] == "sinusoid" else f"{r0.get('ways')}-way query accuracy"
+    metric = r0.get("metric", "mse")
+    what = f"{r0.get('ways')}-way query accuracy" if metric == "accuracy" else metric.replace("mse", "MSE")
     notes = [
         f"Test set: {r0['tasks']} fixed tasks per shot count, {r0['scoring']} scoring; {what} ± 95% CI (1.96·σ/√n).",
         "Learned per-step rates (MAML Enhanced) stop after their trained steps: later steps leave the weights be.",
@@ -193,14 +194,16 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``.
 
-    ``base`` (a :class:`metagrad.config.Config`) compares them on a user's config (task, model, training)
-    instead of a shipped benchmark's presets."""
+    ``base`` compares them on a user's config (task, model, training) instead of a shipped benchmark's presets:
+    the nested dict of what the user set (:func:`metagrad.config.raw_config`), or a whole Config."""
     from metagrad.build import build_task, resolve_device
+    from metagrad.config import Config
     from metagrad.presets import COMPARE_ALGORITHMS
 
-    base_dict = base.to_dict() if base is not None else None
-    if base is not None:
-        task = base.task.name
+    # Only the keys the user set: a Config holds every default, which would pin the algorithms' own.
+    base_dict = base.to_dict() if isinstance(base, Config) else base
+    if base_dict is not None:
+        task = base_dict.get("task", {}).get("name", "sinusoid")
 
     def preset(a: str, budget: str, task: str) -> Any:
         return config_for(a, budget, task, base_dict)

@@ -103,9 +103,11 @@ def evaluate(
         diverged = (~torch.isfinite(curve)).sum(0).tolist()
         entry = {"shots": int(k), "steps": list(range(steps + 1)), metric: mean, "ci95": ci, "diverged": diverged}
         results.append(entry)
-    out = {"algorithm": learner.name, "task": dist.name, "scoring": scoring, "tasks": tasks, "results": results}
+    name = getattr(dist, "name", type(dist).__name__)
+    out = {"algorithm": learner.name, "task": name, "scoring": scoring, "tasks": tasks, "results": results}
     if metric != "mse":
-        out = {**out, "metric": metric, "scoring": "query", "ways": getattr(dist, "ways", None), **_bn_mode(learner)}
+        scoring = scoring if isinstance(dist, Sinusoid) else "query"
+        out = {**out, "metric": metric, "scoring": scoring, "ways": getattr(dist, "ways", None), **_bn_mode(learner)}
     return out
 
 
@@ -114,7 +116,7 @@ def format_table(result: dict[str, Any], columns: Sequence[int] | None = None) -
     steps = result["results"][0]["steps"]
     cols = list(columns) if columns is not None else sorted({0, 1, min(5, steps[-1]), steps[-1]})
     metric = result.get("metric", "mse")
-    if metric != "mse":
+    if metric == "accuracy":
         return _format_accuracy(result, cols)
     head = f"{'shots':>5} | " + " | ".join(f"{f'step {s}':>17}" for s in cols)
     lines = [
@@ -123,7 +125,7 @@ def format_table(result: dict[str, Any], columns: Sequence[int] | None = None) -
     ]
     lines.append("-" * len(head))
     for r in result["results"]:
-        cells = [f"{r['mse'][s]:>8.4f} ± {r['ci95'][s]:<6.4f}" for s in cols]
+        cells = [f"{r[metric][s]:>8.4f} ± {r['ci95'][s]:<6.4f}" for s in cols]
         lines.append(f"{r['shots']:>5} | " + " | ".join(cells))
     for r in result["results"]:
         bad = [(s, d) for s, d in zip(r["steps"], r.get("diverged", []), strict=False) if d]

@@ -20,8 +20,9 @@ __all__ = ["plot_curves", "draw_curves", "draw_fit", "plot_eval", "plot_fits"]
 
 def draw_curves(ax: Any, curves: Sequence[tuple[str, dict[str, Any]]], log: bool = True) -> None:
     """Mean MSE against inner steps with a shaded 95 % CI, one line per (label, result-entry)."""
-    metric = "accuracy" if curves and "accuracy" in curves[0][1] else "mse"
-    log = log and metric == "mse"
+    first = curves[0][1] if curves else {}
+    metric = next((k for k in first if k not in ("shots", "steps", "ci95", "diverged")), "mse")
+    log = log and metric != "accuracy"
     for label, r in curves:
         steps = r["steps"]
         mean, ci = torch.tensor(r[metric]), torch.tensor(r["ci95"])
@@ -37,7 +38,8 @@ def draw_curves(ax: Any, curves: Sequence[tuple[str, dict[str, Any]]], log: bool
             ax.text(0.02, 0.98, "curves leaving the frame diverged on some tasks", transform=ax.transAxes,
                     va="top", fontsize=7, color="0.3")  # fmt: skip
     ax.set_xlabel("inner gradient steps at test time")
-    ax.set_ylabel("mean squared error (mean ± 95% CI)" if metric == "mse" else "query accuracy (mean ± 95% CI)")
+    names = {"mse": "mean squared error", "accuracy": "query accuracy"}
+    ax.set_ylabel(f"{names.get(metric, metric)} (mean ± 95% CI)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 

@@ -23,7 +23,10 @@ SUFFIXES = (".csv", ".npy", ".npz")
 
 def _table(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        table = np.load(path, allow_pickle=False)
+        if table.dtype.kind not in "biuf":
+            raise DataError(f"{path} must hold numbers, got {table.dtype}")
+        return table.astype(np.float64)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path} holds no rows")
@@ -52,7 +55,10 @@ def read_points(path: str | Path, with_targets: bool) -> tuple[np.ndarray, np.nd
             with np.load(path, allow_pickle=False) as data:
                 if "x" not in data or (with_targets and "y" not in data):
                     raise DataError(f"{path} must hold the arrays 'x'{' and y' if with_targets else ''}")
-                return data["x"], (data["y"] if with_targets else None)
+                arrays = [data["x"], data["y"]] if with_targets else [data["x"]]
+            if any(a.dtype.kind not in "biuf" for a in arrays) or any(len(a) == 0 for a in arrays):
+                raise DataError(f"{path}: 'x' and 'y' must be non-empty arrays of numbers")
+            return arrays[0], (arrays[1] if with_targets else None)
         table = _table(path)
     except DataError:
         raise

@@ -141,10 +141,15 @@ def resolve(kind: str, name: str) -> Component:
             f"or name your own as 'package.module:Class'"
         )
     module_name, _, attr = name.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise ConfigError(f"{kind}.name = {name!r} must look like 'package.module:Class' (an absolute module path)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{kind}.name = {name!r}: cannot import module {module_name!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while being imported
+        failure = f"{type(e).__name__}: {e}"
+        raise ConfigError(f"{kind}.name = {name!r}: importing {module_name!r} failed ({failure})") from None
     target = getattr(module, attr, None)
     if target is None:
         raise ConfigError(f"{kind}.name = {name!r}: module {module_name!r} has no attribute {attr!r}")

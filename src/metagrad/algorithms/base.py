@@ -139,7 +139,7 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"adapt_only={adapt_only!r} matches no trainable parameter of the model")
         self.rule.bind({n: p.detach() for n, p in self.params.items() if n in self.fast})
         self.extra = NamedTensors(learned=False)  # non-learned state that must survive a checkpoint
-        self.iteration = 0  # counts backward() calls made without an explicit iteration
+        self.register_buffer("backward_calls", torch.zeros((), dtype=torch.int64))
         self._compiled: Callable[..., Any] | None = None
         self._x_ndim: int | None = None
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
@@ -161,6 +161,16 @@ class MetaLearner(nn.Module):
         if not linear:
             raise ConfigError(f"{type(model).__name__} has no head and no nn.Linear for ANIL to adapt")
         return linear[-1]
+
+    @property
+    def iteration(self) -> int:
+        """backward() calls made without an explicit iteration: the schedule's clock of a module-API loop (a
+        buffer, so that ``state_dict()`` carries it and a resumed loop keeps first-order iterations and MSL)."""
+        return int(self.backward_calls)
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.backward_calls.fill_(int(value))
 
     # ----- construction helpers -------------------------------------------------------------------------
     @staticmethod
@@ -355,15 +365,20 @@ class MetaLearner(nn.Module):
         self._compiled = torch.compile(self._meta_gradient, **options)
 
     @contextlib.contextmanager
-    def _task_randomness(self, generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
+    def _task_randomness(
+        self, generator: torch.Generator | None, device: torch.device, rank: int = 0
+    ) -> Iterator[None]:
         """Random layers draw from a seed taken from ``generator`` (the trainer's, checkpointed), so that a resumed
-        run stays bit-identical; the global RNG is left as it was."""
+        run stays bit-identical; each distributed rank offsets it by its rank, so that shards draw different masks
+        (the masks then differ from one process's: dropout runs are reproducible per world size). The global RNG,
+        CPU and CUDA, is left as it was."""
         if not (self.random and self.model.training and generator is not None):
             yield
             return
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) + int(rank)
+        # torch.manual_seed seeds every CUDA device too: fork them all, not only the one in use.
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
 
@@ -392,7 +407,7 @@ class MetaLearner(nn.Module):
         frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
         args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
         with self._explain_transform_errors(lambda: self._meta_gradient(*args)):
-            with self._task_randomness(generator, batch.support_x.device):
+            with self._task_randomness(generator, batch.support_x.device, shard[0]):
                 return fn(*args)
 
     @contextlib.contextmanager

@@ -135,7 +135,8 @@ class Reptile(MetaLearner):
         iteration: int = 0,
         generator: torch.Generator | None = None,
         shard: tuple[int, int] = (0, 1),
-        **_: Any,
+        params: dict[str, Tensor] | None = None,
+        meta: dict[str, Tensor] | None = None,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
         self.check_batch(batch)
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
@@ -147,15 +148,16 @@ class Reptile(MetaLearner):
         idx = keys.argsort(dim=-1)[..., :mb].to(x.device)
         if shard[1] > 1:
             if b % shard[1]:
-                raise ValueError(f"cannot split {b} tasks into {shard[1]} equal shards")
+                raise ConfigError(f"cannot split {b} tasks into {shard[1]} equal shards")
             size = b // shard[1]
             part = slice(shard[0] * size, (shard[0] + 1) * size)
             x, y, idx = x[part], y[part], idx[part]
         state = _detach(self.extra_state)
         fn = self._compiled or self._reptile_step
-        params, meta = _detach(self.params), _detach(self.meta_state)
+        params = _detach(self.params if params is None else params)
+        meta = _detach(self.meta_state if meta is None else meta)
         with self._explain_transform_errors(lambda: self._reptile_step(params, meta, state, (x, y, idx))):
-            with self._task_randomness(generator, x.device):
+            with self._task_randomness(generator, x.device, shard[0]):
                 delta, new_state, metrics = fn(params, meta, state, (x, y, idx))
         if self.persist_inner_state:
             for k, v in new_state.items():

@@ -59,5 +59,9 @@ class Adam(InnerRule):
                 m = self.beta1 * state[f"{p}.m.{n}"] + (1 - self.beta1) * g
                 new[f"{p}.m.{n}"] = m
                 m = m / (1 - self.beta1**t)
-            out[n] = self.lr * m / ((v / (1 - self.beta2**t)).sqrt() + self.eps)
+            v_hat = v / (1 - self.beta2**t)
+            # sqrt has an infinite derivative at 0 (an exactly-zero inner gradient): second order would give NaN.
+            positive = v_hat > 0
+            root = torch.where(positive, torch.where(positive, v_hat, torch.ones_like(v_hat)).sqrt(), 0.0)
+            out[n] = self.lr * m / (root + self.eps)
         return out, new
