@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from metagrad.build import build_learner
-from metagrad.distributed import World, all_reduce_mean
+from metagrad.distributed import all_reduce_mean, init_world, shutdown_world
 from metagrad.presets import preset
 from metagrad.run import load_learner
 from metagrad.tasks import Sinusoid
@@ -47,31 +48,53 @@ def _grads(algorithm: str, shard: tuple[int, int]) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Started as torchrun starts a rank: its environment, and a store that the parent hosts (like torchrun's agent),
+    # so that no rank has to bind a port that was free a moment ago.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")  # fmt: skip
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    world, _ = init_world(torch.device("cpu"))
+    group = weakref.ref(dist.group.WORLD)
     try:
         for algorithm in ALGORITHMS:
-            grads = _grads(algorithm, (rank, 2))
-            reduced = all_reduce_mean(list(grads.values()), World(rank, 2, rank))
+            grads = _grads(algorithm, (rank, 2))  # imports torch._dynamo, as torch.optim does in training
+            reduced = all_reduce_mean(list(grads.values()), world)
             if rank == 0:
-                queue.put((algorithm, {k: v.numpy().copy() for k, v in zip(grads, reduced, strict=True)}))
+                queue.put(("grads", algorithm, {k: v.numpy().copy() for k, v in zip(grads, reduced, strict=True)}))
     finally:
-        dist.destroy_process_group()
+        shutdown_world(world)
+    queue.put(("teardown", rank, _left_after_shutdown(group)))
+
+
+def _left_after_shutdown(group: weakref.ref) -> list[str]:
+    """What of the process group outlives shutdown_world. Gloo's worker threads stop only when the group is freed;
+    alive when the interpreter finalizes, one of them can abort the process ("terminate called without an active
+    exception"), so a run that trained correctly would still fail, at random."""
+    left = [] if group() is None else ["the process group object (still referenced)"]
+    if os.path.isdir("/proc/self/task"):  # Linux: the threads themselves, by name
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+            if "gloo" in name:
+                left.append(f"thread {name}")
+    return left
 
 
 def test_two_ranks_meta_gradient_equals_one_process() -> None:
-    """MAML, MAML Enhanced (learned rates and curvature) and Reptile with inner Adam state, in one process pair."""
+    """MAML, MAML Enhanced (learned rates and curvature) and Reptile with inner Adam state, in one process pair,
+    which then leaves the process group completely (no gloo thread left to abort the process at exit)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in (0, 1)]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    procs = [ctx.Process(target=_worker, args=(r, store.port, queue)) for r in (0, 1)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=180) for _ in ALGORITHMS)  # numpy arrays: plain pickles
+    messages = [queue.get(timeout=180) for _ in range(len(ALGORITHMS) + 2)]  # numpy arrays: plain pickles
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    assert {rank: left for kind, rank, left in messages if kind == "teardown"} == {0: [], 1: []}
+    results = {algorithm: got for kind, algorithm, got in messages if kind == "grads"}
     for algorithm in ALGORITHMS:
         _check(results[algorithm], _grads(algorithm, (0, 1)))
 

@@ -5,10 +5,17 @@ the tasks, so the ranks' tasks are distinct and the run is reproducible. Meta-gr
 deltas and inner-optimizer state) are averaged with one all-reduce per iteration, which makes N ranks with a
 meta-batch of B compute the same update as one process with B (to float rounding). Rank 0 alone logs, shows
 progress, validates and writes checkpoints. Backend: NCCL on CUDA, gloo on the CPU.
+
+Teardown: :func:`shutdown_world` (and, for a rank that fails before it gets there, an exit hook) destroys the
+process group while the interpreter is fully alive. That must really free the group: gloo's worker threads are
+joined only by its destructor, and a worker still alive when the interpreter finalizes aborts the process
+("terminate called without an active exception", SIGABRT) if it then drops the last reference to a collective's
+tensor, which needs the GIL. See the import of ``torch.distributed.nn`` below for what kept the group alive.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +25,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from metagrad.errors import MetagradError
+
+if dist.is_available():
+    # Imported here, before any process group exists, on purpose: torch.distributed.nn.functional binds the default
+    # group that exists when it is first imported into its functions' default arguments (``group=group.WORLD``),
+    # and torch.optim and torch.func import it lazily (through torch._dynamo), i.e. after init_process_group. Those
+    # references kept the group alive after destroy_process_group, so gloo's worker threads outlived the
+    # interpreter and could abort any rank at exit. Imported first, the defaults hold None.
+    import torch.distributed.nn  # noqa: F401
 
 __all__ = ["World", "init_world", "shutdown_world", "all_reduce_mean", "on_main"]
 
@@ -52,6 +67,9 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A rank that fails between here and shutdown_world (e.g. on a config error) still leaves the group before
+        # the interpreter starts finalizing; a no-op after shutdown_world.
+        atexit.register(_destroy_process_group)
     return World(rank, size, local_rank), device
 
 
@@ -90,6 +108,11 @@ def on_main(world: World, fn: Callable[[], None]) -> None:
 
 
 def shutdown_world(world: World) -> None:
-    """Leave the process group (end of training)."""
-    if world.enabled and dist.is_initialized():
+    """Leave the process group (end of training): destroy it, which joins gloo's worker threads."""
+    if world.enabled:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
