@@ -21,6 +21,8 @@ Entries (``--entries``): ``meta_gradient`` (default) times the functional call a
 module path a PyTorch user writes, ``opt.zero_grad(); learner.backward(batch, ...)`` (the same meta-step plus
 accumulating it into ``.grad``), and its rows get a ``vs functional`` column: its it/s divided by the
 ``meta_gradient`` row's at the same algorithm, steps, path and threads, measured in the same run.
+``backward_accumulate`` leaves out ``zero_grad`` (gradients accumulate in place), which isolates the cost of
+freeing and reallocating the gradients every iteration.
 
 Threads: ``1`` and/or ``all`` (the cores this process may use), set with ``torch.set_num_threads``.
 
@@ -73,7 +75,7 @@ from _common import (
 )
 
 PATHS = ("loop", "vmap", "compiled")
-ENTRIES = ("meta_gradient", "backward")
+ENTRIES = ("meta_gradient", "backward", "backward_accumulate")
 DEFAULT_STEPS = (1, 5)
 DEFAULT_SECONDS = 2.0
 BLOCKS = 5  # timed blocks per measurement; it/s is their median
@@ -114,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=ENTRIES,
         default=["meta_gradient"],
-        help="meta_gradient (functional, default) and/or backward (the nn.Module path into .grad)",
+        help="meta_gradient (functional, default), backward (zero_grad + backward, the nn.Module path into .grad), "
+        "backward_accumulate (backward alone)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration (default: 25)")
@@ -223,6 +226,8 @@ def run_one(
         if entry == "backward":
             learner.zero_grad(set_to_none=True)
             out = learner.backward(batch, iteration, generator)
+        elif entry == "backward_accumulate":  # no zero_grad: gradients accumulate in place (isolates allocation)
+            out = learner.backward(batch, iteration, generator)
         else:
             out = learner.meta_gradient(batch, iteration, generator)
         iteration += 1
@@ -287,7 +292,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if loop:
             r["speedup_vs_loop"] = r["it_per_s"] / loop
         functional = rate.get(key(r, entry="meta_gradient"))
-        if r.get("entry") == "backward" and functional:
+        if r.get("entry", "meta_gradient") != "meta_gradient" and functional:
             r["ratio_vs_functional"] = r["it_per_s"] / functional
         maml = rate.get(key(r, algorithm="maml"))
         if r["algorithm"] == "maml_enhanced" and maml:
