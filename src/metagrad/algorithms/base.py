@@ -466,9 +466,9 @@ class MetaLearner(nn.Module):
                 if not p.requires_grad:
                     continue
                 if p.grad is None:  # the meta-step's outputs are fresh tensors: no copy needed
-                    p.grad = g.detach().to(p.dtype)
+                    p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
                 else:
-                    p.grad.add_(g.detach())
+                    p.grad.add_(g)
         if self.training:
             self.track_statistics(batch)
         if iteration is None:
@@ -601,8 +601,13 @@ class MetaLearner(nn.Module):
 
     @property
     def tracks_statistics(self) -> bool:
-        """Whether the network has batch-norm running statistics that training updates."""
-        return (self.per_step and any(True for _ in self.model.buffers())) or _has_running_statistics(self.model)
+        """Whether the network has batch-norm running statistics that training updates (found once: a module's
+        layers do not change under a learner)."""
+        found = self.__dict__.get("_tracks_statistics")
+        if found is None:
+            found = (self.per_step and any(True for _ in self.model.buffers())) or _has_running_statistics(self.model)
+            self.__dict__["_tracks_statistics"] = found
+        return found
 
     @torch.no_grad()
     def track_statistics(self, batch: TaskBatch, tasks: int = 4) -> None:
