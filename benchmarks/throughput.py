@@ -21,7 +21,9 @@ Entries (``--entries``): ``meta_gradient`` (default) times the functional call a
 module path a PyTorch user writes, ``opt.zero_grad(); learner.backward(batch, ...)`` (the same meta-step plus
 accumulating it into ``.grad``), and its rows get a ``vs functional`` column: its it/s divided by the
 ``meta_gradient`` row's at the same algorithm, steps, path and threads, measured in the same run.
-``backward_accumulate`` leaves out ``zero_grad`` (gradients accumulate in place), which isolates the cost of
+``meta_gradient_grads`` is the functional loop the README showed before ``backward`` existed: ``meta_gradient``
+then each gradient put into ``.grad`` by hand. ``backward_accumulate`` leaves out ``zero_grad``
+(gradients accumulate in place), which isolates the cost of
 freeing and reallocating the gradients every iteration.
 
 Threads: ``1`` and/or ``all`` (the cores this process may use), set with ``torch.set_num_threads``.
@@ -75,7 +77,7 @@ from _common import (
 )
 
 PATHS = ("loop", "vmap", "compiled")
-ENTRIES = ("meta_gradient", "backward", "backward_accumulate")
+ENTRIES = ("meta_gradient", "meta_gradient_grads", "backward", "backward_accumulate")
 DEFAULT_STEPS = (1, 5)
 DEFAULT_SECONDS = 2.0
 BLOCKS = 5  # timed blocks per measurement; it/s is their median
@@ -116,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=ENTRIES,
         default=["meta_gradient"],
-        help="meta_gradient (functional, default), backward (zero_grad + backward, the nn.Module path into .grad), "
-        "backward_accumulate (backward alone)",
+        help="meta_gradient (functional, default), meta_gradient_grads (functional + .grad by hand), backward "
+        "(zero_grad + backward, the nn.Module path into .grad), backward_accumulate (backward alone)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration (default: 25)")
@@ -228,6 +230,12 @@ def run_one(
             out = learner.backward(batch, iteration, generator)
         elif entry == "backward_accumulate":  # no zero_grad: gradients accumulate in place (isolates allocation)
             out = learner.backward(batch, iteration, generator)
+        elif entry == "meta_gradient_grads":  # the functional loop of the README before backward(): grads by hand
+            gp, gm, out = learner.meta_gradient(batch, iteration, generator)
+            for tree, grads in ((learner.params, gp), (learner.meta_state, gm)):
+                named = dict(tree.items())
+                for k, g in grads.items():
+                    named[k].grad = g
         else:
             out = learner.meta_gradient(batch, iteration, generator)
         iteration += 1
