@@ -149,7 +149,12 @@ class MetaLearner(nn.Module):
         """Build from a config's ``[algorithm]`` options (a dataclass): its fields are passed as keyword
         arguments, with the task's loss and metric and the trainer's batching path (see metagrad.registry)."""
         values = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
-        return cls(model, loss=spec.loss, metric=spec.metric, vectorize=spec.vectorize, **values)
+        return cls(model, **cls.spec_options(spec), **values)
+
+    @staticmethod
+    def spec_options(spec: Any) -> dict[str, Any]:
+        """The constructor arguments every algorithm takes from the task spec: loss, metric, batching path."""
+        return {"loss": spec.loss, "metric": spec.metric, "vectorize": spec.vectorize}
 
     @staticmethod
     def last_layer(model: nn.Module) -> nn.Module:

@@ -53,9 +53,7 @@ class Pretrain(MetaLearner):
             model,
             inner_lr=lr,
             eval_rule=SGD(eval_lr) if eval_lr is not None else None,
-            loss=spec.loss,
-            metric=spec.metric,
-            vectorize=spec.vectorize,
+            **cls.spec_options(spec),
         )
 
     def task_loss(

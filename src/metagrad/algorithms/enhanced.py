@@ -91,8 +91,6 @@ class MAMLEnhanced(MAML):
             parameterization=options.rate_parameterization,
             beyond=options.lslr_beyond,
             adapt_only=cls.last_layer(model) if options.anil else None,
-            loss=spec.loss,
-            metric=spec.metric,
-            vectorize=spec.vectorize,
+            **cls.spec_options(spec),
             **values,
         )

@@ -132,9 +132,7 @@ class MAML(MetaLearner):
             first_order_iterations=a.first_order_iterations,
             eval_rule=SGD(a.eval_inner_lr) if a.eval_inner_lr is not None else None,
             adapt_only=cls.last_layer(model) if a.anil else None,
-            loss=spec.loss,
-            metric=spec.metric,
-            vectorize=spec.vectorize,
+            **cls.spec_options(spec),
         )
 
     def schedule(self, iteration: int) -> tuple[Tensor | None, bool]:

@@ -54,8 +54,6 @@ class MetaSGD(MAML):
             model,
             parameterization=options.rate_parameterization,
             adapt_only=cls.last_layer(model) if options.anil else None,
-            loss=spec.loss,
-            metric=spec.metric,
-            vectorize=spec.vectorize,
+            **cls.spec_options(spec),
             **values,
         )

@@ -105,9 +105,7 @@ class Reptile(MetaLearner):
             inner_optimizer=o.inner_optimizer,
             persist_inner_state=o.persist_inner_state,
             eval_rule=SGD(o.eval_inner_lr) if o.eval_inner_lr is not None else None,
-            loss=spec.loss,
-            metric=spec.metric,
-            vectorize=spec.vectorize,
+            **cls.spec_options(spec),
         )
 
     def _adapt_task(
