@@ -1,4 +1,4 @@
-"""N-way K-shot classification episodes from a labelled image set (Omniglot or any other)."""
+"""N-way K-shot classification episodes from a labelled image set (Omniglot or any other), vectorised."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ class EpisodeSampler:
     ``classes`` restricts sampling to those class ids (e.g. one split from ``split_classes``). Every random
     number comes from the generator passed to ``sample``; the tensors come out in the default dtype.
 
+    ``mean``/``std`` (one value per channel, in [0, 1] units) normalise the images after scaling. ``augment``, a
+    padding in pixels, turns on training augmentation: every support and query image is zero-padded by that much,
+    randomly cropped back to its size and flipped horizontally with probability 1/2, vectorised over the batch
+    and drawn from the same generator after the episode itself (so the same seed gives the same episodes).
+
     ``info`` of the returned batch holds ``classes`` [B, N] (the class id behind each label), and
     ``support_index`` [B, N*K] and ``query_index`` [B, N*Q] (rows of ``images``). Algorithms must not read it.
     """
@@ -39,6 +44,9 @@ class EpisodeSampler:
         *,
         shuffle: bool = True,
         name: str = "omniglot",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: int | None = None,
     ) -> None:
         if images.dim() < 2 or images.shape[0] != labels.shape[0] or labels.dim() != 1:
             raise ValueError(
@@ -51,6 +59,16 @@ class EpisodeSampler:
             raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
         self.images = images
         self.name = name
+        channels = images.shape[1]
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        if mean is not None and (len(mean) != channels or len(std) != channels or min(std) <= 0):
+            raise ValueError(f"mean and std need {channels} values each (std positive), got {list(mean)}, {list(std)}")
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float64)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float64)
+        if augment is not None and (int(augment) < 0 or images.dim() != 4):
+            raise ValueError(f"augment is a padding >= 0 for [N, C, H, W] images, got {augment}")
+        self.augment = None if augment is None else int(augment)
         self.shuffle = shuffle
         labels = labels.to(torch.int64).cpu()
         if classes is None:
@@ -127,12 +145,37 @@ class EpisodeSampler:
             s_rows, s_y = s_rows.gather(1, sp), s_y.gather(1, sp)
             q_rows, q_y = q_rows.gather(1, qp), q_y.gather(1, qp)
         info = {"classes": self.classes[chosen], "support_index": s_rows, "query_index": q_rows}
-        return TaskBatch(self._gather(s_rows), s_y.contiguous(), self._gather(q_rows), q_y.contiguous(), info)
+        s_x, q_x = self._gather(s_rows), self._gather(q_rows)
+        if self.augment is not None:
+            s_x, q_x = self._augment(s_x, g), self._augment(q_x, g)
+        return TaskBatch(self._normalize(s_x), s_y.contiguous(), self._normalize(q_x), q_y.contiguous(), info)
 
     def _gather(self, rows: Tensor) -> Tensor:
         x = self.images[rows.to(self.images.device)]
         f = torch.get_default_dtype()
         return x.to(f) / 255 if x.dtype == torch.uint8 else x.to(f)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if self.mean is None:
+            return x
+        shape = (-1,) + (1,) * (x.dim() - 3)  # channel axis of [B, M, C, H, W]
+        mean = self.mean.to(x.device, x.dtype).reshape(shape)
+        return (x - mean) / self.std.to(x.device, x.dtype).reshape(shape)
+
+    def _augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Random crop after zero padding and random horizontal flip of every image of [B, M, C, H, W]."""
+        b, m, c, h, w = x.shape
+        n, p = b * m, self.augment
+        padded = torch.nn.functional.pad(x.reshape(n, c, h, w), (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n, 1), generator=g)
+        ox = torch.randint(0, 2 * p + 1, (n, 1), generator=g)
+        flip = torch.rand(n, 1, generator=g) < 0.5
+        rows = oy + torch.arange(h)
+        cols = ox + torch.arange(w)
+        cols = torch.where(flip, cols.flip(1), cols)
+        idx = torch.arange(n)[:, None, None].to(x.device)
+        out = padded[idx, :, rows[:, :, None].to(x.device), cols[:, None, :].to(x.device)]  # [n, H, W, C]
+        return out.permute(0, 3, 1, 2).reshape(b, m, c, h, w)
 
     def __repr__(self) -> str:
         return (
