@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metagrad.config import load_config
-from metagrad.train import _Trainer
+from metagrad.train import Trainer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 
@@ -24,7 +24,7 @@ def _rss_mib() -> float:
 def test_memory_is_flat_across_iterations(tmp_path, algorithm: str) -> None:
     cfg = load_config(None, [f"algorithm.name={algorithm}", "algorithm.inner_steps=3", "train.iterations=100000",
                              "model.hidden=[32, 32]", "train.meta_batch=10", "train.threads=1"])  # fmt: skip
-    trainer = _Trainer(cfg, tmp_path, progress=False, callback=None)
+    trainer = Trainer(cfg, tmp_path)
     for _ in range(60):  # warm-up: allocator pools, optimizer state, lazy initialisation
         trainer.step()
     before = _rss_mib()

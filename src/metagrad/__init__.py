@@ -1,12 +1,16 @@
 """metagrad: vectorised gradient-based meta-learning on PyTorch with torch.func."""
 
+__version__ = "0.1.0"  # first: metagrad.run reads it while the package is being imported
+
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
+from metagrad.callbacks import Callback, TensorBoardLogger
 from metagrad.errors import (
     CheckpointError,
     ConfigError,
     DataError,
     DivergenceError,
     MetagradError,
+    MissingDependencyError,
     ModelError,
     RunError,
 )
@@ -15,11 +19,15 @@ from metagrad.inner import MetaSGD as MetaSGDRule
 from metagrad.models import MLP
 from metagrad.registry import TaskSpec, register_algorithm, register_model, register_task
 from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
-
-__version__ = "0.1.0"
+from metagrad.train import Trainer, TrainResult, train
 
 __all__ = [
     "MetaLearner",
+    "Trainer",
+    "TrainResult",
+    "train",
+    "Callback",
+    "TensorBoardLogger",
     "MAML",
     "MetaSGD",
     "MAMLEnhanced",
@@ -45,5 +53,6 @@ __all__ = [
     "DivergenceError",
     "DataError",
     "ModelError",
+    "MissingDependencyError",
     "__version__",
 ]

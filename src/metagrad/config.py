@@ -72,6 +72,8 @@ class TrainConfig(_Checked):
     device: str = "auto"
     dtype: str = "float32"
     threads: int = 0
+    # Also write metrics.jsonl's records as TensorBoard scalars to RUN/tensorboard (extra: metagrad[tensorboard]).
+    tensorboard: bool = False
 
 
 @dataclass
@@ -339,6 +341,10 @@ def _validate(cfg: Config) -> None:
         v = value(section, key)
         if len(v) != 2 or not all(math.isfinite(x) for x in v) or v[1] <= v[0]:
             raise ConfigError(f"{section}.{key} must be [low, high] with low < high, got {v}")
+    if cfg.train.lr_schedule != "constant" and cfg.train.meta_lr == 0:
+        raise ConfigError(
+            f"train.lr_schedule = {cfg.train.lr_schedule!r} scales train.meta_lr, which is 0: set train.meta_lr > 0"
+        )
     if not 0 <= cfg.train.seed < 10**9:
         raise ConfigError(f"train.seed must be in [0, 10**9) (larger seeds are reserved), got {cfg.train.seed}")
     if present("model", "hidden") and (not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden)):

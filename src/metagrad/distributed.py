@@ -34,7 +34,7 @@ if dist.is_available():
     # interpreter and could abort any rank at exit. Imported first, the defaults hold None.
     import torch.distributed.nn  # noqa: F401
 
-__all__ = ["World", "init_world", "shutdown_world", "all_reduce_mean", "on_main"]
+__all__ = ["World", "init_world", "shutdown_world", "all_reduce_mean", "average_meta_step", "on_main"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,23 @@ def all_reduce_mean(tensors: list[Tensor], world: World) -> list[Tensor]:
         out.append(flat[i : i + t.numel()].view_as(t))
         i += t.numel()
     return out
+
+
+def average_meta_step(learner: torch.nn.Module, metrics: dict[str, Tensor], world: World) -> dict[str, Tensor]:
+    """Average one meta-step over the ranks, in one collective: the ``.grad`` of the learner's parameters (in
+    place), its ``extra_state`` (e.g. Reptile's inner-optimizer moments, in place) and the step's ``metrics``
+    (returned). A no-op in a single process."""
+    if not world.enabled:
+        return metrics
+    grads = [p.grad for p in learner.parameters() if p.grad is not None]
+    names = list(metrics)
+    extra = learner.extra_state
+    reduced = all_reduce_mean(grads + [metrics[k] for k in names] + list(extra.values()), world)
+    for g, r in zip(grads, reduced, strict=False):
+        g.copy_(r)
+    for k, v in zip(list(extra), reduced[len(grads) + len(names) :], strict=True):
+        extra[k] = v
+    return dict(zip(names, reduced[len(grads) : len(grads) + len(names)], strict=True))
 
 
 def on_main(world: World, fn: Callable[[], None]) -> None:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["MetagradError", "ConfigError", "RunError", "DivergenceError", "CheckpointError", "DataError", "ModelError"]
+__all__ = [
+    "MetagradError",
+    "ConfigError",
+    "RunError",
+    "DivergenceError",
+    "CheckpointError",
+    "DataError",
+    "ModelError",
+    "MissingDependencyError",
+]
 
 
 class MetagradError(Exception):
@@ -31,3 +40,7 @@ class DataError(MetagradError, ValueError):
 
 class ModelError(MetagradError, ValueError):
     """A model cannot run under metagrad's transforms as it is (the message names the module and the fix)."""
+
+
+class MissingDependencyError(MetagradError, ImportError):
+    """An optional feature was asked for whose package is not installed (the message names the extra)."""

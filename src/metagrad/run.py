@@ -1,9 +1,10 @@
-"""A run directory: ``run.json`` (marker and config), ``config.toml``, ``metrics.jsonl``, ``checkpoints/``."""
+"""A run directory: ``run.json`` (marker, config and where its components come from), ``config.toml``,
+``metrics.jsonl``, ``checkpoints/`` (see :mod:`metagrad.checkpoint`) and, optionally, ``tensorboard/``."""
 
 from __future__ import annotations
 
+import importlib
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,16 @@ import torch
 from metagrad import __version__
 from metagrad.algorithms import MetaLearner
 from metagrad.build import DTYPES, build_learner
-from metagrad.checkpoint import load_checkpoint, read_json, write_atomic
-from metagrad.config import Config, config_from_dict, config_to_toml
+from metagrad.checkpoint import (
+    checkpoints,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state,
+    read_json,
+    write_atomic,
+)
+from metagrad.config import COMPONENT_SECTIONS, Config, config_from_dict, config_to_toml
 from metagrad.errors import CheckpointError, ConfigError, RunError
 
 __all__ = [
@@ -22,13 +31,14 @@ __all__ = [
     "init_run",
     "init_run_record",
     "read_run_config",
+    "load_learner",
+    # re-exported from metagrad.checkpoint, where checkpoints are laid out
     "checkpoints",
     "latest_checkpoint",
-    "load_learner",
+    "load_state",
 ]
 
 RUN_FORMAT = "metagrad-run/1"
-_ITER = re.compile(r"^iter-(\d{8})$")
 
 
 def _is_run(path: Path) -> bool:
@@ -57,9 +67,43 @@ def init_run(run_dir: Path, cfg: Config, overwrite: bool = False, kind: str = "t
 
 def init_run_record(run_dir: Path, cfg: Config, kind: str = "train") -> None:
     """Write (or rewrite, on resume) the run's ``run.json`` and ``config.toml``."""
-    marker = {"format": RUN_FORMAT, "kind": kind, "version": __version__, "config": cfg.to_dict()}
+    marker = {
+        "format": RUN_FORMAT,
+        "kind": kind,
+        "version": __version__,
+        "config": cfg.to_dict(),
+        # Where each component is defined, so that the run loads again in a process that has not imported the
+        # module that registered a component under a short name.
+        "components": {k: _import_path(getattr(cfg, k).component.target) for k in COMPONENT_SECTIONS},
+    }
     write_atomic(run_dir / "config.toml", config_to_toml(cfg))
     write_atomic(run_dir / "run.json", json.dumps(marker, indent=1))
+
+
+def _import_path(target: object) -> str:
+    return f"{target.__module__}:{target.__qualname__}"
+
+
+def _import_components(marker: dict[str, Any]) -> None:
+    """Import the modules that define the run's components by a name not registered in this process yet."""
+    from metagrad.registry import registered
+
+    paths = marker.get("components")
+    if not isinstance(paths, dict):
+        return  # a record written before components were recorded
+    for kind in COMPONENT_SECTIONS:
+        name = marker["config"].get(kind, {}).get("name")
+        path = paths.get(kind)
+        if not isinstance(name, str) or ":" in name or name in registered(kind) or not isinstance(path, str):
+            continue
+        module = path.partition(":")[0]
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's module is gone or broken: say which
+            raise RunError(
+                f"{kind} {name!r} of this run was defined in {module!r}, which cannot be imported now "
+                f"({type(e).__name__}: {e}); make it importable (e.g. on PYTHONPATH)"
+            ) from None
 
 
 def read_run_config(run_dir: str | Path) -> Config:
@@ -75,39 +119,11 @@ def read_run_config(run_dir: str | Path) -> Config:
         raise RunError(str(e)) from None
     if marker.get("format") != RUN_FORMAT or not isinstance(marker.get("config"), dict):
         raise RunError(f"{run_dir / 'run.json'} is not a {RUN_FORMAT} file")
+    _import_components(marker)
     try:
         return config_from_dict(marker["config"], strict=False).validate()  # older records hold more keys
     except ConfigError as e:
         raise RunError(f"{run_dir / 'run.json'} holds an invalid config: {e}") from None
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """The run's periodic checkpoints, oldest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _ITER.match(p.name)) and p.is_dir()]
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def load_state(learner: MetaLearner, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Put a checkpoint's tensors (``params.*``, ``meta.*``, ``extra.*``) into a learner built from the same
-    config, keeping each tensor's device and dtype; a missing or misshapen tensor is a CheckpointError."""
-    for group, tree in learner.state_tensors().items():
-        for key in list(tree):
-            name = f"{group}.{key}"
-            if name not in weights:  # a checkpoint written under an older name of the same tensor
-                name = f"{group}.{learner.legacy_names.get(key, key)}"
-            if name not in weights or weights[name].shape != tree[key].shape:
-                raise CheckpointError(
-                    f"{path / 'weights.safetensors'} does not match this run's config (tensor {name!r})"
-                )
-            tree[key] = weights[name].to(tree[key].device, tree[key].dtype)
 
 
 def load_learner(
@@ -116,17 +132,7 @@ def load_learner(
     """Rebuild a trained learner (with its learned rates and curvature) from a run directory."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    if which == "latest":
-        path = latest_checkpoint(run_dir)
-    elif which == "best":
-        path = run_dir / "checkpoints" / "best"
-        if not path.is_dir():  # killed between the two renames that replace it: the previous best is aside
-            aside = sorted((run_dir / "checkpoints").glob(".best.old-*"))
-            path = aside[-1] if aside else path
-    else:  # a checkpoint of this run by name (iter-00070000), or a path
-        path = run_dir / "checkpoints" / which if (run_dir / "checkpoints" / which).is_dir() else Path(which)
-    if path is None or not path.is_dir():
-        raise RunError(f"run {str(run_dir)!r} has no {which} checkpoint yet (train it first, or resume it)")
+    path = find_checkpoint(run_dir, which)  # latest, best, a checkpoint of this run by name, or a path
     weights, _, meta = load_checkpoint(path, weights_only=True)
     learner = build_learner(cfg)
     load_state(learner, weights, path)

@@ -1,18 +1,29 @@
-"""The one training loop, shared by every algorithm.
+"""The public :class:`Trainer`: one training loop for every task, model and algorithm.
 
-Meta-optimizer, learning-rate schedule, progress bar, periodic validation on a fixed task set,
-``metrics.jsonl``, atomic checkpoints (last N plus the best by validation), exact ``resume`` (weights,
-meta-state, optimizer state, RNG state and iteration are all restored), a divergence guard and optional
-gradient-norm clipping and ``torch.compile``.
+It owns the meta-optimizer, the meta learning-rate schedule (an ordinary ``torch.optim.lr_scheduler``), the task
+stream's generator, validation on a fixed task set, ``metrics.jsonl`` (and optionally TensorBoard), callbacks,
+atomic checkpoints (last N plus the best by validation), exact resume (weights, learned rule tensors, optimizer
+and scheduler state, RNG state and iteration), a divergence guard, gradient-norm clipping, ``torch.compile`` and
+the torchrun all-reduce. Drive it yourself::
+
+    trainer = Trainer(cfg, "runs/mine", callbacks=[MyLogger()])
+    trainer.resume()                      # optional: continue the run in runs/mine from its latest checkpoint
+    while trainer.iteration < 500:
+        metrics = trainer.step()          # one meta-iteration
+        if trainer.iteration % 100 == 0:
+            print(trainer.evaluate())     # validation (also keeps checkpoints/best)
+            trainer.save()                # checkpoints/iter-00000100, ...
+    trainer.close()
+
+or let :meth:`Trainer.fit` (what :func:`train` and ``metagrad train`` do) run the schedule of ``cfg.train``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +33,25 @@ from tqdm.auto import tqdm
 
 from metagrad.algorithms import MetaLearner
 from metagrad.build import DTYPES, build_learner, build_task, resolve_device
-from metagrad.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from metagrad.callbacks import TensorBoardLogger
+from metagrad.checkpoint import (
+    BEST,
+    CHECKPOINTS,
+    checkpoint_name,
+    latest_checkpoint,
+    learner_tensors,
+    prune_checkpoints,
+    restore_training_state,
+    save_training_state,
+    write_atomic,
+)
 from metagrad.config import Config
-from metagrad.distributed import all_reduce_mean, init_world, on_main, shutdown_world
-from metagrad.errors import CheckpointError, ConfigError, DivergenceError
+from metagrad.distributed import average_meta_step, init_world, on_main, shutdown_world
+from metagrad.errors import CheckpointError, ConfigError, DivergenceError, RunError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
-from metagrad.run import checkpoints, init_run, init_run_record, latest_checkpoint, load_state, read_run_config
+from metagrad.run import init_run, init_run_record, read_run_config
 
-__all__ = ["train", "TrainResult", "meta_lr_at"]
+__all__ = ["Trainer", "train", "TrainResult", "meta_lr_at", "lr_scheduler"]
 
 
 @dataclass
@@ -42,7 +64,8 @@ class TrainResult:
 
 
 def meta_lr_at(cfg: Config, iteration: int) -> float:
-    """The meta learning rate at ``iteration`` (a pure function of the iteration: nothing to checkpoint)."""
+    """The meta learning rate ``train.lr_schedule`` gives at ``iteration`` (constant, linear or cosine from
+    ``train.meta_lr`` to ``train.meta_lr_final`` over ``train.iterations``, then held)."""
     t = cfg.train
     frac = min(iteration / t.iterations, 1.0)
     if t.lr_schedule == "linear":
@@ -52,56 +75,89 @@ def meta_lr_at(cfg: Config, iteration: int) -> float:
     return t.meta_lr
 
 
+def lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.lr_schedule`` as a ``LambdaLR``: every parameter group's learning rate is scaled by
+    ``meta_lr_at(cfg, i) / train.meta_lr`` (so a separate ``train.meta_state_lr`` follows the same shape)."""
+    meta_lr = cfg.train.meta_lr
+
+    def factor(iteration: int) -> float:
+        return meta_lr_at(cfg, iteration) / meta_lr if meta_lr > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _optimizer(cfg: Config, learner: MetaLearner) -> torch.optim.Optimizer:
     t = cfg.train
     # Frozen parameters (requires_grad=False) are left out: they never get a gradient.
     groups = [{"params": [p for p in learner.model.parameters() if p.requires_grad], "lr": t.meta_lr, "name": "params"}]
     if learner.meta_state:
         lr = t.meta_state_lr if t.meta_state_lr is not None else t.meta_lr
-        groups.append({"params": list(learner.rule.parameters()), "lr": lr, "name": "meta", "base_lr": lr})
+        groups.append({"params": list(learner.rule.parameters()), "lr": lr, "name": "meta"})
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.meta_lr)
     return torch.optim.Adam(groups, lr=t.meta_lr)
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+class _IterationCallback:
+    """``train(callback=f)``: ``f(iteration, metrics)`` at every training line of metrics.jsonl."""
+
+    def __init__(self, fn: Callable[[int, dict[str, float]], None]) -> None:
+        self.fn = fn
+
+    def on_train_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.fn(record["iteration"], {k: v for k, v in record.items() if k not in ("iteration", "seconds")})
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+class Trainer:
+    """Meta-trains the learner ``cfg`` describes into the run directory ``run_dir``.
 
+    Construction builds the task stream, the learner (on ``train.device`` in ``train.dtype``), the optimizer, the
+    scheduler and the validation tasks, and writes nothing. The first :meth:`step` or :meth:`save` creates the
+    run directory (refusing to replace another run unless ``overwrite``); :meth:`resume`, called first instead,
+    continues the run already there. ``callbacks`` receive the hooks of :mod:`metagrad.callbacks`.
 
-class _Trainer:
+    Attributes: ``learner``, ``optimizer``, ``scheduler``, ``generator`` (the task stream), ``iteration``,
+    ``seconds`` (time spent in :meth:`step`), ``best`` (the best validation score, lower is better), ``last``
+    (the latest logged means), ``world`` (the torchrun rank and size).
+    """
+
     def __init__(
-        self, cfg: Config, run_dir: Path, progress: bool, callback: Callable[[int, dict[str, float]], None] | None
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        callbacks: Sequence[Any] = (),
+        progress: bool = False,
     ) -> None:
-        self.cfg, self.run_dir, self.progress, self.callback = cfg, run_dir, progress, callback
+        cfg.validate()
+        self.cfg, self.run_dir, self.overwrite = cfg, Path(run_dir), overwrite
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
         self.world, self.device = init_world(resolve_device(t.device))
+        try:
+            self._build(progress)
+            self.callbacks = list(callbacks)
+            if t.tensorboard and self.world.is_main:
+                self.callbacks.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+        except BaseException:
+            shutdown_world(self.world)
+            raise
+        self.iteration = self.start_iteration = 0
+        self.seconds = 0.0
+        self.best = math.inf
+        self.last: dict[str, float] = {}
+        self._window: list[dict[str, float]] = []
+        self._opened = False
+
+    def _build(self, progress: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
         if t.meta_batch % self.world.size:
             raise ConfigError(f"train.meta_batch={t.meta_batch} must be divisible by the {self.world.size} ranks")
         self.progress = progress and self.world.is_main
         self.dtype = DTYPES[t.dtype]
-        self.dist = build_task(cfg, "train")
+        self.tasks = build_task(cfg, "train")
         self.learner = build_learner(cfg).to(self.device, self.dtype)
         if cfg.eval.bn_statistics == "running" and not self.learner.tracks_statistics:
             raise ConfigError(
@@ -110,64 +166,52 @@ class _Trainer:
             )
         if t.compile:
             self.learner.compile()
-        self.opt = _optimizer(cfg, self.learner)
+        self.optimizer = _optimizer(cfg, self.learner)
+        self.scheduler = lr_scheduler(cfg, self.optimizer)
         self.generator = torch.Generator().manual_seed(t.seed)
         val_family = build_task(cfg, "val")
-        self.val = fixed_tasks(val_family, t.val_tasks, cfg.task.shots, "dense", VAL_SEED, cfg.task.queries)
-        self.val = self.val.to(self.device, self.dtype)
-        self.iteration = 0
-        self.seconds = 0.0
-        self.best = math.inf
+        self.val_tasks = fixed_tasks(val_family, t.val_tasks, cfg.task.shots, "dense", VAL_SEED, cfg.task.queries)
+        self.val_tasks = self.val_tasks.to(self.device, self.dtype)
 
-    def _inner_lr(self) -> Any:
-        return getattr(self.cfg.algorithm, "inner_lr", None)
+    # ----- the run directory ----------------------------------------------------------------------------
+    def _open(self) -> None:
+        if not self._opened:
+            on_main(self.world, lambda: init_run(self.run_dir, self.cfg, overwrite=self.overwrite))
+            self._opened = True
 
-    # ----- checkpoints --------------------------------------------------------------------------------
-    def _weights(self) -> dict[str, torch.Tensor]:
-        return {f"{g}.{k}": v for g, tree in self.learner.state_tensors().items() for k, v in tree.items()}
-
-    def save(self, name: str | None = None) -> Path | None:
-        weights = self._weights()
-        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        # Checked on every rank (their weights are identical), so all stop together.
-        if bad:  # never write a checkpoint that a later "last good checkpoint" message would point to
-            last = latest_checkpoint(self.run_dir)
-            raise DivergenceError(
-                f"training diverged by iteration {self.iteration}: {bad[0]} holds NaN/inf; the learning rates are "
-                f"probably too high (train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self._inner_lr()}); "
-                f"last good checkpoint: {last if last else 'none yet'}"
+    def resume(self, checkpoint: str | Path | None = None) -> Path | None:
+        """Continue the run in ``run_dir``: restore the trainer from its latest checkpoint (or ``checkpoint``) and
+        go on from there, bit for bit as if never interrupted. The config must be the run's own (only ``[train]``
+        keys other than ``optimizer`` and ``dtype`` may change). Returns the checkpoint restored, or None when
+        the run had none yet (it then starts over). Call it before the first :meth:`step`."""
+        if self._opened:
+            raise RunError("Trainer.resume() must come before the first step() or save()")
+        stored = read_run_config(self.run_dir)
+        for key in ("optimizer", "dtype"):
+            if getattr(stored.train, key) != getattr(self.cfg.train, key):
+                raise ConfigError(f"train.{key} cannot change on resume (the checkpoint holds {key} state)")
+        if stored.to_dict() | {"train": None} != self.cfg.to_dict() | {"train": None}:
+            raise CheckpointError(
+                f"resume of {str(self.run_dir)!r} must use the run's own config (only [train] keys may change)"
             )
-        if not self.world.is_main:
-            return None
-        tensors, opt_meta = _optimizer_tensors(self.opt)
-        tensors["rng.tasks"] = self.generator.get_state()
-        meta = {
-            "iteration": self.iteration,
-            "seconds": self.seconds,
-            "best_val": self.best if math.isfinite(self.best) else None,
-            "algorithm": self.learner.name,
-            "optimizer": opt_meta,
-            "config": self.cfg.to_dict(),
-        }
-        root = self.run_dir / "checkpoints"
-        path = save_checkpoint(root / (name or f"iter-{self.iteration:08d}"), weights, tensors, meta)
-        if name is None:
-            for _, old in checkpoints(self.run_dir)[: -self.cfg.train.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    def restore(self, path: Path) -> None:
-        weights, tensors, meta = load_checkpoint(path)
-        load_state(self.learner, weights, path)
-        try:
-            _restore_optimizer(self.opt, tensors, meta["optimizer"])
-            self.generator.set_state(tensors["rng.tasks"])
-            self.iteration = int(meta["iteration"])
+        # The run's record follows the config it now runs with.
+        on_main(self.world, lambda: init_run_record(self.run_dir, self.cfg))
+        self._opened = True
+        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.run_dir)
+        if path is not None:
+            base_lrs = list(self.scheduler.base_lrs)
+            meta = restore_training_state(path, self.learner, self.optimizer, self.scheduler, self.generator)
+            # [train] keys may change on resume (e.g. train.meta_lr): the schedule follows the config it now runs
+            # with, at the restored iteration; with the run's own config this is exactly the restored state.
+            self.scheduler.base_lrs = base_lrs
+            for group, base, fn in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = base, base * fn(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            self.iteration = self.start_iteration = int(meta["iteration"])
             self.seconds = float(meta["seconds"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{path} does not hold this run's trainer state ({type(e).__name__}: {e})") from None
-        self.best = meta["best_val"] if meta.get("best_val") is not None else math.inf
-        self._truncate_metrics()
+            self.best = meta["best_val"] if meta.get("best_val") is not None else math.inf
+        self._truncate_metrics()  # killed before its first checkpoint: start over cleanly
+        return path
 
     def _truncate_metrics(self) -> None:
         # Lines written after the checkpoint we resume from would otherwise appear twice.
@@ -183,30 +227,50 @@ class _Trainer:
                 break  # a line torn by a kill: drop it and everything after
         write_atomic(path, "".join(x + "\n" for x in keep))
 
-    # ----- the loop ------------------------------------------------------------------------------------
-    def log(self, record: dict[str, Any]) -> None:
+    # ----- hooks and logs -------------------------------------------------------------------------------
+    def _call(self, hook: str, *args: Any) -> None:
+        if self.world.is_main:
+            for cb in self.callbacks:
+                fn = getattr(cb, hook, None)
+                if fn is not None:
+                    fn(self, *args)
+
+    def _log(self, record: dict[str, Any], training: bool) -> None:
         if not self.world.is_main:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._call("on_log", record)
+        if training:
+            self._call("on_train_log", record)
 
-    def validate(self) -> dict[str, float]:
-        steps = self.learner.inner_steps
-        curve = self.learner.adaptation_curve(self.val, max(steps, self.cfg.eval.steps))
-        name = f"val_{self.learner.metric_name}"
-        return {name: curve[:, steps].mean().item(), f"{name}_eval_steps": curve[:, -1].mean().item()}
+    def _flush(self) -> None:
+        """Log the means over the iterations since the last training line (none if there were none)."""
+        if not self._window:
+            return
+        self.last = {k: sum(w[k] for w in self._window) / len(self._window) for k in self._window[0]}
+        self._window = []
+        self._log({"iteration": self.iteration, **self.last, "seconds": round(self.seconds, 3)}, training=True)
+
+    # ----- training -------------------------------------------------------------------------------------
+    def _inner_lr(self) -> Any:
+        return getattr(self.cfg.algorithm, "inner_lr", None)
+
+    def _diverged(self, what: str) -> DivergenceError:
+        last = latest_checkpoint(self.run_dir)
+        return DivergenceError(
+            f"training diverged {what}; the learning rates are probably too high (train.meta_lr="
+            f"{self.cfg.train.meta_lr}, algorithm.inner_lr={self._inner_lr()}) or set train.grad_clip; last good "
+            f"checkpoint: {last if last else 'none yet'}"
+        )
 
     def _check_and_clip(self, grads: list[torch.Tensor], loss: torch.Tensor) -> float:
         """Stop on a non-finite meta-loss or meta-gradient; clip the global norm if asked. Returns the norm."""
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         n, value = norm.item(), loss.item()
         if not (math.isfinite(n) and math.isfinite(value)):
-            last = latest_checkpoint(self.run_dir)
-            raise DivergenceError(
-                f"training diverged at iteration {self.iteration + 1}: meta-loss {value:.4g}, "
-                f"meta-gradient norm {n:.4g}; the learning rates are probably too high "
-                f"(train.meta_lr={self.cfg.train.meta_lr}, algorithm.inner_lr={self._inner_lr()}) "
-                f"or set train.grad_clip; last good checkpoint: {last if last else 'none yet'}"
+            raise self._diverged(
+                f"at iteration {self.iteration + 1}: meta-loss {value:.4g}, meta-gradient norm {n:.4g}"
             )
         clip = self.cfg.train.grad_clip
         if clip and n > clip:
@@ -215,76 +279,132 @@ class _Trainer:
         return n
 
     def step(self) -> dict[str, float]:
-        batch = self.dist.sample(self.cfg.train.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
+        """One meta-iteration: sample a meta-batch, meta-gradient, (all-reduce), guard and clip, optimizer and
+        scheduler step. Returns its metrics (``loss``, ``pre_loss``, ... , ``grad_norm``, ``lr``). A training line
+        goes to metrics.jsonl every ``train.log_every`` iterations, at each ``train.checkpoint_every`` and at
+        ``train.iterations``."""
+        self._open()
+        start = time.perf_counter()
+        t = self.cfg.train
+        batch = self.tasks.sample(t.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
         batch = batch.to(self.device, self.dtype)
-        shard = (self.world.rank, self.world.size)
-        self.opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         # Also folds the batch into batch-norm running statistics (identical on every rank).
+        shard = (self.world.rank, self.world.size)
         metrics = self.learner.backward(batch, self.iteration, self.generator, shard)
+        metrics = average_meta_step(self.learner, metrics, self.world)
         grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
-        if self.world.enabled:
-            names = list(metrics)
-            extra = self.learner.extra_state
-            reduced = all_reduce_mean(grads + [metrics[k] for k in names] + list(extra.values()), self.world)
-            for g, r in zip(grads, reduced, strict=False):
-                g.copy_(r)
-            metrics = dict(zip(names, reduced[len(grads) : len(grads) + len(names)], strict=True))
-            for k, v in zip(list(extra), reduced[len(grads) + len(names) :], strict=True):
-                extra[k] = v
         norm = self._check_and_clip(grads, metrics["loss"])
-        lr = meta_lr_at(self.cfg, self.iteration)
-        scale = lr / self.cfg.train.meta_lr if self.cfg.train.meta_lr > 0 else 1.0
-        for group in self.opt.param_groups:
-            group["lr"] = lr if group.get("name") == "params" else group["base_lr"] * scale
+        lr = self.optimizer.param_groups[0]["lr"]
         try:
-            self.opt.step()
+            self.optimizer.step()
         except RuntimeError as e:  # e.g. a learning rate too large to represent in the weights' dtype
             raise DivergenceError(
                 f"the optimizer step failed at iteration {self.iteration + 1} ({e}); the learning rate "
-                f"train.meta_lr={self.cfg.train.meta_lr} is probably far too high"
+                f"train.meta_lr={t.meta_lr} is probably far too high"
             ) from None
-        self.opt.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {**{k: v.item() for k, v in metrics.items()}, "grad_norm": norm, "lr": lr}
+        out = {**{k: v.item() for k, v in metrics.items()}, "grad_norm": norm, "lr": lr}
+        self.seconds += time.perf_counter() - start
+        self._window.append(out)
+        it = self.iteration
+        # Also at checkpoints, so that a resumed run's log windows match an uninterrupted run's.
+        if it % t.log_every == 0 or it % t.checkpoint_every == 0 or it == t.iterations:
+            self._flush()
+        self._call("on_step", out)
+        return out
 
-    def run(self) -> dict[str, float]:
+    def evaluate(self, save_best: bool = True) -> dict[str, float]:
+        """Validate on the fixed validation tasks (``train.val_tasks``, seeded apart from training): the metric
+        after the trained inner steps (``val_mse`` or ``val_accuracy``) and after ``eval.steps``. Logged to
+        metrics.jsonl; a new best is saved as ``checkpoints/best`` unless ``save_best=False``. Rank 0 alone
+        validates (other ranks return {})."""
+        if not self.world.is_main:
+            return {}
+        self._open()
+        steps = self.learner.inner_steps
+        curve = self.learner.adaptation_curve(self.val_tasks, max(steps, self.cfg.eval.steps))
+        name = f"val_{self.learner.metric_name}"
+        val = {name: curve[:, steps].mean().item(), f"{name}_eval_steps": curve[:, -1].mean().item()}
+        self.last = {**self.last, **val}
+        self._log({"iteration": self.iteration, **val}, training=False)
+        self._call("on_evaluate", val)
+        # Lower is better: validation MSE, or minus the validation accuracy.
+        score = -val[name] if self.learner.metric_higher_is_better else val[name]
+        if score < self.best:
+            self.best = score
+            if save_best:
+                self.save(BEST)
+        return val
+
+    def save(self, name: str | None = None) -> Path | None:
+        """Write a checkpoint atomically: ``checkpoints/iter-<iteration>`` (keeping the last ``train.keep_last``)
+        or ``checkpoints/<name>``. A periodic checkpoint also logs the iterations since the last training line,
+        so that a run resumed from it logs the same lines. Refuses (DivergenceError) to write non-finite weights.
+        Returns the path (None on ranks other than 0, which write nothing)."""
+        self._open()
+        weights = learner_tensors(self.learner)
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # Checked on every rank (their weights are identical), so all stop together.
+        if bad:  # never write a checkpoint that a later "last good checkpoint" message would point to
+            raise self._diverged(f"by iteration {self.iteration}: {bad[0]} holds NaN/inf")
+        if name is None:
+            self._flush()
+        if not self.world.is_main:
+            return None
+        info = {
+            "iteration": self.iteration,
+            "seconds": self.seconds,
+            "best_val": self.best if math.isfinite(self.best) else None,
+            "algorithm": self.learner.name,
+            "config": self.cfg.to_dict(),
+        }
+        directory = self.run_dir / CHECKPOINTS / (name or checkpoint_name(self.iteration))
+        path = save_training_state(directory, self.learner, self.optimizer, self.scheduler, self.generator, info)
+        if name is None:
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        self._call("on_save", path)
+        return path
+
+    def fit(self) -> dict[str, float]:
+        """Train up to ``train.iterations``: validation every ``train.val_every``, checkpoints every
+        ``train.checkpoint_every`` and at the end. Returns the last logged metrics."""
         t = self.cfg.train
-        last: dict[str, float] = {}
-        window: list[dict[str, float]] = []
+        self._open()
         bar = tqdm(
             total=t.iterations, initial=self.iteration, disable=not self.progress, desc=self.learner.name,
             unit="it", dynamic_ncols=True, mininterval=0.5,
         )  # fmt: skip
         try:
             while self.iteration < t.iterations:
-                start = time.perf_counter()
-                window.append(self.step())
-                self.seconds += time.perf_counter() - start
+                logged = self.last
+                self.step()
                 bar.update(1)
                 it = self.iteration
-                # Also at checkpoints, so that a resumed run's log windows match an uninterrupted run's.
-                if it % t.log_every == 0 or it % t.checkpoint_every == 0 or it == t.iterations:
-                    last = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                    window = []
-                    self.log({"iteration": it, **last, "seconds": round(self.seconds, 3)})
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", pre=f"{last['pre_loss']:.3f}", refresh=False)
-                    if self.callback is not None:
-                        self.callback(it, last)
-                if self.world.is_main and (it % t.val_every == 0 or it == t.iterations):
-                    val = self.validate()
-                    last.update(val)
-                    self.log({"iteration": it, **val})
-                    # Lower is better: validation MSE, or minus the validation accuracy.
-                    value = val[f"val_{self.learner.metric_name}"]
-                    score = -value if self.learner.metric_higher_is_better else value
-                    if score < self.best:
-                        self.best = score
-                        self.save("best")
+                if self.last is not logged:
+                    bar.set_postfix(loss=f"{self.last['loss']:.4f}", pre=f"{self.last['pre_loss']:.3f}", refresh=False)
+                if it % t.val_every == 0 or it == t.iterations:
+                    self.evaluate()
                 if it % t.checkpoint_every == 0 or it == t.iterations:
                     self.save()
         finally:
             bar.close()
-        return last
+        return self.last
+
+    def close(self) -> None:
+        """Finish: callbacks' ``on_close`` (TensorBoard flushes here), then leave the torchrun process group."""
+        try:
+            self._call("on_close")
+        finally:
+            shutdown_world(self.world)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def train(
@@ -294,34 +414,15 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    callbacks: Sequence[Any] = (),
     callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train the learner ``cfg`` describes into ``run_dir`` (or continue it with ``resume=True``).
-
-    ``callback(iteration, metrics)`` is called at every log interval (e.g. to report progress elsewhere)."""
-    run_dir = Path(run_dir)
-    cfg.validate()
-    if resume:
-        stored = read_run_config(run_dir)
-        for key in ("optimizer", "dtype"):
-            if getattr(stored.train, key) != getattr(cfg.train, key):
-                raise ConfigError(f"train.{key} cannot change on resume (the checkpoint holds {key} state)")
-        if stored.to_dict() | {"train": None} != cfg.to_dict() | {"train": None}:
-            raise CheckpointError(
-                f"resume of {str(run_dir)!r} must use the run's own config (only [train] keys may change)"
-            )
-    trainer = _Trainer(cfg, run_dir, progress, callback)
-    try:
-        if not resume:
-            on_main(trainer.world, lambda: init_run(run_dir, cfg, overwrite=overwrite))
-        else:  # the run's record follows the config it now runs with
-            on_main(trainer.world, lambda: init_run_record(run_dir, cfg))
-            path = latest_checkpoint(run_dir)
-            if path is not None:
-                trainer.restore(path)
-            else:
-                trainer._truncate_metrics()  # killed before its first checkpoint: start over cleanly
-        last = trainer.run()
-    finally:
-        shutdown_world(trainer.world)
-    return TrainResult(trainer.learner, run_dir, trainer.iteration, trainer.seconds, last)
+    """Train the learner ``cfg`` describes into ``run_dir`` (or continue it with ``resume=True``): a
+    :class:`Trainer` and its :meth:`~Trainer.fit`. ``callbacks`` get the hooks of :mod:`metagrad.callbacks`;
+    ``callback(iteration, metrics)`` is called at every training line of metrics.jsonl."""
+    hooks = [*callbacks, *([_IterationCallback(callback)] if callback is not None else [])]
+    with Trainer(cfg, run_dir, overwrite=overwrite, callbacks=hooks, progress=progress) as trainer:
+        if resume:
+            trainer.resume()
+        last = trainer.fit()
+    return TrainResult(trainer.learner, Path(run_dir), trainer.iteration, trainer.seconds, last)
