@@ -1,0 +1,211 @@
+"""CAVIA (Zintgraf, Shiarlis, Kurin, Hofmann & Whiteson, "Fast Context Adaptation via Meta-Learning", ICML 2019).
+
+The network gets a small context vector ``c``: reset to zero for every task, it is the *only* thing the inner loop
+adapts (``c ← c − α ∇c L_support``); the network's weights are meta-learned in the outer loop through the
+adapted context (second order unless ``first_order``), as in MAML. The context enters the network in one of two
+ways (:class:`ContextNetwork`):
+
+* ``"concat"`` (the paper's regression networks): concatenated to the input of the first linear layer. Written as
+  ``W [x; c] + b = W_x x + b + W_c c``, so any MLP takes it unchanged: ``W_c`` is a new meta-learned matrix.
+* ``"film"`` (the paper's image networks, section 5.3): FiLM on a hidden layer's output,
+  ``h ← (1 + γ) ⊙ h + β`` per channel with ``(γ, β) = Linear(c)``; by default after the third block's batch norm
+  of Conv-4. The scale is parameterised as ``1 + γ`` and the FiLM layer's bias starts at zero, so a zero context
+  leaves the backbone as it is at initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagrad.algorithms.base import Params, Task
+from metagrad.algorithms.maml import MAML
+from metagrad.errors import ConfigError
+from metagrad.inner.sgd import SGD
+from metagrad.registry import register_algorithm
+from metagrad.tasks.base import TaskBatch
+
+__all__ = ["CAVIA", "CAVIAConfig", "ContextNetwork", "CONTEXT", "CONDITIONINGS"]
+
+CONTEXT = "context"  # the context's name among the wrapped network's parameters
+CONDITIONINGS = ("auto", "concat", "film")
+
+
+class ContextNetwork(nn.Module):
+    """``net`` with a context vector ``context`` (a parameter, held at zero) fed in by ``conditioning``.
+
+    ``layer`` names the submodule of ``net`` whose output the context modulates: default the first
+    ``nn.Linear`` for ``"concat"``; ``"film"`` needs it (e.g. ``"norms.2"`` of Conv-4). The hook that feeds the
+    context in is registered for one forward pass at a time, so ``net`` itself is left as it was."""
+
+    def __init__(self, net: nn.Module, context: int, conditioning: str = "concat", layer: str | None = None) -> None:
+        super().__init__()
+        if int(context) <= 0:
+            raise ConfigError(f"algorithm.context must be positive, got {context}")
+        if conditioning not in ("concat", "film"):
+            raise ConfigError(f"conditioning must be 'concat' or 'film', got {conditioning!r}")
+        self.net = net
+        self.conditioning = conditioning
+        if layer is None:
+            if conditioning == "film":
+                raise ConfigError("FiLM conditioning needs the hidden layer to modulate (algorithm.film_layer)")
+            layer = next((n for n, m in net.named_modules() if isinstance(m, nn.Linear)), None)
+            if layer is None:
+                raise ConfigError(f"{type(net).__name__} has no nn.Linear to concatenate the context to: use film")
+        try:
+            target = net.get_submodule(layer)
+        except AttributeError:
+            names = ", ".join(n for n, _ in net.named_modules() if n)
+            raise ConfigError(f"the model has no layer {layer!r} for the context; its layers: {names}") from None
+        self.layer = layer
+        dtype = next(net.parameters()).dtype
+        self.context = nn.Parameter(torch.zeros(int(context), dtype=dtype))
+        if conditioning == "concat":
+            if not isinstance(target, nn.Linear):
+                raise ConfigError(f"concat conditioning needs an nn.Linear layer, {layer!r} is {type(target).__name__}")
+            # Initialised as nn.Linear initialises the widened layer's columns: U(±1/√fan_in), fan_in = in + context.
+            bound = 1 / math.sqrt(target.in_features + int(context))
+            ref = target.weight
+            w = torch.empty(target.out_features, int(context), dtype=ref.dtype, device=ref.device)
+            self.context_weight = nn.Parameter(w.uniform_(-bound, bound))
+        else:
+            channels = self._channels(target)
+            ref = next(target.parameters(), self.context)
+            self.film = nn.Linear(int(context), 2 * channels, dtype=ref.dtype, device=ref.device)
+            nn.init.zeros_(self.film.bias)
+        # What the learner reads from its model: per-step batch norm and the parameters adapted in the outer loop only.
+        self.per_step = bool(getattr(net, "per_step", False))
+        self.meta_only = tuple("net." + p for p in getattr(net, "meta_only", ()))
+
+    @staticmethod
+    def _channels(module: nn.Module) -> int:
+        for attr in ("out_channels", "num_features", "out_features"):
+            if isinstance(getattr(module, attr, None), int):
+                return int(getattr(module, attr))
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor):
+            return int(weight.shape[-1])
+        raise ConfigError(f"cannot tell how many channels {type(module).__name__} outputs for FiLM: choose a conv, "
+                          "norm or linear layer")  # fmt: skip
+
+    def _feed(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if self.conditioning == "concat":
+            return output + F.linear(self.context, self.context_weight)
+        gamma, beta = self.film(self.context).chunk(2)
+        shape = (-1,) + (1,) * (output.dim() - 2)  # channels on dim 1: [N, C, H, W] or [N, C]
+        return output * (1 + gamma).reshape(shape) + beta.reshape(shape)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        handle = self.net.get_submodule(self.layer).register_forward_hook(self._feed)
+        try:
+            return self.net(x, *args, **kwargs)
+        finally:
+            handle.remove()
+
+
+@dataclass
+class CAVIAConfig:
+    """``[algorithm]`` options of CAVIA (``name = "cavia"``). ``conditioning``: ``"auto"`` concatenates the context
+    to the input for vector inputs and uses FiLM on ``film_layer`` for images."""
+
+    inner_lr: float = 1.0
+    inner_steps: int = 1
+    context: int = 5
+    conditioning: str = "auto"
+    film_layer: str = "norms.2"
+    first_order: bool = False
+
+    def validate(self, cfg: Any) -> None:
+        if self.conditioning not in CONDITIONINGS:
+            raise ConfigError(f"algorithm.conditioning must be one of {', '.join(CONDITIONINGS)}, got "
+                              f"{self.conditioning!r}")  # fmt: skip
+        if self.context <= 0:
+            raise ConfigError(f"algorithm.context must be positive, got {self.context}")
+        if self.inner_steps == 0:
+            raise ConfigError("algorithm.inner_steps must be positive for cavia (the context is all it adapts)")
+
+
+@register_algorithm("cavia", config=CAVIAConfig)
+class CAVIA(MAML):
+    """``CAVIA(ContextNetwork(net, 5))``: MAML's outer loop, an inner loop on the context only."""
+
+    name = "cavia"
+
+    def __init__(
+        self,
+        model: ContextNetwork,
+        rule: Any = None,
+        *,
+        inner_lr: float = 1.0,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(model, ContextNetwork):
+            raise ConfigError("CAVIA adapts a context vector: wrap the network, CAVIA(ContextNetwork(net, context=5))")
+        if kwargs.pop("adapt_only", None) is not None:
+            raise ConfigError("CAVIA adapts the context and nothing else: adapt_only does not apply")
+        super().__init__(
+            model,
+            rule if rule is not None else SGD(inner_lr),
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            first_order=first_order,
+            adapt_only=[CONTEXT],
+            **kwargs,
+        )
+        self.name = "cavia"
+
+    @classmethod
+    def from_config(cls, options: CAVIAConfig, model: nn.Module, spec: Any) -> CAVIA:
+        o = options
+        conditioning = o.conditioning
+        if conditioning == "auto":
+            conditioning = "concat" if len(spec.input_shape) == 1 else "film"
+        layer = o.film_layer if conditioning == "film" else None
+        return cls(
+            ContextNetwork(model, o.context, conditioning, layer),
+            inner_lr=o.inner_lr,
+            inner_steps=o.inner_steps,
+            first_order=o.first_order,
+            **cls.spec_options(spec),
+        )
+
+    def task_loss(
+        self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        # Every task starts from a zero context, whatever the module holds.
+        params = {**params, CONTEXT: torch.zeros_like(params[CONTEXT])}
+        return super().task_loss(params, meta, task, weights, first_order)
+
+    def meta_gradient(
+        self,
+        batch: TaskBatch,
+        iteration: int = 0,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+        params: Any = None,
+        meta: Any = None,
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        gp, gm, metrics = super().meta_gradient(batch, iteration, generator, shard, params, meta)
+        # The context is not meta-learned (it is reset to zero per task): no gradient, so no optimizer moves it.
+        gp.pop(CONTEXT, None)
+        return gp, gm, metrics
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int | None = None,
+        params: Params | None = None,
+        dropout: bool = False,
+    ) -> Params:
+        """The weights with this task's adapted context (from zero); the network's weights are unchanged."""
+        p = dict(self.params if params is None else params)
+        p[CONTEXT] = torch.zeros_like(p[CONTEXT]).detach()
+        return super().adapt(support_x, support_y, steps, p, dropout)

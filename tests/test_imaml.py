@@ -1,0 +1,194 @@
+"""iMAML: the CG meta-gradient against the exact implicit gradient (dense, float64), vmap == loop, evaluation on
+the proximal problem, options and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, grad, hessian
+
+from metagrad.algorithms import IMAML, MAML
+from metagrad.algorithms.imaml import conjugate_gradient
+from metagrad.build import build_learner
+from metagrad.config import load_config
+from metagrad.errors import ConfigError
+from metagrad.inner.lslr import LSLR
+from metagrad.models import MLP, Conv4
+from metagrad.tasks import Sinusoid, TaskBatch
+
+F64 = torch.float64
+
+
+def tiny_mlp(seed: int = 0, hidden: tuple[int, ...] = (4,)) -> MLP:
+    model = MLP(1, hidden, 1, "tanh").to(F64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+    return model
+
+
+def batch(b: int = 2, k: int = 5, q: int = 6, seed: int = 0) -> TaskBatch:
+    return Sinusoid(amplitude=(0.5, 1.0)).sample(b, k, q, torch.Generator().manual_seed(seed)).to("cpu", F64)
+
+
+def learner(steps: int = 150, lam: float = 2.0, cg_steps: int = 20, **kw) -> IMAML:
+    # lr 0.15, λ = 2: gradient descent on these proximal problems reaches float64 precision in 150 steps.
+    return IMAML(tiny_mlp(), inner_lr=0.15, inner_steps=steps, lam=lam, cg_steps=cg_steps, **kw)
+
+
+def flat(d: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.cat([d[k].reshape(-1) for k in names])
+
+
+def unflat(v: torch.Tensor, like: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k in names:
+        n = like[k].numel()
+        out[k] = v[i : i + n].reshape(like[k].shape)
+        i += n
+    return out
+
+
+def test_meta_gradient_matches_the_dense_implicit_gradient():
+    """Inner problem solved to convergence, (I + H/λ) built and solved densely in float64: relative error < 1e-4."""
+    lrn, b = learner(), batch()
+    gp, _, _ = lrn.meta_gradient(b)
+    theta = {k: v.detach() for k, v in lrn.params.items()}
+    names = list(theta)
+    expected = torch.zeros(sum(v.numel() for v in theta.values()), dtype=F64)
+    for i in range(len(b)):
+        sx, sy, qx, qy = b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i]
+        phi = lrn.solve_inner(theta, {}, sx, sy)
+
+        def support(v, sx=sx, sy=sy):
+            return ((functional_call(lrn.model, unflat(v, theta, names), (sx,)) - sy) ** 2).mean()
+
+        def query(v, qx=qx, qy=qy):
+            return ((functional_call(lrn.model, unflat(v, theta, names), (qx,)) - qy) ** 2).mean()
+
+        p = flat(phi, names)
+        stationarity = grad(support)(p) + lrn.lam * (p - flat(theta, names))
+        assert stationarity.abs().max() < 1e-10  # the inner problem is solved, so the implicit formula is exact
+        a = torch.eye(len(p), dtype=F64) + hessian(support)(p) / lrn.lam
+        expected += torch.linalg.solve(a, grad(query)(p)) / len(b)
+    got = flat(gp, names)
+    assert ((got - expected).norm() / expected.norm()) < 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def _converged_query_loss(lrn: IMAML, theta: dict[str, torch.Tensor], b: TaskBatch) -> torch.Tensor:
+    losses = []
+    for i in range(len(b)):
+        phi = lrn.solve_inner(theta, {}, b.support_x[i], b.support_y[i])
+        losses.append(lrn.loss(phi, b.query_x[i], b.query_y[i]))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("adapt_only", [None, ["2."]], ids=["all", "last_layer"])
+def test_meta_gradient_is_the_derivative_of_the_converged_query_loss(adapt_only):
+    """Central difference of L_query(φ*(θ)) with φ* solved to convergence; with adapt_only, the layers the inner
+    loop leaves alone get the mixed second-derivative term too."""
+    lrn, b = learner(adapt_only=adapt_only), batch(seed=3)
+    gp, _, _ = lrn.meta_gradient(b)
+    theta = {k: v.detach() for k, v in lrn.params.items()}
+    g = torch.Generator().manual_seed(5)
+    d = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in theta.items()}
+    h = 1e-5
+    plus = _converged_query_loss(lrn, {k: v + h * d[k] for k, v in theta.items()}, b)
+    minus = _converged_query_loss(lrn, {k: v - h * d[k] for k, v in theta.items()}, b)
+    fd = (plus - minus) / (2 * h)
+    analytic = sum((gp[k] * d[k]).sum() for k in d)
+    torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", ["mlp", "conv4"])
+def test_vmap_equals_loop(make):
+    def build(vectorize: bool) -> tuple[IMAML, TaskBatch]:
+        torch.manual_seed(0)
+        if make == "mlp":
+            return IMAML(tiny_mlp(hidden=(6, 6)), inner_lr=0.05, inner_steps=3, vectorize=vectorize), batch(3)
+        # Conv-4 (transductive batch norm) through the Hessian-vector products: 1 step, 2 CG steps keep it quick.
+        model = Conv4(ways=2, hidden=3, image_size=16).to(F64)
+        g = torch.Generator().manual_seed(0)
+        sx = torch.rand(2, 4, 1, 16, 16, generator=g, dtype=F64)
+        qx = torch.rand(2, 4, 1, 16, 16, generator=g, dtype=F64)
+        y = torch.tensor([0, 0, 1, 1]).expand(2, -1).clone()
+        lrn = IMAML(model, inner_lr=0.3, inner_steps=1, cg_steps=2, loss="cross_entropy", vectorize=vectorize)
+        return lrn, TaskBatch(sx, y, qx, y)
+
+    (vec, b), (loop, _) = build(True), build(False)
+    gv, _, mv = vec.meta_gradient(b)
+    gl, _, ml = loop.meta_gradient(b)
+    scale = max(v.abs().max() for v in gl.values())
+    for k in gl:
+        torch.testing.assert_close(gv[k], gl[k], rtol=0, atol=1e-10 * scale)
+    torch.testing.assert_close(mv["loss"], ml["loss"])
+    torch.testing.assert_close(vec.adaptation_curve(b, 2), loop.adaptation_curve(b, 2))
+
+
+def test_conjugate_gradient_solves_a_dense_system_and_survives_a_zero_right_hand_side():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=F64)
+    a = m @ m.T + torch.eye(6, dtype=F64)
+    rhs = {"x": torch.randn(6, generator=g, dtype=F64)}
+    x = conjugate_gradient(lambda v: {"x": a @ v["x"]}, rhs, 6)["x"]
+    torch.testing.assert_close(x, torch.linalg.solve(a, rhs["x"]))
+    zero = conjugate_gradient(lambda v: {"x": a @ v["x"]}, {"x": torch.zeros(6, dtype=F64)}, 3)["x"]
+    assert torch.equal(zero, torch.zeros(6, dtype=F64))
+
+
+def test_the_meta_gradient_depends_on_the_last_iterate_only():
+    """Nothing of the inner loop is differentiated (why memory does not grow with the steps): the meta-gradient is
+    that of the last iterate alone, so the same φ reached in more steps gives the same gradient."""
+    lrn = learner()
+    b = batch(1)
+    theta = {k: v.detach() for k, v in lrn.params.items()}
+    phi = lrn.solve_inner(theta, {}, b.support_x[0], b.support_y[0])
+    g1, _, _ = lrn.meta_gradient(b)
+    more = learner(steps=200)  # already converged at 150: the same φ, the same gradient
+    g2, _, _ = more.meta_gradient(b)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-9, atol=1e-12)
+    assert lrn.adapt(b.support_x[0], b.support_y[0]).keys() == phi.keys()
+
+
+def test_evaluation_adapts_on_the_proximal_problem():
+    """A strong proximal term (λ large) keeps the adapted weights near θ; plain SGD would move them further."""
+    b = batch(1)
+    strong = IMAML(tiny_mlp(), inner_lr=0.01, inner_steps=5, lam=50.0)
+    plain = MAML(tiny_mlp(), inner_lr=0.01, inner_steps=5)
+    theta = {k: v.detach() for k, v in strong.params.items()}
+
+    def moved(lrn) -> float:
+        phi = lrn.adapt(b.support_x[0], b.support_y[0])
+        return sum(((phi[k] - theta[k]) ** 2).sum() for k in theta).item()
+
+    assert 0 < moved(strong) < 0.5 * moved(plain)
+    curve = strong.adaptation_curve(b, 3)
+    assert curve.shape == (1, 4) and torch.isfinite(curve).all()
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="lam"):
+        IMAML(tiny_mlp(), lam=0.0)
+    with pytest.raises(ConfigError, match="cg_steps"):
+        IMAML(tiny_mlp(), cg_steps=0)
+    with pytest.raises(ConfigError, match="per_step"):
+        IMAML(Conv4(ways=2, hidden=3, image_size=16, bn="per_step", steps=2), loss="cross_entropy")
+    with pytest.raises(ConfigError, match="learned tensors"):
+        IMAML(tiny_mlp(), LSLR(0.1, 2))
+    for bad in ("algorithm.lam=0", "algorithm.cg_steps=0", "algorithm.cg_damping=-1", "algorithm.inner_steps=0",
+                "algorithm.inner_optimizer=rmsprop"):  # fmt: skip
+        with pytest.raises(ConfigError):
+            load_config(None, ["algorithm.name=imaml", bad])
+    built = build_learner(load_config(None, ["algorithm.name=imaml", "algorithm.lam=0.5", "algorithm.cg_steps=3",
+                                             "algorithm.cg_damping=0.1"]))  # fmt: skip
+    assert (built.lam, built.cg_steps, built.cg_damping) == (0.5, 3, 0.1)
+
+
+def test_damping_changes_the_solve():
+    b = batch(1)
+    g0, _, _ = learner(steps=5).meta_gradient(b)
+    g1, _, _ = learner(steps=5, cg_damping=0.5).meta_gradient(b)
+    assert not torch.allclose(g0["0.weight"], g1["0.weight"])
