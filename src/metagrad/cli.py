@@ -1,4 +1,4 @@
-"""The ``metagrad`` command: ``train``, ``eval``, ``compare`` and ``plot``.
+"""The ``metagrad`` command: ``train``, ``eval``, ``compare``, ``plot``, ``adapt`` and ``data``.
 
 Bad input exits with code 2 and one line saying what is wrong; a diverged run exits with code 1.
 """
@@ -116,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=_non_negative, help="inner steps (default: the run's)")
     a.add_argument("--out", type=Path, help="CSV or .npy of predictions (default: CSV on standard output)")
     a.add_argument("--checkpoint", default="latest", help="latest, best, or a checkpoint name")
+
+    d = sub.add_parser(
+        "data", help="show what an image data set holds",
+        description="Read an image data set as training would (decoding it into the cache under METAGRAD_CACHE, "
+        "default ~/.cache/metagrad) and print its layout, classes and images per split, image sizes and channels.",
+    )  # fmt: skip
+    d.add_argument("dir", type=Path, help="the data set's folder (what task.data names)")
+    d.add_argument(
+        "--layout", default="auto",
+        choices=["auto", "imagefolder", "split_folders", "csv", "pickle", "omniglot"], help="default: recognised",
+    )  # fmt: skip
+    d.add_argument("--image-size", type=_positive, default=84, help="side images are resized to (default 84)")
+    d.add_argument("--channels", type=int, choices=[0, 1, 3], default=0, help="0: as the data (default), 1 or 3")
+    d.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="class ratios (no split)")
+    d.add_argument("--workers", type=_non_negative, default=0, help="decoding processes (default: one per core)")
 
     pl = sub.add_parser("plot", help="redraw figures", description="Redraw the figures of a run or comparison.")
     pl.add_argument("run", type=Path, help="a run directory or a `metagrad compare` directory")
@@ -286,6 +301,17 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from metagrad.tasks.images import describe, load_images
+
+    data = load_images(
+        args.dir, layout=args.layout, image_size=args.image_size, channels=args.channels, workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    print(describe(data, args.split))
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from metagrad.build import build_task
     from metagrad.checkpoint import read_json
@@ -327,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from metagrad.errors import DivergenceError, MetagradError
 
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "compare": _cmd_compare, "adapt": _cmd_adapt}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot, "compare": _cmd_compare, "adapt": _cmd_adapt,
+                "data": _cmd_data}  # fmt: skip
     # Under torchrun every rank meets the same error (see distributed.on_main); rank 0 alone says it.
     speak = os.environ.get("RANK", "0") == "0"
     try:

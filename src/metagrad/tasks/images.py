@@ -212,7 +212,7 @@ def _pickle_classes(path: Path, split: str) -> list[tuple[str, np.ndarray]]:
     if images.ndim not in (3, 4) or images.dtype != np.uint8:
         raise DataError(f"{path}: images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
     out = []
-    for name in sorted(rows):
+    for name in rows if "labels" in keys else sorted(rows):  # MetaOptNet's classes in label order
         r = rows[name]
         if r.size == 0:
             raise DataError(f"{path}: class {name!r} of the {split} split has no images")
@@ -335,15 +335,15 @@ def image_splits(data: ImageSet, ratios: Sequence[float] | None = None, seed: in
     if data.class_splits and data.class_splits[0] is not None:
         if ratios:
             raise ConfigError(
-                f"task.split = {list(ratios)}: the {data.layout} layout of {data.root} brings its own train/val/test "
-                "split, which metagrad keeps; remove task.split"
+                f"task.split_ratios = {list(ratios)}: the {data.layout} layout of {data.root} brings its own "
+                "train/val/test split, which metagrad keeps; remove task.split_ratios"
             )
         return {s: [i for i, c in enumerate(data.class_splits) if c == s] for s in SPLITS}
     ratios = list(ratios) if ratios else list(DEFAULT_SPLIT)
     try:
         parts = split_classes(data.class_names, "character", ratios, seed=seed)
     except ValueError as e:
-        raise ConfigError(f"task.split = {ratios}: {e}") from None
+        raise ConfigError(f"task.split_ratios = {ratios}: {e}") from None
     return dict(zip(SPLITS, parts, strict=True))
 
 
@@ -400,7 +400,8 @@ class ImagesConfig:
     """``[task]`` options of N-way K-shot image classification (``name = "images"``); shots and queries per class.
 
     ``data``: the data set's folder. ``layout``: auto, imagefolder, split_folders, csv, pickle or omniglot.
-    ``split``: train/val/test class ratios for layouts without a split of their own (default 0.7/0.1/0.2, seeded).
+    ``split_ratios``: train/val/test class ratios for layouts without a split of their own (default 0.7/0.1/0.2,
+    seeded).
     ``channels``: 0 keeps the data's, 1 or 3 converts. ``mean``/``std``: per-channel normalisation; left empty,
     they are computed on the training classes and written here (so the run's config records them).
     ``augment``: random crop with ``crop_padding`` pixels of zero padding and horizontal flips, training split only.
@@ -411,7 +412,7 @@ class ImagesConfig:
     ways: int = 5
     data: str = ""
     layout: str = "auto"
-    split: list[float] = field(default_factory=list)
+    split_ratios: list[float] = field(default_factory=list)
     image_size: int = 84
     channels: int = 0
     resample: str = "bilinear"
@@ -457,8 +458,9 @@ def _check_options(t: ImagesConfig) -> None:
         raise ConfigError("task.image_size must be positive, task.crop_padding and task.workers non-negative")
     if t.resample not in RESAMPLE:
         raise ConfigError(f"task.resample = {t.resample!r} is not one of {', '.join(RESAMPLE)}")
-    if t.split and (len(t.split) != 3 or min(t.split) < 0 or abs(sum(t.split) - 1) > 1e-6):
-        raise ConfigError(f"task.split = {t.split} must be three non-negative ratios (train, val, test) summing to 1")
+    r = t.split_ratios
+    if r and (len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6):
+        raise ConfigError(f"task.split_ratios = {r} must be three non-negative ratios (train, val, test) summing to 1")
     for name in ("shots", "queries", "ways"):
         if getattr(t, name) < 1:
             raise ConfigError(f"task.{name} must be positive, got {getattr(t, name)}")
@@ -479,7 +481,7 @@ class ImageEpisodes:
         if not root.exists():
             raise ConfigError(f"task.data = {t.data!r} does not exist; point it at the folder holding the data set")
         data = _load(str(root), t)
-        splits = image_splits(data, t.split)
+        splits = image_splits(data, t.split_ratios)
         classes = splits[split]
         if t.ways > len(classes):
             raise ConfigError(

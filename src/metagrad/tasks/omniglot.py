@@ -485,6 +485,18 @@ def _omniglot(root: str, size: int, rotations: bool) -> OmniglotData:
             f"task.data = {root!r} does not exist; point it at an Omniglot folder or its zip files "
             "(e.g. task.data=../shared/data/omniglot)"
         )
+    from metagrad.errors import DataError
+    from metagrad.tasks.imagelayouts import detect_layout
+
+    try:  # another layout is refused, not read as alphabets (a train/ folder would become an "alphabet")
+        layout = detect_layout(path.resolve())
+    except DataError:
+        layout = "omniglot"  # let the reader say what it misses
+    if layout != "omniglot":
+        raise DataError(
+            f"task.data = {root!r} holds a {layout} image data set, not Omniglot (images_*.zip or "
+            '<Alphabet>/<character>/*.png): use task.name = "images", which reads it as it is'
+        )
     try:
         data = load_omniglot(path, size=size)
     except (OSError, ValueError) as e:
