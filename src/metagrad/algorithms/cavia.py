@@ -36,6 +36,10 @@ CONTEXT = "context"  # the context's name among the wrapped network's parameters
 CONDITIONINGS = ("auto", "concat", "film")
 
 
+def _is_context(name: str, parameter: Tensor) -> bool:
+    return name == CONTEXT
+
+
 class ContextNetwork(nn.Module):
     """``net`` with a context vector ``context`` (a parameter, held at zero) fed in by ``conditioning``.
 
@@ -156,7 +160,7 @@ class CAVIA(MAML):
             inner_lr=inner_lr,
             inner_steps=inner_steps,
             first_order=first_order,
-            adapt_only=[CONTEXT],
+            adapt_only=_is_context,  # by exact name: a prefix would also match context_weight
             **kwargs,
         )
         self.name = "cavia"

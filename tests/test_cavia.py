@@ -1,0 +1,161 @@
+"""CAVIA: the context is the only thing the inner loop adapts, from zero; exact first- and second-order
+meta-gradients (vmap == loop == float64 central difference) for the sinusoid MLP (concatenated context) and
+Conv-4 (FiLM); checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metagrad.algorithms import CAVIA, ContextNetwork
+from metagrad.algorithms.cavia import CONTEXT
+from metagrad.build import build_learner
+from metagrad.config import load_config
+from metagrad.errors import ConfigError
+from metagrad.models import MLP, Conv4
+from metagrad.run import load_learner
+from metagrad.tasks import Sinusoid, TaskBatch
+from metagrad.train import train
+
+F64 = torch.float64
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name != CONTEXT:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+
+
+def mlp_case(vectorize: bool, first_order: bool) -> tuple[CAVIA, TaskBatch]:
+    net = ContextNetwork(MLP(1, (6, 6), 1, "tanh").to(F64), context=3)
+    _randomise(net, 0)
+    lrn = CAVIA(net, inner_lr=0.4, inner_steps=2, first_order=first_order, vectorize=vectorize)
+    return lrn, Sinusoid().sample(3, 5, 6, torch.Generator().manual_seed(1)).to("cpu", F64)
+
+
+def conv_case(vectorize: bool, first_order: bool) -> tuple[CAVIA, TaskBatch]:
+    torch.manual_seed(0)
+    net = ContextNetwork(Conv4(ways=2, hidden=3, image_size=16).to(F64), context=2, conditioning="film",
+                         layer="norms.2")  # fmt: skip
+    _randomise(net, 0)
+    lrn = CAVIA(net, inner_lr=0.5, inner_steps=2, first_order=first_order, loss="cross_entropy",
+                vectorize=vectorize)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    sx = torch.rand(2, 4, 1, 16, 16, generator=g, dtype=F64)
+    qx = torch.rand(2, 4, 1, 16, 16, generator=g, dtype=F64)
+    y = torch.tensor([0, 0, 1, 1]).expand(2, -1).clone()
+    return lrn, TaskBatch(sx, y, qx, y)
+
+
+CASES = {"mlp_concat": mlp_case, "conv4_film": conv_case}
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_meta_gradient_vmap_equals_loop_equals_central_difference(case, first_order):
+    vec, b = CASES[case](True, first_order)
+    loop, _ = CASES[case](False, first_order)
+    gv, _, mv = vec.meta_gradient(b)
+    gl, _, ml = loop.meta_gradient(b)
+    assert CONTEXT not in gv and set(gv) == set(loop.params) - {CONTEXT}  # the context is not meta-learned
+    scale = max(g.abs().max() for g in gl.values())
+    for k in gl:
+        torch.testing.assert_close(gv[k], gl[k], rtol=0, atol=1e-10 * scale, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(mv["loss"], ml["loss"], rtol=1e-12, atol=0)
+
+    theta = {k: v.detach() for k, v in loop.params.items()}
+    g = torch.Generator().manual_seed(2)
+    d = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in theta.items() if k != CONTEXT}
+    tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
+    # First order: the adapted context is held fixed and the query loss differentiated at it.
+    fixed = [loop.adapt(b.support_x[i], b.support_y[i])[CONTEXT] for i in range(len(b))] if first_order else None
+
+    def f(t: float) -> torch.Tensor:
+        p = {k: v + t * d[k] if k in d else v for k, v in theta.items()}
+        with torch.no_grad():
+            if fixed is None:
+                return loop.meta_loss(p, {}, tasks, None, False)[0]
+            return torch.stack([loop.loss({**p, CONTEXT: fixed[i]}, b.query_x[i], b.query_y[i], loop.inner_steps)
+                                for i in range(len(b))]).mean()  # fmt: skip
+
+    h = 1e-6
+    fd = (f(h) - f(-h)) / (2 * h)
+    analytic = sum((gv[k] * d[k]).sum() for k in d)
+    torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_inner_loop_moves_the_context_only_and_its_gradient_is_a_finite_difference(case):
+    lrn, b = CASES[case](True, False)
+    lrn.rule.lr = 1.0  # one step of lr 1: the context moves by minus its support gradient
+    sx, sy = b.support_x[0], b.support_y[0]
+    adapted = lrn.adapt(sx, sy, steps=1)
+    for k, v in lrn.params.items():
+        if k != CONTEXT:
+            assert torch.equal(adapted[k], v.detach()), f"{k} moved in the inner loop"
+    assert torch.equal(lrn.params[CONTEXT], torch.zeros_like(lrn.params[CONTEXT]))
+    assert adapted[CONTEXT].abs().max() > 0
+    theta = {k: v.detach() for k, v in lrn.params.items()}
+    h = 1e-6
+    for i in range(theta[CONTEXT].numel()):
+        e = torch.zeros_like(theta[CONTEXT])
+        e[i] = h
+        with torch.no_grad():
+            fd = (lrn.loss({**theta, CONTEXT: e}, sx, sy) - lrn.loss({**theta, CONTEXT: -e}, sx, sy)) / (2 * h)
+        torch.testing.assert_close(-adapted[CONTEXT][i], fd, rtol=1e-6, atol=1e-10)
+
+
+def test_every_task_starts_from_a_zero_context():
+    lrn, b = mlp_case(True, False)
+    gp, _, metrics = lrn.meta_gradient(b)
+    with torch.no_grad():
+        lrn.params[CONTEXT] = torch.ones(3, dtype=F64)  # whatever the module holds, adaptation starts at 0
+    gp2, _, metrics2 = lrn.meta_gradient(b)
+    torch.testing.assert_close(metrics["loss"], metrics2["loss"])
+    for k in gp:
+        torch.testing.assert_close(gp[k], gp2[k])
+    a = lrn.adapt(b.support_x[0], b.support_y[0], steps=0)
+    assert torch.equal(a[CONTEXT], torch.zeros(3, dtype=F64))
+
+
+def test_concat_is_concatenation_to_the_input():
+    net = ContextNetwork(MLP(2, (4,), 1), context=3)
+    x, c = torch.randn(5, 2), torch.randn(3)
+    first = net.net[0]
+    widened = torch.nn.Linear(5, 4)
+    with torch.no_grad():
+        widened.weight.copy_(torch.cat([first.weight, net.context_weight], 1))
+        widened.bias.copy_(first.bias)
+        net.context.copy_(c)
+        expected = net.net[2](net.net[1](widened(torch.cat([x, c.expand(5, 3)], 1))))
+        torch.testing.assert_close(net(x), expected)
+    assert not net.net[0]._forward_hooks  # the hook lives for one forward pass only
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="ContextNetwork"):
+        CAVIA(MLP())
+    with pytest.raises(ConfigError, match="no layer 'nope'"):
+        ContextNetwork(Conv4(ways=2, hidden=3, image_size=16), 2, "film", "nope")
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        ContextNetwork(Conv4(ways=2, hidden=3, image_size=16), 2, "concat", "convs.0")
+    for bad in ("algorithm.context=0", "algorithm.conditioning=add", "algorithm.inner_steps=0"):
+        with pytest.raises(ConfigError):
+            load_config(None, ["algorithm.name=cavia", bad])
+    built = build_learner(load_config(None, ["algorithm.name=cavia", "algorithm.context=4"]))
+    assert built.model.conditioning == "concat" and built.params[CONTEXT].shape == (4,) and built.fast == [CONTEXT]
+
+
+def test_training_checkpoint_round_trip(tmp_path):
+    overrides = ["algorithm.name=cavia", "train.iterations=6", "train.meta_batch=4", "train.val_every=3",
+                 "train.checkpoint_every=3", "train.val_tasks=8", "train.compile=false", "eval.steps=2"]  # fmt: skip
+    result = train(load_config(None, overrides), tmp_path / "run", progress=False)
+    assert torch.equal(result.learner.params[CONTEXT], torch.zeros(5))  # never meta-learned
+    _, loaded, meta = load_learner(tmp_path / "run")
+    assert meta["iteration"] == 6
+    for k, v in result.learner.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    b = Sinusoid().sample(2, 5, 5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.adaptation_curve(b, 2), result.learner.adaptation_curve(b, 2))
