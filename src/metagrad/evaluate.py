@@ -101,7 +101,8 @@ def evaluate(
         curve = learner.adaptation_curve(batch, steps).cpu()
         mean, ci = summarize(curve)
         diverged = (~torch.isfinite(curve)).sum(0).tolist()
-        entry = {"shots": int(k), "steps": list(range(steps + 1)), metric: mean, "ci95": ci, "diverged": diverged}
+        # The curve's own width: an algorithm without an inner loop (ProtoNets) reports one point, step 0.
+        entry = {"shots": int(k), "steps": list(range(curve.shape[1])), metric: mean, "ci95": ci, "diverged": diverged}
         results.append(entry)
     name = getattr(dist, "name", type(dist).__name__)
     out = {"algorithm": learner.name, "task": name, "scoring": scoring, "tasks": tasks, "results": results}
@@ -115,6 +116,7 @@ def format_table(result: dict[str, Any], columns: Sequence[int] | None = None) -
     """A plain-text table: one row per shot count, MSE ± CI after the chosen steps."""
     steps = result["results"][0]["steps"]
     cols = list(columns) if columns is not None else sorted({0, 1, min(5, steps[-1]), steps[-1]})
+    cols = [c for c in cols if c <= steps[-1]]  # no inner loop (ProtoNets): the one point, step 0
     metric = result.get("metric", "mse")
     if metric == "accuracy":
         return _format_accuracy(result, cols)
@@ -164,7 +166,8 @@ def evaluate_lake_runs(
     from metagrad.tasks.omniglot import lake_task_batch
 
     batch = lake_task_batch(runs).to(device, dtype)
-    ways = learner.predict(batch.support_x[0]).shape[-1]
+    # A metric learner (ProtoNets) knows its ways; its network's outputs are an embedding.
+    ways = getattr(learner, "ways", None) or learner.predict(batch.support_x[0]).shape[-1]
     if ways != batch.support_x.shape[1]:
         raise RunError(
             f"the omniglot-runs benchmark is {batch.support_x.shape[1]}-way one-shot, but this run's model has "
@@ -174,13 +177,14 @@ def evaluate_lake_runs(
     mean, ci = summarize(1 - accuracy)
     return {
         "algorithm": learner.name, "task": "omniglot-runs", "metric": "error", "runs": len(runs),
-        "steps": list(range(steps + 1)), "error": mean, "ci95": ci, "published": LAKE_PUBLISHED, **_bn_mode(learner),
+        "steps": list(range(accuracy.shape[1])), "error": mean, "ci95": ci, "published": LAKE_PUBLISHED,
+        **_bn_mode(learner),
     }  # fmt: skip
 
 
 def format_lake_table(result: dict[str, Any]) -> str:
     steps = result["steps"]
-    cols = sorted({0, 1, min(5, steps[-1]), steps[-1]})
+    cols = sorted({0, min(1, steps[-1]), min(5, steps[-1]), steps[-1]})
     lines = [f"{result['algorithm']} on Lake et al.'s {result['runs']} one-shot runs (20-way): error rate (%)"]
     lines.append(" | ".join(f"step {s}: {100 * result['error'][s]:.1f} ± {100 * result['ci95'][s]:.1f}" for s in cols))
     lines.append("published: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["published"].items()))
