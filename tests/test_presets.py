@@ -1,38 +1,64 @@
-"""Shipped configs equal the presets; compare and the Omniglot path work end to end on tiny budgets."""
+"""Presets are the shipped TOML files: every one loads and validates under every budget; compare and the Omniglot
+path work end to end on tiny budgets."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from metagrad import presets as presets_module
 from metagrad.cli import main
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
-from metagrad.presets import COMPARE_ALGORITHMS, OMNIGLOT_PRESETS, PRESETS, preset
+from metagrad.presets import budgets, compare_algorithms, configs_dir, preset, presets, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 needs_omniglot = pytest.mark.skipif(not OMNIGLOT.is_dir(), reason=f"Omniglot data not found at {OMNIGLOT}")
+SHIPPED = [(t, a) for t in tasks() for a in presets(t)]
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "maml_enhanced"])
-def test_sinusoid_config_files_are_the_paper_presets(algorithm: str) -> None:
-    assert load_config(ROOT / "configs" / "sinusoid" / f"{algorithm}.toml") == preset(algorithm, "paper")
+def test_presets_are_the_files_in_configs() -> None:
+    assert configs_dir() == ROOT / "configs"  # a source checkout reads the repository's own folder
+    assert {"sinusoid", "omniglot"} <= set(tasks())
+    for task in tasks():
+        files = presets(task)
+        assert set(compare_algorithms(task)) <= set(files), task  # compare runs shipped presets only
+        assert files == {p.stem: p for p in (ROOT / "configs" / task).glob("*.toml") if p.stem != "benchmark"}
+        assert "paper" in budgets(task) and "default" in budgets(task)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "maml_enhanced"])
-def test_omniglot_config_files_are_the_paper_presets(algorithm: str) -> None:
-    assert load_config(ROOT / "configs" / "omniglot" / f"{algorithm}.toml") == preset(algorithm, "paper", "omniglot")
+@pytest.mark.parametrize(("task", "algorithm"), SHIPPED, ids=[f"{t}/{a}" for t, a in SHIPPED])
+def test_every_shipped_preset_loads_and_validates_under_every_budget(task: str, algorithm: str) -> None:
+    path = ROOT / "configs" / task / f"{algorithm}.toml"
+    paper = preset(algorithm, "paper", task)
+    assert paper == load_config(path)  # the preset is the file, as `metagrad train --config` reads it
+    assert paper.task.name == task
+    for budget in budgets(task):
+        cfg = preset(algorithm, budget, task)
+        assert cfg.algorithm.name == paper.algorithm.name and cfg.task == paper.task
+    # A budget changes what it lists and nothing else.
+    tiny = budgets(task)["tiny"]
+    small = preset(algorithm, "tiny", task).to_dict()
+    for section, values in paper.to_dict().items():
+        for key, value in values.items():
+            assert small[section][key] == tiny.get(section, {}).get(key, value), f"{section}.{key}"
 
 
-def test_every_preset_validates() -> None:
-    for budget in ("paper", "default", "tiny"):
-        for a in PRESETS:
-            assert preset(a, budget).algorithm.name == a
-        for a in OMNIGLOT_PRESETS:
-            assert preset(a, budget, "omniglot").task.name == "omniglot"
+def test_a_broken_shipped_config_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    copy = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", copy)
+    monkeypatch.setattr(presets_module, "configs_dir", lambda: copy)
+    maml = copy / "sinusoid" / "maml.toml"
+    maml.write_text(maml.read_text().replace("inner_steps = 1", "inner_step = 1"))
+    with pytest.raises(ConfigError, match="inner_step.*did you mean 'inner_steps'"):
+        preset("maml", "default")
+    (copy / "sinusoid" / "benchmark.toml").write_text("[budgets.tiny.train]\niteration = 3\n")
+    with pytest.raises(ConfigError, match="unknown key train.iteration"):
+        preset("fomaml", "tiny")
 
 
 def test_unknown_names_suggest_the_closest() -> None:
@@ -42,6 +68,8 @@ def test_unknown_names_suggest_the_closest() -> None:
         preset("maml", "papr")
     with pytest.raises(ConfigError, match="for omniglot"):
         preset("oracle", "paper", "omniglot")
+    with pytest.raises(ConfigError, match="did you mean 'omniglot'"):
+        preset("maml", "paper", "omniglott")
 
 
 def test_compare_writes_report_results_and_figures(tmp_path, capsys) -> None:
@@ -98,10 +126,6 @@ def test_omniglot_bad_inputs_are_one_line_errors(tmp_path, capsys) -> None:
     assert "images per Omniglot class" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "c"), "task.name=omniglot"]) == 2  # model must be conv4
     assert "model mlp needs vector inputs; the task gives (1, 28, 28): use conv4" in capsys.readouterr().err
-
-
-def test_compare_algorithm_list_matches_presets() -> None:
-    assert set(COMPARE_ALGORITHMS) <= set(PRESETS)
 
 
 def test_compare_keeps_the_other_results_when_one_run_fails(tmp_path, capsys) -> None:
