@@ -45,6 +45,8 @@ _positive, _non_negative = _integer(1), _integer(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from metagrad import presets
+
     p = _Parser(prog="metagrad", description="Vectorised gradient-based meta-learning on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -88,9 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every algorithm on the same sinusoid task stream and budget, evaluate all of them on the "
         "same test tasks, and write report.md, results.json, adaptation.png and fits.png.",
     )  # fmt: skip
-    c.add_argument("--task", choices=["sinusoid", "omniglot"], default="sinusoid", help="benchmark (default sinusoid)")
+    c.add_argument(
+        "--task", choices=presets.tasks(), default=presets.DEFAULT_TASK,
+        help=f"a shipped benchmark, configs/<task>/ (default {presets.DEFAULT_TASK})",
+    )  # fmt: skip
     c.add_argument("--budget", default="default", help="default (sinusoid: ~3 min on 2 CPU cores), paper, cpu, tiny")
-    c.add_argument("--algorithms", nargs="+", metavar="NAME", help="subset of: " + ", ".join(_compare_algorithms()))
+    c.add_argument(
+        "--algorithms", nargs="+", metavar="NAME",
+        help="default: the benchmark's (" + ", ".join(presets.compare_algorithms()) + "); any registered algorithm",
+    )  # fmt: skip
     c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --out")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -138,15 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _compare_algorithms() -> tuple[str, ...]:
-    from metagrad.presets import COMPARE_ALGORITHMS
-
-    return COMPARE_ALGORITHMS
-
-
 def _cmd_compare(args: argparse.Namespace) -> int:
     from metagrad.compare import compare
-    from metagrad.presets import COMPARE_ALGORITHMS, OMNIGLOT_COMPARE_ALGORITHMS
+    from metagrad.presets import compare_algorithms
 
     out = args.out
     base = None
@@ -156,8 +158,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         base = raw_config(args.config, args.overrides)  # only what the file and overrides set
         if not args.algorithms:
             raise _usage("compare --config needs --algorithms A B ...")
-    default = COMPARE_ALGORITHMS if args.task == "sinusoid" else OMNIGLOT_COMPARE_ALGORITHMS
-    chosen = list(args.algorithms or default)
+    chosen = list(args.algorithms or compare_algorithms(args.task))
     results = compare(
         chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
         workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task, base=base,
@@ -237,9 +238,9 @@ def _eval_lake(args: argparse.Namespace, cfg, learner, device) -> int:
     from metagrad.checkpoint import write_atomic
     from metagrad.errors import ConfigError
     from metagrad.evaluate import evaluate_lake_runs, format_lake_table
-    from metagrad.tasks.omniglot import load_lake_runs
+    from metagrad.tasks.omniglot import Omniglot, load_lake_runs
 
-    if cfg.task.name != "omniglot":
+    if not issubclass(cfg.task.component.target, Omniglot):  # Lake's runs are Omniglot drawings
         raise ConfigError(f"--benchmark omniglot-runs needs a run trained on omniglot, not {cfg.task.name}")
     root = args.data or Path(cfg.task.data)
     if not root.exists():
