@@ -136,3 +136,20 @@ def test_train_checkpoint_round_trip_and_eval_on_omniglot(tmp_path):
     assert main(["eval", str(tmp_path / "run"), "--tasks", "4", "--shots", "1", "--json", str(out)]) == 0
     scores = json.loads(out.read_text())["results"][0]
     assert scores["steps"] == [0] and len(scores["accuracy"]) == 1
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason=f"Omniglot data not found at {OMNIGLOT}")
+def test_compare_runs_protonet_imaml_and_cavia_beside_maml_on_omniglot(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the presets read task.data relative to the checkout
+    out = tmp_path / "cmp"
+    argv = ["compare", "--task", "omniglot", "--budget", "tiny", "--out", str(out), "--algorithms", "maml",
+            "protonet", "imaml", "cavia", "--no-progress", "--workers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    by_name = {r["algorithm"]: r for r in data["results"]}
+    assert set(by_name) == {"maml", "protonet", "imaml", "cavia"} and not data["failures"]
+    assert by_name["protonet"]["results"][0]["steps"] == [0]
+    assert by_name["imaml"]["results"][0]["steps"] == [0, 1, 2]
+    report = (out / "report.md").read_text()
+    assert "| protonet | — |" in report and "(no inner loop)" in report
+    assert (out / "adaptation.png").is_file()

@@ -111,9 +111,12 @@ def _cell(r: dict[str, Any], step: int) -> str:
 
 
 def report_table(results: Sequence[dict[str, Any]]) -> str:
-    """The side-by-side Markdown table: MSE ± 95 % CI after 1 and 10 steps per shot count, time, speed."""
+    """The side-by-side Markdown table: MSE ± 95 % CI after 1 and 10 steps per shot count, time, speed.
+
+    An algorithm without an inner loop (ProtoNets: one point, step 0) shows its score once, in the last column,
+    and "—" in the others: it has no adaptation curve to read at 1 step."""
     shots = [r["shots"] for r in results[0]["results"]]
-    last = results[0]["results"][0]["steps"][-1]
+    last = max(res["results"][0]["steps"][-1] for res in results)
     steps = [s for s in REPORT_STEPS if s < last] + [last]
     head = ["algorithm"] + [f"{k}-shot, {s} step{'s' if s > 1 else ''}" for k in shots for s in steps]
     head += ["train time (s)", "meta-it/s"]
@@ -122,6 +125,9 @@ def report_table(results: Sequence[dict[str, Any]]) -> str:
         cells = [res["algorithm"]]
         for k in shots:
             r = next(x for x in res["results"] if x["shots"] == k)
+            if r["steps"][-1] == 0 < last:
+                cells += ["—"] * (len(steps) - 1) + [_cell(r, 0) + " (no inner loop)"]
+                continue
             cells += [_cell(r, s) for s in steps]
         ips = res.get("iterations_per_second")
         cells += [f"{res['train_seconds']:.0f}", f"{ips:.3g}" if ips else "-"]
@@ -140,6 +146,9 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], header: str) -> Non
         f"Test set: {r0['tasks']} fixed tasks per shot count, {r0['scoring']} scoring; {what} ± 95% CI (1.96·σ/√n).",
         "Learned per-step rates (MAML Enhanced) stop after their trained steps: later steps leave the weights be.",
     ]
+    single = [res["algorithm"] for res in results if res["results"][0]["steps"][-1] == 0]
+    if single:
+        notes.append(f"{', '.join(single)}: no inner loop, so one score (step 0), shown in the last column.")
     for res in results:
         for r in res["results"]:
             bad = [d for d in r.get("diverged", []) if d]
@@ -147,20 +156,22 @@ def _write_outputs(out: Path, results: list[dict[str, Any]], header: str) -> Non
                 notes.append(f"{res['algorithm']}, {r['shots']}-shot: adaptation diverged on {max(bad)} test task(s).")
     write_atomic(out / "report.md", f"{header}\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     plot_curves(results, out / "adaptation.png", title=f"{r0['task']}: adaptation on {r0['tasks']} test tasks")
-    if r0["task"] == "sinusoid":
-        redraw_fits(out, [r["algorithm"] for r in results])
+    redraw_fits(out, [r["algorithm"] for r in results])
 
 
-def redraw_fits(out: Path, algorithms: Sequence[str]) -> None:
+def redraw_fits(out: Path, algorithms: Sequence[str]) -> Path | None:
+    """fits.png, for task families that can draw their curves (``curve``; see metagrad.tasks.TaskDistribution)."""
     from metagrad.build import build_task
     from metagrad.plots import plot_fits
-    from metagrad.run import load_learner
+    from metagrad.run import load_learner, read_run_config
 
+    if not hasattr(build_task(read_run_config(out / run_name(algorithms[0]))), "curve"):
+        return None
     pairs = []
     for a in algorithms:
         cfg, learner, _ = load_learner(out / run_name(a))
         pairs.append((learner, build_task(cfg)))
-    plot_fits(pairs, out / "fits.png", shots=5, steps=10)
+    return plot_fits(pairs, out / "fits.png", shots=5, steps=10)
 
 
 def redraw(out: str | Path) -> list[Path]:
@@ -173,10 +184,8 @@ def redraw(out: str | Path) -> list[Path]:
         raise RunError(f"{out / 'results.json'} is not a metagrad comparison")
     results = data["results"]
     plot_curves(results, out / "adaptation.png")
-    if results[0]["task"] != "sinusoid":
-        return [out / "adaptation.png"]
-    redraw_fits(out, [r["algorithm"] for r in results])
-    return [out / "adaptation.png", out / "fits.png"]
+    fits = redraw_fits(out, [r["algorithm"] for r in results])
+    return [out / "adaptation.png"] + ([fits] if fits is not None else [])
 
 
 def compare(

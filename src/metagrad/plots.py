@@ -26,6 +26,9 @@ def draw_curves(ax: Any, curves: Sequence[tuple[str, dict[str, Any]]], log: bool
     for label, r in curves:
         steps = r["steps"]
         mean, ci = torch.tensor(r[metric]), torch.tensor(r["ci95"])
+        if len(steps) == 1:  # no inner loop (ProtoNets): one point with its CI, not a flat curve
+            ax.errorbar(steps, mean, yerr=ci, fmt="D", ms=6, capsize=4, label=f"{label} (no inner loop)")
+            continue
         (line,) = ax.plot(steps, mean, marker="o", ms=3, label=label)
         lo = (mean - ci).clamp_min(1e-6) if log else mean - ci
         ax.fill_between(steps, lo, mean + ci, color=line.get_color(), alpha=0.2, lw=0)
@@ -64,9 +67,7 @@ def draw_fit(
 ) -> None:
     """True curve, support points and the learner's prediction after each of ``steps`` inner steps."""
     grid = torch.linspace(*dist.x_range, 200, dtype=task.support_x.dtype, device=task.support_x.device)[:, None]
-    truth = dist.function(
-        grid[None].cpu().double(), task.info["amplitude"].cpu().double(), task.info["phase"].cpu().double()
-    )
+    truth = dist.curve(grid[None].cpu().double(), {k: v.cpu().double() for k, v in task.info.items()})
     ax.plot(grid.cpu(), truth[0], color="black", lw=2, label="ground truth")
     inputs = dist.inputs(grid[None], task.info)[0]
     for s in sorted(set(steps)):
@@ -90,8 +91,8 @@ def plot_eval(
     """``metagrad eval --plot``: MSE against steps (all shot counts) beside example fits."""
     steps = result["results"][0]["steps"][-1]
     k = result["results"][0]["shots"]
-    if not isinstance(dist, Sinusoid):
-        examples = 0  # example fits are curves: only regression has them
+    if not hasattr(dist, "curve"):
+        examples = 0  # example fits are curves: only a 1-D regression family that can draw its own has them
     fig, axes = plt.subplots(1, 1 + examples, figsize=(4.4 * (1 + examples), 4), squeeze=False)
     axes = axes[0]
     draw_curves(axes[0], [(f"{r['shots']}-shot", r) for r in result["results"]])
