@@ -96,6 +96,14 @@ class TaskDistribution(Protocol):
 
     ``sample`` must draw every random number from ``generator`` (never the global RNG), so that the same
     seed gives the same tasks.
+
+    Optional members, which metagrad uses when a family has them (the sinusoid family has both):
+
+    * ``evaluation_tasks(n, shots, queries, scoring, generator) -> TaskBatch``: the fixed test tasks of
+      ``metagrad eval`` for a scoring (``eval.scoring``, e.g. a dense grid of query points). Without it, the
+      evaluator draws ``sample(n, shots, queries, generator)`` and reports the scoring as ``"query"``.
+    * ``curve(x, info) -> Tensor`` and ``x_range``: a 1-D regression family's noise-free targets at points
+      ``x`` [B, N, 1] of the tasks ``info`` describes; ``eval --plot`` and ``compare`` then draw example fits.
     """
 
     name: str

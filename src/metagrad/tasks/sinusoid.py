@@ -86,6 +86,16 @@ class Sinusoid:
         """What the network sees for points ``x`` [B, N, 1] of tasks with parameters ``info``."""
         return x
 
+    def curve(self, x: Tensor, info: dict[str, Tensor]) -> Tensor:
+        """The noise-free targets at points ``x`` [B, N, 1] of the tasks ``info`` describes (with ``x_range``, what
+        the example-fit figures of ``eval --plot`` and ``compare`` draw)."""
+        return self.function(x, info["amplitude"], info["phase"])
+
+    def evaluation_tasks(self, n: int, shots: int, queries: int, scoring: str, generator: torch.Generator) -> TaskBatch:
+        """The fixed test tasks the evaluator scores: ``dense`` on the 100-point noise-free grid, ``paper`` on
+        ``shots`` query points drawn like the support (the MAML authors' code); ``queries`` is not used."""
+        return self.sample(n, shots, shots, generator, scoring=scoring)
+
     def _targets(self, x: Tensor, a: Tensor, p: Tensor, g: torch.Generator) -> Tensor:
         y = self.function(x, a, p)
         if self.noise > 0:
