@@ -10,7 +10,7 @@ import torch
 
 from metagrad.algorithms import MetaLearner
 from metagrad.errors import ConfigError
-from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
+from metagrad.tasks import TaskBatch, TaskDistribution
 
 __all__ = [
     "TEST_SEED", "VAL_SEED", "LAKE_PUBLISHED", "fixed_tasks", "evaluate", "evaluate_lake_runs", "summarize",
@@ -37,11 +37,12 @@ VAL_SEED = 1_000_000_009
 def fixed_tasks(
     dist: TaskDistribution, n: int, shots: int, scoring: str = "dense", seed: int = TEST_SEED, queries: int = 15
 ) -> TaskBatch:
-    """The fixed evaluation set for ``shots``. Sinusoid: dense scoring uses the 100-point grid, paper scoring K
-    query points drawn like the support (the MAML authors' code). Other families: ``queries`` per class."""
+    """The fixed evaluation set for ``shots``: the family's ``evaluation_tasks`` for ``scoring`` if it has one
+    (sinusoid: dense scoring uses the 100-point grid, paper scoring K query points drawn like the support), else
+    ``sample`` with ``queries`` (per class)."""
     g = torch.Generator().manual_seed(seed * 1009 + shots * 2 + (scoring == "paper"))
-    if isinstance(dist, Sinusoid):
-        return dist.sample(n, shots, shots, g, scoring=scoring)
+    if hasattr(dist, "evaluation_tasks"):
+        return dist.evaluation_tasks(n, shots, queries, scoring, g)
     try:
         return dist.sample(n, shots, queries, g)
     except ValueError as e:  # e.g. more shots + queries than a class has images
@@ -107,7 +108,7 @@ def evaluate(
     name = getattr(dist, "name", type(dist).__name__)
     out = {"algorithm": learner.name, "task": name, "scoring": scoring, "tasks": tasks, "results": results}
     if metric != "mse":
-        scoring = scoring if isinstance(dist, Sinusoid) else "query"
+        scoring = scoring if hasattr(dist, "evaluation_tasks") else "query"
         out = {**out, "metric": metric, "scoring": scoring, "ways": getattr(dist, "ways", None), **_bn_mode(learner)}
     return out
 
