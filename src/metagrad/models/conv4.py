@@ -36,7 +36,15 @@ from torch import Tensor, nn
 from metagrad.models.norm import BatchNorm2d
 from metagrad.registry import register_model
 
-__all__ = ["Conv4", "Conv4Config", "PerStepBatchNorm2d", "BN_MODES", "BN_STATISTICS"]
+__all__ = [
+    "Conv4",
+    "Conv4Config",
+    "Conv4MiniImageNet",
+    "Conv4MiniImageNetConfig",
+    "PerStepBatchNorm2d",
+    "BN_MODES",
+    "BN_STATISTICS",
+]
 
 BN_MODES = ("transductive", "per_step")
 BN_STATISTICS = ("batch", "running")
@@ -159,3 +167,27 @@ class Conv4(nn.Module):
             x = norm(x, step, statistics, track) if self.per_step else norm(x)
             x = nn.functional.max_pool2d(nn.functional.relu(x), 2)
         return self.head(x.flatten(1))
+
+
+@dataclass
+class Conv4MiniImageNetConfig(Conv4Config):
+    """``[model]`` options of MAML's miniImageNet network (``name = "conv4_miniimagenet"``): Conv-4 with 32 filters."""
+
+    channels: int = 32
+
+
+@register_model("conv4_miniimagenet", config=Conv4MiniImageNetConfig)
+class Conv4MiniImageNet(Conv4):
+    """The MAML paper's miniImageNet network (Finn et al. 2017): four blocks of 32 3x3 filters, batch norm, ReLU
+    and 2x2 max-pooling on 84x84 RGB images (5x5x32 features into the head). In channels and size follow the task."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ways: int = 5,
+        hidden: int = 32,
+        image_size: int = 84,
+        bn: str = "transductive",
+        steps: int = 0,
+    ) -> None:
+        super().__init__(in_channels, ways, hidden, image_size, bn, steps)
