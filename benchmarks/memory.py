@@ -27,6 +27,8 @@ baseline rather than of the increase; ``--no-warmup`` leaves them in.
 Second-order MAML keeps every inner step's activations and the graph of the inner gradients for the
 meta-gradient, so its memory grows with the inner steps; first-order MAML detaches the inner gradients;
 MAML Enhanced adds Meta-Curvature's preconditioning and the multi-step loss on top of second-order MAML.
+iMAML differentiates none of its inner steps (the implicit gradient needs the last iterate only, then conjugate
+gradient on Hessian-vector products there), so its memory should not grow with them.
 ``vs maml`` is the increase divided by second-order MAML's at the same inner steps.
 """
 
@@ -42,7 +44,20 @@ import time
 from typing import Any
 
 RESULT_PREFIX = "RESULT "
-DEFAULT_ALGORITHMS = ("maml", "fomaml", "maml_enhanced")
+DEFAULT_ALGORITHMS = ("maml", "fomaml", "maml_enhanced", "imaml")
+# iMAML is built here (benchmarks/_common.py is shared with the throughput benchmark): the sinusoid preset's
+# proximal problem (configs/sinusoid/imaml.toml: lr 0.01, λ = 1, 5 CG steps) with the measured inner steps.
+EXTRA_ALGORITHMS = ("imaml",)
+
+
+def _make_imaml(algorithm: str, steps: int, vectorize: bool) -> Any:
+    import torch
+
+    from metagrad.algorithms import IMAML
+    from metagrad.models import MLP
+
+    torch.manual_seed(0)
+    return IMAML(MLP(), inner_lr=0.01, inner_steps=steps, lam=1.0, cg_steps=5, vectorize=vectorize)
 DEFAULT_STEPS = (1, 5, 10, 20)
 MIB = 2**20
 
@@ -68,7 +83,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     from _common import make_batch, make_learner
 
     device = torch.device(config["device"])
-    learner = make_learner(config["algorithm"], config["steps"], vectorize=config["path"] != "loop").to(device)
+    build = _make_imaml if config["algorithm"] == "imaml" else make_learner
+    learner = build(config["algorithm"], config["steps"], vectorize=config["path"] != "loop").to(device)
     batch = make_batch(config["meta_batch"], device)
     generator = torch.Generator().manual_seed(1)
     if config["warmup"]:
@@ -142,7 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--algorithms",
         nargs="+",
-        choices=ALGORITHMS,
+        choices=ALGORITHMS + EXTRA_ALGORITHMS,
         default=list(DEFAULT_ALGORITHMS),
         metavar="ALG",
         help=f"algorithms (default: {' '.join(DEFAULT_ALGORITHMS)}; also: reptile, metasgd)",
