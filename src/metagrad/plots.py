@@ -69,7 +69,7 @@ def draw_fit(
     grid = torch.linspace(*dist.x_range, 200, dtype=task.support_x.dtype, device=task.support_x.device)[:, None]
     truth = dist.curve(grid[None].cpu().double(), {k: v.cpu().double() for k, v in task.info.items()})
     ax.plot(grid.cpu(), truth[0], color="black", lw=2, label="ground truth")
-    inputs = dist.inputs(grid[None], task.info)[0]
+    inputs = dist.inputs(grid[None], task.info)[0] if hasattr(dist, "inputs") else grid  # the oracle adds inputs
     for s in sorted(set(steps)):
         # From the initialisation each time: learned per-step rates depend on the step index.
         adapted = learner.adapt(task.support_x[0], task.support_y[0], steps=s)
