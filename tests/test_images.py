@@ -304,3 +304,24 @@ def test_split_ratios_split_unsplit_layouts_seeded(tmp_path):
     assert splits == image_splits(data, [0.5, 0.2, 0.3]) and splits != image_splits(data)
     with pytest.raises(ConfigError, match="split_ratios"):
         family(tmp_path / "f", split_ratios=[0.5, 0.5])
+
+
+@pytest.fixture(scope="module")
+def five_way_set(tmp_path_factory):
+    return make_split_folders(tmp_path_factory.mktemp("five"), per_split=(5, 5, 5), per_class=16)  # 1 + 15 each
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/[mc][i]*/*.toml")))
+def test_image_configs_build_their_learner_on_a_generated_set(path, five_way_set):
+    from metagrad.build import build_learner, build_task
+    from metagrad.config import load_config
+
+    root = five_way_set
+    cfg = load_config(path, [f"task.data={root}", "task.workers=1"])
+    assert cfg.task.name == "images" and cfg.eval.steps >= 10
+    task = build_task(cfg, "train")
+    side = 84 if "miniimagenet" in str(path) else 32
+    assert task.input_shape == (3, side, side) and len(cfg.task.mean) == 3
+    learner = build_learner(cfg)
+    batch = task.sample(1, cfg.task.shots, cfg.task.queries, gen(0))
+    assert learner.predict(batch.query_x[0]).shape == (75, 5)
