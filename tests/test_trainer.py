@@ -128,6 +128,25 @@ def test_a_checkpoint_without_scheduler_state_resumes_on_the_same_schedule(tmp_p
     assert_same_learner(full.learner, resumed.learner)
 
 
+def test_the_schedule_scales_every_group_and_follows_a_changed_config_on_resume(tmp_path: Path) -> None:
+    cfg = cfg_of("train.iterations=8", *ENHANCED, "train.meta_state_lr=0.1")
+    with Trainer(cfg, tmp_path / "run") as trainer:
+        for i in range(8):
+            lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+            assert lrs["params"] == pytest.approx(meta_lr_at(cfg, i))
+            assert lrs["meta"] == pytest.approx(0.1 * meta_lr_at(cfg, i) / cfg.train.meta_lr)
+            trainer.step()
+        trainer.save()
+    # [train] keys may change on resume: the schedule is the new config's, at the restored iteration.
+    longer = cfg_of("train.iterations=16", *ENHANCED, "train.meta_state_lr=0.1", "train.meta_lr=0.02")
+    with Trainer(longer, tmp_path / "run") as trainer:
+        assert trainer.resume() is not None and trainer.iteration == 8
+        lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+        assert lrs["params"] == pytest.approx(meta_lr_at(longer, 8))
+        assert lrs["meta"] == pytest.approx(0.1 * meta_lr_at(longer, 8) / 0.02)
+        assert trainer.step()["lr"] == pytest.approx(meta_lr_at(longer, 8))
+
+
 def test_resume_comes_before_the_first_step_and_needs_a_run(tmp_path: Path) -> None:
     cfg = cfg_of("train.iterations=4")
     with Trainer(cfg, tmp_path / "run") as trainer:
