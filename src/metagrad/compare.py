@@ -118,7 +118,7 @@ def report_table(results: Sequence[dict[str, Any]]) -> str:
     shots = [r["shots"] for r in results[0]["results"]]
     last = max(res["results"][0]["steps"][-1] for res in results)
     steps = [s for s in REPORT_STEPS if s < last] + [last]
-    head = ["algorithm"] + [f"{k}-shot, {s} step{'s' if s > 1 else ''}" for k in shots for s in steps]
+    head = ["algorithm"] + [f"{k}-shot, {s} step{'' if s == 1 else 's'}" for k in shots for s in steps]
     head += ["train time (s)", "meta-it/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
