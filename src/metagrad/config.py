@@ -5,6 +5,7 @@ Every section rejects unknown keys (suggesting the closest name) and wrong types
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -68,7 +69,9 @@ class TrainConfig(_Checked):
     checkpoint_every: int = 1000
     keep_last: int = 3
     compile: bool = False
-    vectorize: bool = True
+    # true: all tasks in one vmap; false: one task after another; k: vmap k tasks at a time; "auto": vmap
+    # unless the network convolves (see MetaLearner.vmapped)
+    vectorize: bool | int | str = "auto"
     device: str = "auto"
     dtype: str = "float32"
     threads: int = 0
@@ -259,8 +262,15 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        inner = next(a for a in args if a is not type(None))
-        return _check_type(where, value, inner)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _check_type(where, value, options[0])
+        for inner in options:
+            with contextlib.suppress(ConfigError):
+                return _check_type(where, value, inner)
+        kinds = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(a, str(a))
+                            for a in options)  # fmt: skip
+        raise ConfigError(f"{where} must be {kinds}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list | tuple):

@@ -78,7 +78,7 @@ class TaskSpec:
     loss: Any = "mse"
     metric: Any = None
     inner_steps: int = 0
-    vectorize: bool = True
+    vectorize: bool | int | str = "auto"
 
 
 _REGISTRY: dict[str, dict[str, Component]] = {k: {} for k in KINDS}

@@ -107,7 +107,7 @@ class MetaLearner(nn.Module):
         inner_steps: int,
         loss: str | Loss = "mse",
         metric: str | Loss | None = None,
-        vectorize: bool = True,
+        vectorize: bool | int | str = "auto",
         eval_rule: InnerRule | None = None,
         adapt_only: nn.Module | Callable[[str, Tensor], bool] | Sequence[str] | None = None,
     ) -> None:
@@ -126,6 +126,8 @@ class MetaLearner(nn.Module):
         # Not a submodule of its own: the same rule (or a parameterless one), never a second copy in state_dict.
         self.__dict__["eval_rule"] = eval_rule if eval_rule is not None else rule
         self.inner_steps = int(inner_steps)
+        if not (isinstance(vectorize, bool) or vectorize == "auto" or (isinstance(vectorize, int) and vectorize > 0)):
+            raise ConfigError(f"vectorize must be true, false, 'auto' or a positive number of tasks, got {vectorize!r}")
         self.vectorize = vectorize
         # A model whose forward takes the inner step (Conv4 with per-step batch norm, MAML++).
         self.per_step = bool(getattr(model, "per_step", False))
@@ -334,7 +336,7 @@ class MetaLearner(nn.Module):
         """``fn(*shared, tasks_i)`` for every task i, stacked: vmap, or a plain loop with the same numbers.
 
         Random layers (dropout) in training draw different randomness for every task."""
-        if self.vectorize:
+        if self.vmapped:
             in_dims = (None,) * len(shared) + (0,)
             randomness = "different" if self.random and self.model.training else "error"
             return vmap(fn, in_dims=in_dims, randomness=randomness)(*shared, tasks)
@@ -344,20 +346,65 @@ class MetaLearner(nn.Module):
     def meta_loss(
         self, params: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean over ``tasks`` of the outer loss, and of each diagnostic."""
+        n = tasks[0].shape[0]
+        loss, aux = self._loss_sum(params, meta, tasks, weights, first_order)
+        return loss / n, {k: v / n for k, v in aux.items()}
+
+    def _loss_sum(
+        self, params: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         def one(p: Params, m: Params, w: Tensor | None, task: Task) -> tuple[Tensor, dict[str, Tensor]]:
             return self.task_loss(p, m, task, w, first_order)
 
         losses, aux = self.map_tasks(one, (params, meta, weights), tasks)
-        return losses.mean(), {k: v.mean() for k, v in aux.items()}
+        return losses.sum(), {k: v.sum() for k, v in aux.items()}
+
+    def _chunk_gradient(
+        self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """Gradients of the summed meta-loss of one chunk of tasks (the unit that is vmapped and compiled)."""
+
+        def objective(p: Params, m: Params) -> tuple[Tensor, dict[str, Tensor]]:
+            return self._loss_sum({**frozen, **p}, m, tasks, weights, first_order)
+
+        (gp, gm), (loss, aux) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(params, meta)
+        return gp, gm, {"loss": loss, **aux}
+
+    @property
+    def vmapped(self) -> bool:
+        """Whether tasks run under ``vmap`` (else one after another). ``vectorize="auto"`` (the default) vmaps
+        unless the network convolves: per-task weights turn each convolution into a grouped one and batch norm
+        into its composite form, and on Conv-4 the task loop with PyTorch's own kernels was measured several
+        times faster, in a small fraction of the memory (``benchmarks/conv4.py``)."""
+        v = self.vectorize
+        if v == "auto":
+            return not any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+        return bool(v) and v != 1
+
+    def task_chunk(self, tasks: int) -> int:
+        """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
+        with ``vectorize=k``, one where tasks are not vmapped. Chunks are differentiated one after another and
+        their gradients summed, so memory holds one chunk's graph only."""
+        v = self.vectorize
+        if not self.vmapped:
+            return 1
+        return tasks if v is True or v == "auto" else max(1, min(int(v), tasks))
 
     def _meta_gradient(
         self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        def objective(p: Params, m: Params) -> tuple[Tensor, dict[str, Tensor]]:
-            return self.meta_loss({**frozen, **p}, m, tasks, weights, first_order)
-
-        (gp, gm), (loss, aux) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(params, meta)
-        return gp, gm, {"loss": loss, **aux}
+        n = tasks[0].shape[0]
+        size = self.task_chunk(n)
+        fn = self._compiled or self._chunk_gradient
+        total: list[dict[str, Tensor]] = []
+        for start in range(0, n, size):
+            chunk = tuple(t[start : start + size] for t in tasks)
+            out = fn(params, frozen, meta, chunk, weights, first_order)
+            # Out of place: a compiled graph may return one buffer for two equal outputs.
+            total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
+        gp, gm, metrics = ({k: v / n for k, v in tree.items()} for tree in total)
+        return gp, gm, metrics
 
     # ----- what the trainer calls ---------------------------------------------------------------------
     def schedule(self, iteration: int) -> tuple[Tensor | None, bool]:
@@ -367,7 +414,7 @@ class MetaLearner(nn.Module):
     def compile(self, **options: Any) -> None:  # type: ignore[override]
         """Run the meta-gradient through ``torch.compile`` from now on (``nn.Module.compile`` would compile
         ``forward``, the plain network, which is not what training runs)."""
-        self._compiled = torch.compile(self._meta_gradient, **options)
+        self._compiled = torch.compile(self._chunk_gradient, **options)
 
     @contextlib.contextmanager
     def _task_randomness(
@@ -404,7 +451,6 @@ class MetaLearner(nn.Module):
         weights, first_order = self.schedule(iteration)
         if shard[1] > 1:
             batch = batch.split(shard[1], shard[0])
-        fn = self._compiled or self._meta_gradient
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         named = dict(self.model.named_parameters())
         params = _detach(named if params is None else params)
@@ -413,7 +459,7 @@ class MetaLearner(nn.Module):
         args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
         with self._explain_transform_errors(lambda: self._meta_gradient(*args)):
             with self._task_randomness(generator, batch.support_x.device, shard[0]):
-                return fn(*args)
+                return self._meta_gradient(*args)
 
     @contextlib.contextmanager
     def _explain_transform_errors(self, rerun: Callable[[], Any]) -> Iterator[None]:
