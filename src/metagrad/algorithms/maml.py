@@ -147,9 +147,13 @@ class MAML(MetaLearner):
         self, params: Params, meta: Params, task: Task, weights: Tensor | None, first_order: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
         sx, sy, qx, qy = task
-        pre = self.loss(params, qx, qy)
         if self.inner_steps == 0:
+            pre = self.loss(params, qx, qy)
             return pre, {"pre_loss": pre.detach(), "post_loss": pre.detach()}
+        aux = {}
+        if self.diagnostics:  # a whole query forward pass that the meta-gradient does not need
+            with torch.no_grad():
+                aux["pre_loss"] = self.loss(params, qx, qy)
         losses = []
         state = None
         for step in range(self.inner_steps):
@@ -157,7 +161,7 @@ class MAML(MetaLearner):
             if weights is not None or step == self.inner_steps - 1:
                 losses.append(self.loss(params, qx, qy, step + 1))
         loss = (weights * torch.stack(losses)).sum() if weights is not None else losses[-1]
-        return loss, {"pre_loss": pre.detach(), "post_loss": losses[-1].detach()}
+        return loss, {**aux, "post_loss": losses[-1].detach()}
 
 
 # First-order MAML's options: MAML's, less ``first_order`` (it is what the name says).

@@ -1,0 +1,252 @@
+"""Conv-4 meta-training throughput and peak memory, beside learn2learn in the same run, and the arithmetic floor.
+
+Run from the repository root (learn2learn's virtual environment from ``bash ../shared/peers/setup.sh``)::
+
+    python benchmarks/conv4.py                                  # 5-way 1-shot, 1 and 5 steps, 1 and 2 threads
+    python benchmarks/conv4.py --steps 1 --threads 1 --iters 3  # one setting, quicker
+    python benchmarks/conv4.py --ways 20 --paths auto --no-peer # 20-way (the peer's script is 5-way only)
+    python benchmarks/conv4.py --paths auto vmap chunk:8 compiled --json docs/data/conv4_cpu.json
+
+Protocol (``../shared/peers/common_conv4.py``, the peer scripts' own): Omniglot-sized 1x28x28 standard-normal
+images (timing only), ``--ways``-way 1-shot with 15 queries per class, meta-batch 32, Conv-4 with 64 filters
+(3x3 conv, batch norm with the batch's statistics, ReLU, 2x2 max-pool; metagrad's ``Conv4``), inner SGD at
+lr 0.4 for ``--steps`` steps, second order, Adam 1e-3. One meta-iteration is what a training loop does:
+``opt.zero_grad(); learner.backward(batch); opt.step()``, with ``learner.diagnostics = False`` as the peer
+computes no pre-adaptation loss (``--diagnostics`` keeps it: one more forward pass of the query set per task).
+
+Every row runs in a fresh process (so ``peak MiB``, the process's maximum resident set, is that row's own), and
+the rows of one (steps, threads) setting run one after another, metagrad's beside the peer's, ``--rounds`` times
+in turn: ``vs l2l`` is the median of metagrad's it/s over the peer's in the same round.
+
+Paths (``vectorize`` of :class:`metagrad.MetaLearner`): ``auto`` (the default: for a convolutional network the
+tasks one after another), ``loop`` (``vectorize=False``), ``vmap`` (all 32 tasks in one ``vmap``), ``chunk:K``
+(``vmap`` over K tasks at a time), ``compiled`` (``auto`` plus ``learner.compile()``; its first call, the
+compilation, is ``first_s``).
+
+The floor: ``torch.utils.flop_counter`` counts the floating-point operations of one meta-iteration's
+convolutions and matrix products (the exact second-order computation; element-wise work is left out, so the
+true floor is higher), and ``floor_s`` divides them by the best rate this machine reaches on a large matrix
+product at the same thread count, measured in the same run (``peak GF/s``). ``vs floor`` is ``floor_s`` over
+the measured seconds per iteration (1 = at the floor).
+
+Absolute figures on a shared machine are noisy: the load average is printed, and only ratios measured in the
+same round are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))
+PEER_PYTHON = Path(os.environ.get("PEERS_VENVS", "/tmp")) / "peers-venv-l2l" / "bin" / "python"
+
+SHOTS, QUERIES, META_BATCH, HIDDEN, IMAGE, INNER_LR, META_LR = 1, 15, 32, 64, 28, 0.4, 1e-3
+
+
+def make_data(ways: int, meta_batch: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """The peers' fixed random episodes (``common_conv4.make_data``, the same draws for 5 ways)."""
+    rng = np.random.default_rng(seed)
+    sx = rng.standard_normal((meta_batch, ways * SHOTS, 1, IMAGE, IMAGE), dtype=np.float32)
+    qx = rng.standard_normal((meta_batch, ways * QUERIES, 1, IMAGE, IMAGE), dtype=np.float32)
+    sy = np.tile(np.repeat(np.arange(ways), SHOTS), (meta_batch, 1)).astype(np.int64)
+    qy = np.tile(np.repeat(np.arange(ways), QUERIES), (meta_batch, 1)).astype(np.int64)
+    return sx, sy, qx, qy
+
+
+def _learner(path: str, ways: int, steps: int) -> Any:
+    import torch
+
+    from metagrad.algorithms.maml import MAML
+    from metagrad.models.conv4 import Conv4
+
+    vectorize: bool | int | str = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True}.get(path, "")
+    if path.startswith("chunk:"):
+        vectorize = int(path.split(":", 1)[1])
+    if vectorize == "":
+        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K or compiled")
+    torch.manual_seed(0)
+    learner = MAML(Conv4(1, ways, HIDDEN, IMAGE), inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy",
+                   vectorize=vectorize)  # fmt: skip
+    if path == "compiled":
+        learner.compile()
+    return learner
+
+
+def _configure(learner: Any, diagnostics: bool) -> Any:
+    learner.diagnostics = diagnostics
+    return learner
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One row, in this (fresh) process."""
+    import torch
+
+    from metagrad.tasks.base import TaskBatch
+
+    torch.set_num_threads(spec["threads"])
+    learner = _configure(_learner(spec["path"], spec["ways"], spec["steps"]), spec["diagnostics"])
+    batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(spec["ways"], spec["meta_batch"])))
+    opt = torch.optim.Adam(learner.parameters(), lr=META_LR)
+
+    def step() -> None:
+        opt.zero_grad()
+        learner.backward(batch)
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["iters"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": _peak_mib()}
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_flops(ways: int, steps: int, meta_batch: int) -> float:
+    """Convolution and matrix-product FLOPs of one meta-iteration (one task counted, times the meta-batch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metagrad.tasks.base import TaskBatch
+
+    learner = _configure(_learner("loop", ways, steps), False)
+    batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(ways, 1)))
+    with FlopCounterMode(display=False) as counter:
+        learner.meta_gradient(batch)
+    return float(counter.get_total_flops()) * meta_batch
+
+
+def peak_rate(threads: int, seconds: float = 2.0) -> float:
+    """The best FLOP/s of a 1024^3 float32 matrix product at ``threads`` threads (best of several)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any] | None:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        print(f"  failed: {' '.join(cmd[:3])} ...: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+        return None
+    return json.loads(lines[-1])
+
+
+def run_metagrad(spec: dict[str, Any]) -> dict[str, Any] | None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    return _run([sys.executable, __file__, "--worker", json.dumps(spec)], env)
+
+
+def run_peer(args: argparse.Namespace, steps: int, threads: int) -> dict[str, Any] | None:
+    script = PEERS / "bench_conv4_l2l.py"
+    cmd = [str(args.peer_python), str(script), "--threads", str(threads), "--steps", str(steps),
+           "--warmup", str(args.warmup), "--iters", str(args.iters), "--meta-batch", str(args.meta_batch)]  # fmt: skip
+    row = _run(cmd, {**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if row is None:
+        return None
+    return {"it_per_s": row["it_per_s_median"], "first_s": row["first_call_s"], "peak_mib": row["peak_rss_mib"]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--paths", nargs="+", default=["auto", "vmap"])
+    ap.add_argument("--meta-batch", type=int, default=META_BATCH)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations per row (median)")
+    ap.add_argument("--rounds", type=int, default=1, help="times each setting's rows run in turn")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="keep the pre-adaptation query loss (a query forward pass per task; the peer has none)")
+    ap.add_argument("--no-peer", action="store_true", help="leave learn2learn out")
+    ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+    ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    peer = not args.no_peer and args.ways == 5
+    if peer and not (args.peer_python.exists() and (PEERS / "bench_conv4_l2l.py").exists()):
+        print(f"learn2learn not found ({args.peer_python}): run `bash ../shared/peers/setup.sh` or pass --no-peer")
+        return 2
+    rows: list[dict[str, Any]] = []
+    print(f"Conv-4 {args.ways}-way {SHOTS}-shot, {QUERIES} queries/class, meta-batch {args.meta_batch}; "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    for steps in args.steps:
+        flops = count_flops(args.ways, steps, args.meta_batch)
+        for threads in args.threads:
+            rate = peak_rate(threads)
+            floor_s = flops / rate
+            for rnd in range(args.rounds):
+                base = run_peer(args, steps, threads) if peer else None
+                if base is not None:
+                    rows.append({"impl": "learn2learn", "steps": steps, "threads": threads, "round": rnd, **base})
+                for path in args.paths:
+                    spec = {"path": path, "ways": args.ways, "steps": steps, "threads": threads,
+                            "meta_batch": args.meta_batch, "warmup": args.warmup, "iters": args.iters,
+                            "diagnostics": args.diagnostics}  # fmt: skip
+                    got = run_metagrad(spec)
+                    if got is None:
+                        continue
+                    row = {"impl": f"metagrad {path}", "steps": steps, "threads": threads, "round": rnd, **got}
+                    if base is not None:
+                        row["vs_l2l"] = got["it_per_s"] / base["it_per_s"]
+                    row["vs_floor"] = floor_s * got["it_per_s"]
+                    rows.append(row)
+            print(f"\nsteps {steps}, threads {threads}: {flops / 1e9:.0f} GFLOP per iteration, peak "
+                  f"{rate / 1e9:.0f} GF/s, floor {floor_s:.2f} s/it; load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            print(f"  {'implementation':<22} {'it/s':>7} {'s/it':>7} {'vs l2l':>7} {'vs floor':>8} {'peak MiB':>9}"
+                  f" {'first_s':>8}")  # fmt: skip
+            for r in rows:
+                if r["steps"] == steps and r["threads"] == threads:
+                    print(f"  {r['impl']:<22} {r['it_per_s']:7.3f} {1 / r['it_per_s']:7.2f} "
+                          f"{r.get('vs_l2l', float('nan')):7.2f} {r.get('vs_floor', float('nan')):8.2f} "
+                          f"{r['peak_mib']:9.0f} {r['first_s']:8.1f}")  # fmt: skip
+            for r in rows:
+                if r["steps"] == steps and r["threads"] == threads:
+                    r.update(gflop=flops / 1e9, peak_gflops=rate / 1e9, floor_s=floor_s)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"protocol": f"conv4-{args.ways}w1s-q15-mb{args.meta_batch}", "cpu": os.cpu_count(),
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}  # fmt: skip
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

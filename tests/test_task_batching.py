@@ -1,0 +1,111 @@
+"""How tasks are batched (vmap, a loop, chunks of k) and what the meta-step computes besides the gradient.
+
+Every path must give the same meta-gradient; the fast Conv-4 forward (channels-last, ReLU after pooling, the
+first convolution as a matrix product) must be the textbook network, value and derivatives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from metagrad.algorithms.maml import MAML
+from metagrad.errors import ConfigError
+from metagrad.models.conv4 import Conv4
+from metagrad.tasks.base import TaskBatch
+
+
+def _mlp_batch(tasks: int = 5) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(tasks, 4, 1, generator=g), torch.randn(tasks, 6, 1, generator=g)
+    return TaskBatch(sx, torch.sin(3 * sx), qx, torch.sin(3 * qx))
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("vectorize", [False, 1, 2, 3, 5, 64])
+def test_every_chunk_size_gives_the_all_task_vmap_meta_gradient(vectorize):
+    batch = _mlp_batch(5)
+    ref = MAML(_mlp(), inner_lr=0.1, inner_steps=2, vectorize=True).double()
+    other = MAML(_mlp(), inner_lr=0.1, inner_steps=2, vectorize=vectorize).double()
+    assert other.vmapped == (vectorize not in (False, 1))
+    b = batch.to("cpu", torch.float64)
+    g_ref, _, m_ref = ref.meta_gradient(b)
+    g, _, m = other.meta_gradient(b)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-10, atol=1e-12)
+    for k in m_ref:
+        torch.testing.assert_close(m[k], m_ref[k], rtol=1e-10, atol=1e-12)
+
+
+def test_auto_loops_over_tasks_for_convolutional_networks_only():
+    assert MAML(_mlp(), inner_steps=1).vmapped
+    assert not MAML(Conv4(hidden=4), inner_steps=1, loss="cross_entropy").vmapped
+    assert MAML(Conv4(hidden=4), inner_steps=1, loss="cross_entropy", vectorize=True).vmapped
+
+
+@pytest.mark.parametrize("bad", [0, -2, "fast", 1.5, None])
+def test_a_bad_vectorize_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="vectorize"):
+        MAML(_mlp(), inner_steps=1, vectorize=bad)
+
+
+def test_diagnostics_off_drops_pre_loss_and_changes_nothing_else():
+    batch = _mlp_batch(4)
+    on = MAML(_mlp(), inner_lr=0.1, inner_steps=1)
+    off = MAML(_mlp(), inner_lr=0.1, inner_steps=1)
+    off.diagnostics = False
+    g_on, _, m_on = on.meta_gradient(batch)
+    g_off, _, m_off = off.meta_gradient(batch)
+    assert "pre_loss" in m_on and "pre_loss" not in m_off
+    for k in g_on:
+        torch.testing.assert_close(g_off[k], g_on[k], rtol=0, atol=0)
+    assert torch.equal(m_on["loss"], m_off["loss"])
+
+
+class _Textbook(nn.Module):
+    """Conv-4 as the papers write it: NCHW, conv -> batch norm -> ReLU -> max-pool, PyTorch's own layers."""
+
+    def __init__(self, net: Conv4) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.net.convs, self.net.norms, strict=True):
+            x = F.conv2d(x, conv.weight, conv.bias, padding=1)
+            x = F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+            x = F.max_pool2d(F.relu(x), 2)
+        return self.net.head(x.flatten(1))
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 8])
+def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels):
+    """Value, gradient and a Hessian-vector product of a loss through Conv-4 equal the textbook layers' (float64),
+    for the matrix-product first convolution (1 and 3 channels) and the plain one (8 channels)."""
+    torch.manual_seed(0)
+    model = Conv4(in_channels, 3, hidden=6, image_size=16).double()
+    x = torch.randn(5, in_channels, 16, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    textbook = _Textbook(model)
+
+    def loss_fast(p):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def loss_ref(p):
+        return F.cross_entropy(functional_call(textbook, {f"net.{k}": t for k, t in p.items()}, (x,)), y)
+
+    def hvp(loss):
+        return grad(lambda p: sum((grad(loss)(p)[k] * v[k]).sum() for k in p))(params)
+
+    torch.testing.assert_close(loss_fast(params), loss_ref(params), rtol=1e-12, atol=1e-12)
+    for a, b in ((grad(loss_fast)(params), grad(loss_ref)(params)), (hvp(loss_fast), hvp(loss_ref))):
+        for k in params:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-11)
