@@ -55,7 +55,7 @@ class Curvature(InnerRule):
             if kind == "vector":
                 out[n] = meta[f"{key}.vec"] * g
             elif kind == "linear":
-                out[n] = torch.einsum("oa,ai,ib->ob", meta[f"{key}.out"], g, meta[f"{key}.in"])
+                out[n] = meta[f"{key}.out"] @ g @ meta[f"{key}.in"]
             else:
                 flat = g.reshape(g.shape[0], g.shape[1], -1)
                 pre = torch.einsum("oa,aig,ib,gf->obf", meta[f"{key}.out"], flat, meta[f"{key}.in"], meta[f"{key}.f"])
