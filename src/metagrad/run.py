@@ -92,7 +92,8 @@ def _import_components(marker: dict[str, Any]) -> None:
     if not isinstance(paths, dict):
         return  # a record written before components were recorded
     for kind in COMPONENT_SECTIONS:
-        name = marker["config"].get(kind, {}).get("name")
+        section = marker["config"].get(kind)
+        name = section.get("name") if isinstance(section, dict) else None
         path = paths.get(kind)
         if not isinstance(name, str) or ":" in name or name in registered(kind) or not isinstance(path, str):
             continue
