@@ -106,7 +106,8 @@ def _check(got: dict, want: dict) -> None:
 
 
 def test_torchrun_training_matches_single_process(tmp_path) -> None:
-    overrides = ["train.iterations=12", "train.meta_batch=8", "train.val_every=6", "train.checkpoint_every=6",
+    """Uneven shards (7 tasks on 2 ranks: 4 and 3) train as one process does."""
+    overrides = ["train.iterations=12", "train.meta_batch=7", "train.val_every=6", "train.checkpoint_every=6",
                  "train.threads=1", "model.hidden=[16, 16]", "algorithm.inner_steps=2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
@@ -152,10 +153,10 @@ def test_two_node_rendezvous_matches_single_process(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("meta_batch", "expected"),
-    [(4, "is not empty and is not a metagrad run"), (5, "train.meta_batch=5 must be divisible by the 2 ranks")],
+    [(4, "is not empty and is not a metagrad run"), (1, "train.meta_batch=1 is below the 2 ranks' one task each")],
 )
 def test_torchrun_bad_input_is_one_line_once_and_every_rank_exits(tmp_path, meta_batch, expected) -> None:
-    """An error that rank 0 alone can see (a non-empty --out) or that every rank sees (an indivisible meta-batch)
+    """An error that rank 0 alone can see (a non-empty --out) or that every rank sees (fewer tasks than ranks)
     stops every rank at once; metagrad's line is printed once, before torchrun's own failure report, rank 0
     exits 2, and nothing is written."""
     run = tmp_path / "r"

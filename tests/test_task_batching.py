@@ -109,3 +109,34 @@ def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels)
     for a, b in ((grad(loss_fast)(params), grad(loss_ref)(params)), (hvp(loss_fast), hvp(loss_ref))):
         for k in params:
             torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+@pytest.mark.parametrize(("tasks", "ranks"), [(5, 2), (7, 3), (4, 4), (6, 2)])
+def test_the_plain_mean_over_shards_is_the_whole_batch_even_when_uneven(algorithm, tasks, ranks):
+    """What the all-reduce computes (the plain mean over ranks of each rank's shard result) equals one process's
+    meta-gradient and metrics, for shards that differ in size (torchrun with 25 tasks on 2 processes)."""
+    from metagrad.algorithms.reptile import Reptile
+
+    def build():
+        if algorithm == "maml":
+            return MAML(_mlp(), inner_lr=0.1, inner_steps=2).double()
+        return Reptile(_mlp(), inner_lr=0.05, inner_steps=2, inner_batch=3).double()
+
+    batch = _mlp_batch(tasks).to("cpu", torch.float64)
+    one = build()
+    want, _, want_metrics = one.meta_gradient(batch, 0, torch.Generator().manual_seed(1))
+    shards = [build().meta_gradient(batch, 0, torch.Generator().manual_seed(1), shard=(r, ranks))
+              for r in range(ranks)]  # fmt: skip
+    for k in want:
+        torch.testing.assert_close(sum(s[0][k] for s in shards) / ranks, want[k], rtol=1e-10, atol=1e-12)
+    for k in want_metrics:
+        torch.testing.assert_close(sum(s[2][k] for s in shards) / ranks, want_metrics[k], rtol=1e-10, atol=1e-12)
+
+
+def test_fewer_tasks_than_shards_is_refused():
+    from metagrad.tasks.base import shard_bounds
+
+    assert [shard_bounds(5, 2, r) for r in (0, 1)] == [(0, 3), (3, 5)]
+    with pytest.raises(ValueError, match="at least one"):
+        shard_bounds(2, 3, 0)

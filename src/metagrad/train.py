@@ -153,8 +153,8 @@ class Trainer:
 
     def _build(self, progress: bool) -> None:
         cfg, t = self.cfg, self.cfg.train
-        if t.meta_batch % self.world.size:
-            raise ConfigError(f"train.meta_batch={t.meta_batch} must be divisible by the {self.world.size} ranks")
+        if t.meta_batch < self.world.size:
+            raise ConfigError(f"train.meta_batch={t.meta_batch} is below the {self.world.size} ranks' one task each")
         self.progress = progress and self.world.is_main
         self.dtype = DTYPES[t.dtype]
         self.tasks = build_task(cfg, "train")

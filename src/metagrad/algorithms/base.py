@@ -31,7 +31,7 @@ from metagrad.inner.base import InnerRule, Params
 from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, TensorView
-from metagrad.tasks.base import TaskBatch
+from metagrad.tasks.base import TaskBatch, shard_weight
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
 
@@ -450,10 +450,14 @@ class MetaLearner(nn.Module):
         """The functional entry point: gradients of the meta-loss with respect to the trainable parameters and
         the rule's learned tensors (``params``/``meta``, default the module's own), plus metrics; nothing is
         written. ``shard=(rank, world)`` computes them on that rank's share of the tasks (distributed
-        training): any randomness is drawn for the whole batch first, so the ranks together match one process."""
+        training): any randomness is drawn for the whole batch first, and a shard's results are weighted by its
+        share of the tasks (:func:`~metagrad.tasks.base.shard_weight`), so that their plain mean over the ranks
+        matches one process, also when the tasks do not divide evenly."""
         self.check_batch(batch)
         weights, first_order = self.schedule(iteration)
+        scale = 1.0
         if shard[1] > 1:
+            scale = shard_weight(len(batch), shard[1], shard[0])
             batch = batch.split(shard[1], shard[0])
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         named = dict(self.model.named_parameters())
@@ -463,7 +467,10 @@ class MetaLearner(nn.Module):
         args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
         with self._explain_transform_errors(lambda: self._meta_gradient(*args)):
             with self._task_randomness(generator, batch.support_x.device, shard[0]):
-                return self._meta_gradient(*args)
+                out = self._meta_gradient(*args)
+        if scale == 1.0:
+            return out
+        return tuple({k: v * scale for k, v in tree.items()} for tree in out)  # type: ignore[return-value]
 
     @contextlib.contextmanager
     def _explain_transform_errors(self, rerun: Callable[[], Any]) -> Iterator[None]:

@@ -24,7 +24,7 @@ from metagrad.inner.adam import Adam
 from metagrad.inner.base import InnerRule
 from metagrad.inner.sgd import SGD
 from metagrad.registry import register_algorithm
-from metagrad.tasks.base import TaskBatch
+from metagrad.tasks.base import TaskBatch, shard_bounds, shard_weight
 
 __all__ = ["Reptile", "ReptileConfig", "INNER_OPTIMIZERS"]
 
@@ -144,11 +144,10 @@ class Reptile(MetaLearner):
         # A fresh random mini-batch (without replacement) per task and inner step, from the trainer's stream.
         keys = torch.rand((b, self.inner_steps, n), generator=generator)
         idx = keys.argsort(dim=-1)[..., :mb].to(x.device)
-        if shard[1] > 1:
-            if b % shard[1]:
-                raise ConfigError(f"cannot split {b} tasks into {shard[1]} equal shards")
-            size = b // shard[1]
-            part = slice(shard[0] * size, (shard[0] + 1) * size)
+        scale = 1.0
+        if shard[1] > 1:  # weighted so that the plain mean over the ranks is the whole batch's (uneven shards too)
+            scale = shard_weight(b, shard[1], shard[0])
+            part = slice(*shard_bounds(b, shard[1], shard[0]))
             x, y, idx = x[part], y[part], idx[part]
         state = _detach(self.extra_state)
         fn = self._compiled or self._reptile_step
@@ -157,6 +156,8 @@ class Reptile(MetaLearner):
         with self._explain_transform_errors(lambda: self._reptile_step(params, meta, state, (x, y, idx))):
             with self._task_randomness(generator, x.device, shard[0]):
                 delta, new_state, metrics = fn(params, meta, state, (x, y, idx))
+        if scale != 1.0:
+            delta, new_state, metrics = ({k: v * scale for k, v in t.items()} for t in (delta, new_state, metrics))
         if self.persist_inner_state:
             for k, v in new_state.items():
                 self.extra_state[k] = v.detach()

@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "TaskDistribution"]
+__all__ = ["TaskBatch", "TaskDistribution", "shard_bounds", "shard_weight"]
 
 
 @dataclass
@@ -80,14 +80,28 @@ class TaskBatch:
         )
 
     def split(self, parts: int, rank: int) -> TaskBatch:
-        """The ``rank``-th of ``parts`` contiguous shards along the task dimension."""
-        n = len(self)
-        if parts <= 0 or not 0 <= rank < parts:
-            raise ValueError(f"need parts > 0 and 0 <= rank < parts, got parts={parts}, rank={rank}")
-        if n % parts:
-            raise ValueError(f"cannot split {n} tasks into {parts} equal shards")
-        size = n // parts
-        return self[rank * size : (rank + 1) * size]
+        """The ``rank``-th of ``parts`` contiguous shards along the task dimension (see :func:`shard_bounds`)."""
+        start, stop = shard_bounds(len(self), parts, rank)
+        return self[start:stop]
+
+
+def shard_bounds(tasks: int, parts: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of the ``rank``-th of ``parts`` contiguous shards of ``tasks`` tasks: the sizes differ by
+    at most one (the first ``tasks % parts`` shards take one more), and every shard has at least one task."""
+    if parts <= 0 or not 0 <= rank < parts:
+        raise ValueError(f"need parts > 0 and 0 <= rank < parts, got parts={parts}, rank={rank}")
+    if tasks < parts:
+        raise ValueError(f"cannot split {tasks} tasks into {parts} shards: each needs at least one")
+    size, extra = divmod(tasks, parts)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
+def shard_weight(tasks: int, parts: int, rank: int) -> float:
+    """What a shard's mean must be multiplied by so that the plain mean over the ``parts`` shards is the mean over
+    all ``tasks`` tasks: ``shard size · parts / tasks`` (exactly 1 for equal shards)."""
+    start, stop = shard_bounds(tasks, parts, rank)
+    return (stop - start) * parts / tasks
 
 
 @runtime_checkable
