@@ -95,7 +95,11 @@ def _optimizer(cfg: Config, learner: MetaLearner) -> torch.optim.Optimizer:
         groups.append({"params": list(learner.rule.parameters()), "lr": lr, "name": "meta"})
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.meta_lr)
-    return torch.optim.Adam(groups, lr=t.meta_lr)
+    # The fused kernel: one pass over every tensor instead of a dozen small ops per tensor (a third of the time of
+    # a sinusoid meta-step's Adam update); a checkpoint's own setting wins when it is loaded.
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(groups, lr=t.meta_lr, fused=fused or None)
 
 
 class _IterationCallback:

@@ -126,8 +126,6 @@ class MetaLearner(nn.Module):
         # Not a submodule of its own: the same rule (or a parameterless one), never a second copy in state_dict.
         self.__dict__["eval_rule"] = eval_rule if eval_rule is not None else rule
         self.inner_steps = int(inner_steps)
-        if not (isinstance(vectorize, bool) or vectorize == "auto" or (isinstance(vectorize, int) and vectorize > 0)):
-            raise ConfigError(f"vectorize must be true, false, 'auto' or a positive number of tasks, got {vectorize!r}")
         self.vectorize = vectorize
         # A model whose forward takes the inner step (Conv4 with per-step batch norm, MAML++).
         self.per_step = bool(getattr(model, "per_step", False))
@@ -365,26 +363,47 @@ class MetaLearner(nn.Module):
         return losses.sum(), {k: v.sum() for k, v in aux.items()}
 
     def _chunk_gradient(
-        self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+        self,
+        params: Params,
+        frozen: Params,
+        meta: Params,
+        tasks: Task,
+        weights: Tensor | None,
+        first_order: bool,
+        scale: float = 1.0,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        """Gradients of the summed meta-loss of one chunk of tasks (the unit that is vmapped and compiled)."""
+        """Gradients of ``scale`` times the summed meta-loss of one chunk of tasks, and the scaled metrics (the unit
+        that is vmapped and compiled; ``scale`` is 1 / the batch's tasks, so that one chunk needs no more ops)."""
 
         def objective(p: Params, m: Params) -> tuple[Tensor, dict[str, Tensor]]:
-            return self._loss_sum({**frozen, **p}, m, tasks, weights, first_order)
+            loss, aux = self._loss_sum({**frozen, **p}, m, tasks, weights, first_order)
+            return loss * scale, {k: v * scale for k, v in aux.items()}
 
         (gp, gm), (loss, aux) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(params, meta)
         return gp, gm, {"loss": loss, **aux}
 
     @property
+    def vectorize(self) -> bool | int | str:
+        """How tasks are batched: ``True`` (one ``vmap`` over all), ``False`` (one after another), ``k`` (``vmap``
+        over k at a time) or ``"auto"``: ``vmap`` unless the network convolves, where per-task weights turn each
+        convolution into a grouped one and batch norm into its composite form; on Conv-4 the task loop with
+        PyTorch's own kernels was measured 2.4-2.9× faster, in a tenth of the memory (``benchmarks/conv4.py``)."""
+        return self.__dict__["_vectorize"]
+
+    @vectorize.setter
+    def vectorize(self, value: bool | int | str) -> None:
+        if not (isinstance(value, bool) or value == "auto" or (isinstance(value, int) and value > 0)):
+            raise ConfigError(f"vectorize must be true, false, 'auto' or a positive number of tasks, got {value!r}")
+        if value == "auto":
+            vmapped = not any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+        else:
+            vmapped = value is True or (value is not False and int(value) > 1)
+        self.__dict__["_vectorize"], self.__dict__["_vmapped"] = value, vmapped
+
+    @property
     def vmapped(self) -> bool:
-        """Whether tasks run under ``vmap`` (else one after another). ``vectorize="auto"`` (the default) vmaps
-        unless the network convolves: per-task weights turn each convolution into a grouped one and batch norm
-        into its composite form, and on Conv-4 the task loop with PyTorch's own kernels was measured several
-        times faster, in a small fraction of the memory (``benchmarks/conv4.py``)."""
-        v = self.vectorize
-        if v == "auto":
-            return not any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
-        return v is True or (v is not False and int(v) > 1)
+        """Whether tasks run under ``vmap`` (else one after another); see :attr:`vectorize`."""
+        return self.__dict__["_vmapped"]
 
     def task_chunk(self, tasks: int) -> int:
         """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
@@ -393,7 +412,7 @@ class MetaLearner(nn.Module):
         v = self.vectorize
         if not self.vmapped:
             return 1
-        return tasks if v is True or v == "auto" else max(1, min(int(v), tasks))
+        return tasks if isinstance(v, bool | str) else min(int(v), tasks)
 
     def _meta_gradient(
         self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
@@ -404,10 +423,10 @@ class MetaLearner(nn.Module):
         total: list[dict[str, Tensor]] = []
         for start in range(0, n, size):
             chunk = tuple(t[start : start + size] for t in tasks)
-            out = fn(params, frozen, meta, chunk, weights, first_order)
+            out = fn(params, frozen, meta, chunk, weights, first_order, 1.0 / n)
             # Out of place: a compiled graph may return one buffer for two equal outputs.
             total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
-        gp, gm, metrics = ({k: v / n for k, v in tree.items()} for tree in total)
+        gp, gm, metrics = total
         return gp, gm, metrics
 
     # ----- what the trainer calls ---------------------------------------------------------------------
