@@ -1,0 +1,127 @@
+"""A whole sinusoid training iteration, as ``metagrad train`` runs it, beside JAX (jit + vmap) in the same run.
+
+Run from the repository root (JAX's virtual environment from ``bash ../shared/peers/setup.sh``)::
+
+    python benchmarks/iteration.py                       # MAML, 1 and 5 inner steps, 1 thread
+    python benchmarks/iteration.py --steps 1 --seconds 3 --no-peer
+
+Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
+K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
+:meth:`metagrad.Trainer.step` on the shipped ``configs/sinusoid/maml.toml`` with ``train.compile = true``:
+sample the tasks from the trainer's generator, the meta-gradient, the divergence guard and clipping check, the
+Adam and scheduler steps, the metrics (logging every ``log_every`` iterations is left at its default). JAX's is
+one jitted function doing the same (sampling, inner loops, meta-gradient, a hand-written Adam step). Both on one
+core (``taskset -c 0``); each row in a fresh process, one after another; ``vs JAX`` is the ratio of medians.
+``first_s`` is the first iteration (compilation, cold caches for metagrad's Inductor: a fresh cache folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))
+JAX_PYTHON = Path(os.environ.get("PEERS_VENVS", "/tmp")) / "peers-venv-jax" / "bin" / "python"
+
+
+def worker(steps: int, seconds: float) -> dict[str, Any]:
+    import torch
+
+    from metagrad import Trainer
+    from metagrad.presets import preset
+
+    torch.set_num_threads(1)
+    cfg = preset("maml")
+    cfg.algorithm.inner_steps = steps
+    cfg.train.compile, cfg.train.threads, cfg.train.iterations = True, 1, 10**9
+    cfg.train.val_every = cfg.train.checkpoint_every = 10**9  # iterations only: no validation or checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(cfg, Path(d) / "run")
+        t0 = time.perf_counter()
+        trainer.step()
+        first = time.perf_counter() - t0
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            trainer.step()
+        blocks = []
+        for _ in range(5):  # medians of blocks: one iteration is ~1 ms, below the timer's useful resolution
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 5:
+                trainer.step()
+                n += 1
+            blocks.append(n / (time.perf_counter() - t0))
+        trainer.close()
+    return {"it_per_s": statistics.median(blocks), "first_s": first}
+
+
+def _json_line(cmd: list[str], env: dict[str, str]) -> dict[str, Any] | None:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        print(f"  failed: {cmd[1]}: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+        return None
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per row")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker, args.seconds)))
+        return 0
+    peer = not args.no_peer
+    if peer and not (args.jax_python.exists() and (PEERS / "bench_jax.py").exists()):
+        print(f"JAX not found ({args.jax_python}): run `bash ../shared/peers/setup.sh` or pass --no-peer")
+        return 2
+    pin = ["taskset", "-c", "0"]
+    rows = []
+    print(f"sinusoid MAML, whole training iteration, 1 core; load average {os.getloadavg()[0]:.2f}")
+    print(f"  {'implementation':<26} {'steps':>5} {'it/s':>8} {'vs JAX':>7} {'first_s':>8}")
+    for steps in args.steps:
+        base = None
+        if peer:
+            iters = max(100, int(args.seconds * 600 / steps))
+            cmd = [*pin, str(args.jax_python), str(PEERS / "bench_jax.py"), "--steps", str(steps), "--threads", "1",
+                   "--iters", str(iters), "--out", os.devnull]  # fmt: skip
+            row = _json_line(cmd, dict(os.environ))
+            if row is not None:
+                base = {"impl": row["impl"], "steps": steps, "it_per_s": row["its_per_s_median"],
+                        "first_s": row["compile_s"]}  # fmt: skip
+                rows.append(base)
+        with tempfile.TemporaryDirectory() as cache:  # a cold Inductor compile, as a first run meets it
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
+            got = _json_line([*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds)],
+                             env)  # fmt: skip
+        if got is not None:
+            row = {"impl": "metagrad Trainer.step", "steps": steps, **got}
+            if base is not None:
+                row["vs_jax"] = got["it_per_s"] / base["it_per_s"]
+            rows.append(row)
+        for r in rows:
+            if r["steps"] == steps:
+                print(f"  {r['impl']:<26} {steps:>5} {r['it_per_s']:8.0f} {r.get('vs_jax', float('nan')):7.2f} "
+                      f"{r['first_s']:8.1f}")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"protocol": "sinusoid-maml-mb25-k10", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
