@@ -387,7 +387,7 @@ class MetaLearner(nn.Module):
         """How tasks are batched: ``True`` (one ``vmap`` over all), ``False`` (one after another), ``k`` (``vmap``
         over k at a time) or ``"auto"``: ``vmap`` unless the network convolves, where per-task weights turn each
         convolution into a grouped one and batch norm into its composite form; on Conv-4 the task loop with
-        PyTorch's own kernels was measured 2.4-2.9× faster, in a tenth of the memory (``benchmarks/conv4.py``)."""
+        PyTorch's own kernels was measured 1.5-2.9× faster, in a tenth of the memory (``benchmarks/conv4.py``)."""
         return self.__dict__["_vectorize"]
 
     @vectorize.setter
