@@ -288,9 +288,13 @@ def test_taskbatch_split_shards_cover_batch():
     assert len(b.split(1, 0)) == 6
 
 
-def test_taskbatch_split_uneven_raises():
-    with pytest.raises(ValueError):
-        small_batch().split(4, 0)
+def test_taskbatch_split_uneven_shards_cover_the_batch_once():
+    b = small_batch()  # 6 tasks on 4 ranks: 2, 2, 1, 1
+    shards = [b.split(4, r) for r in range(4)]
+    assert [len(s) for s in shards] == [2, 2, 1, 1]
+    assert torch.equal(torch.cat([s.support_x for s in shards]), b.support_x)
+    with pytest.raises(ValueError, match="at least one"):
+        b.split(7, 0)
 
 
 def test_taskbatch_to_dtype_and_device():
