@@ -4,6 +4,7 @@ seeded episodes, the cache, normalisation, augmentation, each bad input's one li
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -311,7 +312,11 @@ def five_way_set(tmp_path_factory):
     return make_split_folders(tmp_path_factory.mktemp("five"), per_split=(5, 5, 5), per_class=16)  # 1 + 15 each
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/[mc][i]*/*.toml")))
+IMAGE_PRESETS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/[mc][i]*/*.toml")
+                       if p.name != "benchmark.toml")  # fmt: skip
+
+
+@pytest.mark.parametrize("path", IMAGE_PRESETS, ids=[f"{p.parent.name}/{p.stem}" for p in IMAGE_PRESETS])
 def test_image_configs_build_their_learner_on_a_generated_set(path, five_way_set):
     from metagrad.build import build_learner, build_task
     from metagrad.config import load_config
@@ -325,3 +330,21 @@ def test_image_configs_build_their_learner_on_a_generated_set(path, five_way_set
     learner = build_learner(cfg)
     batch = task.sample(1, cfg.task.shots, cfg.task.queries, gen(0))
     assert learner.predict(batch.query_x[0]).shape == (75, 5)
+
+
+def test_compare_runs_an_image_benchmark_on_the_users_folder(five_way_set, tmp_path, capsys):
+    """`metagrad compare --task miniimagenet --data DIR`: the shipped presets on the user's data set."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--task", "miniimagenet", "--data", str(five_way_set), "--budget", "tiny",
+            "--algorithms", "maml", "fomaml", "--out", str(out), "--no-progress", "--workers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "maml" in report and "fomaml" in report
+    run = json.loads((out / "maml" / "run.json").read_text())
+    assert run["config"]["task"]["data"] == str(five_way_set)
+    capsys.readouterr()
+    code = main(["compare", "--task", "sinusoid", "--data", str(five_way_set), "--budget", "tiny", "--out",
+                 str(tmp_path / "x"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "reads no data set" in err[0]
+    assert not (tmp_path / "x").exists()

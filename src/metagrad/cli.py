@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", type=_positive, help="test tasks per shot count (default 600)")
     c.add_argument("--workers", type=_positive, help="parallel training processes (default: one per CPU core)")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--data", type=Path, help="the data set's folder (task.data) of an image benchmark")
     c.add_argument(
         "--config", type=Path,
         help="compare on this run config (e.g. your own task and model) instead of a shipped benchmark; each "
@@ -162,6 +163,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     results = compare(
         chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
         workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task, base=base,
+        data=args.data,
     )  # fmt: skip
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, results.json and figures")

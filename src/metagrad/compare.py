@@ -27,17 +27,24 @@ COMPARE_FORMAT = "metagrad-compare/1"
 REPORT_STEPS = (1, 10)
 
 
-def config_for(algorithm: str, budget: str, task: str, base: dict[str, Any] | None = None) -> Any:
+def config_for(
+    algorithm: str, budget: str, task: str, base: dict[str, Any] | None = None, data: str | None = None
+) -> Any:
     """The run config of ``algorithm``: the shipped preset of ``task`` under ``budget``, or ``base`` (a user's
     config, as a dict) with the algorithm switched to ``algorithm`` (its own defaults, plus the keys ``base``
-    set that it has)."""
+    set that it has). ``data`` is the data set's folder (``task.data``), for benchmarks that read one."""
     from metagrad.config import config_from_dict
     from metagrad.presets import preset
 
     if base is None:
-        return preset(algorithm, budget, task)
-    data = {**base, "algorithm": {**base.get("algorithm", {}), "name": algorithm}}
-    return config_from_dict(data).validate()
+        cfg = preset(algorithm, budget, task)
+    else:
+        cfg = config_from_dict({**base, "algorithm": {**base.get("algorithm", {}), "name": algorithm}})
+    if data is not None:
+        if "data" not in cfg.task.keys:
+            raise ConfigError(f"--data: task {cfg.task.name!r} reads no data set (it has no task.data)")
+        cfg.task.data = str(data)
+    return cfg.validate()
 
 
 def run_name(algorithm: str) -> str:
@@ -56,6 +63,7 @@ def _train_and_eval(
     progress: Any,
     task: str = "sinusoid",
     base: dict[str, Any] | None = None,
+    data: str | None = None,
 ) -> dict:
     import torch
 
@@ -63,7 +71,7 @@ def _train_and_eval(
     from metagrad.evaluate import evaluate, set_bn_statistics
     from metagrad.train import train
 
-    cfg = config_for(algorithm, budget, task, base)
+    cfg = config_for(algorithm, budget, task, base, data)
     cfg.train.device = device
     if tasks is not None:
         cfg.eval.tasks = tasks
@@ -200,11 +208,13 @@ def compare(
     progress: bool = True,
     task: str = "sinusoid",
     base: Any = None,
+    data: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``.
 
     ``base`` compares them on a user's config (task, model, training) instead of a shipped benchmark's presets:
-    the nested dict of what the user set (:func:`metagrad.config.raw_config`), or a whole Config."""
+    the nested dict of what the user set (:func:`metagrad.config.raw_config`), or a whole Config. ``data`` points
+    an image benchmark (``task="miniimagenet"``) at the data set's folder (``task.data``)."""
     from metagrad.build import build_task, resolve_device
     from metagrad.config import Config
     from metagrad.presets import COMPARE_ALGORITHMS
@@ -214,8 +224,10 @@ def compare(
     if base_dict is not None:
         task = base_dict.get("task", {}).get("name", "sinusoid")
 
+    data = None if data is None else str(data)
+
     def preset(a: str, budget: str, task: str) -> Any:
-        return config_for(a, budget, task, base_dict)
+        return config_for(a, budget, task, base_dict, data)
 
     for a in algorithms:
         preset(a, budget, task)  # validates the names, with a suggestion
@@ -254,7 +266,7 @@ def compare(
             # Longest first (most inner steps), so that no long run starts last and leaves a worker idle.
             order = sorted(algorithms, key=lambda a: -getattr(preset(a, budget, task).algorithm, "inner_steps", 0))
             futures = {
-                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict): a
+                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict, data): a
                 for a in order
             }
             pending = set(futures)
