@@ -159,6 +159,29 @@ def test_a_changed_pickle_is_read_again(tmp_path):
     assert load_images(root, image_size=12, workers=1).cache_path != first.cache_path
 
 
+def _rewrite_pickles(root: Path, change) -> None:
+    """Rewrite every learn2learn pickle under ``root`` with ``change(image_data)``."""
+    for path in root.glob("*.pkl"):
+        obj = pickle.loads(path.read_bytes())
+        obj["image_data"] = change(obj["image_data"])
+        path.write_bytes(pickle.dumps(obj))
+
+
+def test_pickled_arrays_channels_last_first_or_grey(tmp_path):
+    nhwc = load_images(make_pickles(tmp_path / "nhwc", side=10), image_size=10, workers=1, cache=False)
+    nchw = make_pickles(tmp_path / "nchw", side=10)
+    _rewrite_pickles(nchw, lambda a: np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # [N, 3, 10, 10]
+    got = load_images(nchw, image_size=10, workers=1, cache=False)
+    assert torch.equal(got.images, nhwc.images) and got.summary["sizes"] == {"10x10": 72}
+    grey = make_pickles(tmp_path / "grey", side=10)
+    _rewrite_pickles(grey, lambda a: a[..., 0])  # [N, H, W]
+    assert torch.equal(load_images(grey, image_size=10, workers=1, cache=False).images, nhwc.images[:, :1])
+    odd = make_pickles(tmp_path / "odd", side=10)
+    _rewrite_pickles(odd, lambda a: np.zeros((len(a), 5, 10, 10), np.uint8))
+    with pytest.raises(DataError, match=r"cache-\w+\.pkl: images of shape \(\d+, 5, 10, 10\).*\[N, C, H, W\]"):
+        load_images(odd, image_size=10, workers=1, cache=False)
+
+
 # ----- normalisation and augmentation ----------------------------------------------------------------------
 
 

@@ -183,6 +183,22 @@ def _decode_files(
 # ----- pickles ------------------------------------------------------------------------------------------------
 
 
+def _channels_last(images: np.ndarray, path: Path) -> np.ndarray:
+    """Pickled images as [N, H, W] (grey) or [N, H, W, C]: channels-last as they are (last dim 1, 3 or 4),
+    channels-first [N, C, H, W] (C 1, 3 or 4, width over 4) transposed; anything else a :class:`DataError`."""
+    if images.dtype == np.uint8 and images.ndim == 3:
+        return images
+    if images.dtype == np.uint8 and images.ndim == 4:
+        if images.shape[-1] in (1, 3, 4):
+            return images
+        if images.shape[1] in (1, 3, 4) and images.shape[-1] > 4:
+            return images.transpose(0, 2, 3, 1)
+    raise DataError(
+        f"{path}: images of shape {tuple(images.shape)} ({images.dtype}) are in no known layout; expected uint8 "
+        "[N, H, W] (grey), [N, H, W, C] or [N, C, H, W] with C 1, 3 or 4; re-save the arrays in one of these"
+    )
+
+
 def _pickle_classes(path: Path, split: str) -> list[tuple[str, np.ndarray]]:
     """(class name, images [n, H, W(, C)] uint8) per class of one learn2learn or MetaOptNet pickle."""
     data = load_safe_pickle(path)
@@ -209,8 +225,7 @@ def _pickle_classes(path: Path, split: str) -> list[tuple[str, np.ndarray]]:
             f"{path}: unknown pickle contents (keys {sorted(map(str, keys))}); expected image_data + class_dict "
             "(learn2learn) or data + labels (MetaOptNet)"
         )
-    if images.ndim not in (3, 4) or images.dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
+    images = _channels_last(images, path)
     out = []
     for name in rows if "labels" in keys else sorted(rows):  # MetaOptNet's classes in label order
         r = rows[name]
