@@ -159,3 +159,32 @@ def test_training_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
     b = Sinusoid().sample(2, 5, 5, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loaded.adaptation_curve(b, 2), result.learner.adaptation_curve(b, 2))
+
+
+@pytest.mark.parametrize("layer", ["convs.0", "convs.2"])
+def test_film_on_a_convolution_adapts_the_context(layer):
+    """FiLM hooks the module's forward: Conv-4's convolutions must be called as modules (their fast path lives in
+    their own forward), else the context would receive no gradient and adapt to nothing."""
+    torch.manual_seed(0)
+    net = ContextNetwork(Conv4(1, 3, hidden=4, image_size=16), 2, "film", layer)
+    lrn = CAVIA(net, inner_lr=0.5, inner_steps=1, loss="cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(2, 3, 1, 16, 16, generator=g), torch.randn(2, 6, 1, 16, 16, generator=g)
+    batch = TaskBatch(sx, torch.arange(3).repeat(2, 1), qx, torch.arange(3).repeat(2, 2))
+    adapted = lrn.adapt(batch.support_x[0], batch.support_y[0])
+    assert adapted[CONTEXT].abs().sum() > 0
+
+
+def test_a_context_layer_the_network_never_calls_is_refused():
+    class Direct(torch.nn.Module):  # uses its layer's weights without calling it
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = torch.nn.Linear(1, 4)
+            self.out = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(torch.tanh(torch.nn.functional.linear(x, self.hidden.weight, self.hidden.bias)))
+
+    net = ContextNetwork(Direct(), 2, "film", "hidden")
+    with pytest.raises(ConfigError, match="never called"):
+        net(torch.randn(3, 1))

@@ -140,3 +140,14 @@ def test_fewer_tasks_than_shards_is_refused():
     assert [shard_bounds(5, 2, r) for r in (0, 1)] == [(0, 3), (3, 5)]
     with pytest.raises(ValueError, match="at least one"):
         shard_bounds(2, 3, 0)
+
+
+def test_conv4_calls_its_convolutions_as_modules():
+    """Hooks on Conv-4's layers run (a user's, CAVIA's FiLM, the learner's failing-module report)."""
+    model = Conv4(hidden=4)
+    fired = []
+    for i, conv in enumerate(model.convs):
+        conv.register_forward_hook(lambda module, args, out, i=i: fired.append(i))
+    model(torch.randn(2, 1, 28, 28))
+    assert fired == [0, 1, 2, 3]
+    assert all(isinstance(c, nn.Conv2d) for c in model.convs)

@@ -87,7 +87,12 @@ def build_model(cfg: Config, spec: TaskSpec | None = None) -> torch.nn.Module:
     spec = spec if spec is not None else task_spec(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = cfg.model.component.build(cfg.model.options, spec)
+        try:
+            model = cfg.model.component.build(cfg.model.options, spec)
+        except ValueError as e:  # a component's own complaint about its options (MetagradErrors pass as they are)
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model {cfg.model.name!r} built a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -105,11 +105,23 @@ class ContextNetwork(nn.Module):
         return output * (1 + gamma).reshape(shape) + beta.reshape(shape)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        handle = self.net.get_submodule(self.layer).register_forward_hook(self._feed)
+        fed = []
+
+        def feed(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            fed.append(True)
+            return self._feed(module, inputs, output)
+
+        handle = self.net.get_submodule(self.layer).register_forward_hook(feed)
         try:
-            return self.net(x, *args, **kwargs)
+            out = self.net(x, *args, **kwargs)
         finally:
             handle.remove()
+        if not fed:  # the network never called that module: the context would silently do nothing
+            raise ConfigError(
+                f"CAVIA's context layer {self.layer!r} is never called by {type(self.net).__name__}'s forward pass "
+                "(it uses the layer's weights directly?): choose a layer the forward pass calls"
+            )
+        return out
 
 
 @dataclass

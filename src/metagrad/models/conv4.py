@@ -40,6 +40,7 @@ from metagrad.transforms import under_vmap
 __all__ = [
     "Conv4",
     "Conv4Config",
+    "Conv3x3",
     "Conv4MiniImageNet",
     "Conv4MiniImageNetConfig",
     "PerStepBatchNorm2d",
@@ -137,7 +138,7 @@ class Conv4(nn.Module):
         convs, norms = [], []
         channels = self.in_channels
         for _ in range(4):
-            convs.append(nn.Conv2d(channels, self.hidden, kernel_size=3, padding=1))
+            convs.append(Conv3x3(channels, self.hidden))
             if self.per_step:
                 norms.append(PerStepBatchNorm2d(self.hidden, steps))
             else:
@@ -168,7 +169,7 @@ class Conv4(nn.Module):
         if not under_vmap():
             x = x.contiguous(memory_format=torch.channels_last)
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            x = _conv3x3(x, conv)
+            x = conv(x)
             x = norm(x, step, statistics, track) if self.per_step else norm(x)
             # ReLU after the pooling: the same function (a monotone map commutes with max), on a quarter of the
             # elements; the derivatives are the same too (both route the gradient to the same maximum).
@@ -176,17 +177,23 @@ class Conv4(nn.Module):
         return self.head(x.flatten(1))
 
 
-def _conv3x3(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``conv(x)`` (3x3, padding 1). An input with few channels (Omniglot's one) makes oneDNN's convolution
-    run at a few percent of the machine's speed and return NCHW; as one matrix product over 3x3 patches it is
-    several times faster and its result is channels-last already."""
-    n, c, h, w = x.shape
-    if c * 9 > 64:
-        return nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
-    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * h * w, c * 9)
-    weight = conv.weight.reshape(conv.out_channels, c * 9).t()
-    out = patches @ weight if conv.bias is None else torch.addmm(conv.bias, patches, weight)
-    return out.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters, ``state_dict`` and hooks) whose forward pass on an
+    input with few channels (Omniglot's one) is one matrix product over 3x3 patches: oneDNN's convolution runs
+    such an input at a few percent of the machine's speed and returns NCHW, the product is several times faster
+    and its result is channels-last already."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        if c * 9 > 64:
+            return super().forward(x)
+        patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * h * w, c * 9)
+        weight = self.weight.reshape(self.out_channels, c * 9).t()
+        out = patches @ weight if self.bias is None else torch.addmm(self.bias, patches, weight)
+        return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
 
 
 @dataclass

@@ -3,9 +3,11 @@
 PyTorch 2.13's ``F.batch_norm`` (training mode), ``F.instance_norm`` and ``F.layer_norm`` return wrong
 second-order derivatives under ``vmap``: the gradient of a vmapped gradient through them is off by up to 1 % of
 a meta-gradient's largest entry, silently (the plain loop is right; ``F.group_norm`` and eval-mode batch norm are
-right). Second-order MAML through them is therefore wrong. The layers here compute the same functions from
-``mean``, ``var`` and ``rsqrt``, whose derivatives ``torch.func`` batches correctly. ``tests/test_norm.py`` checks
-them against float64 central differences and holds a canary that fails the day PyTorch's own kernels are fixed.
+right). Second-order MAML through them is therefore wrong. Under ``vmap`` (and ``torch.compile``) the layers here
+compute the same functions from ``mean``, ``var`` and ``rsqrt``, whose derivatives ``torch.func`` batches
+correctly; everywhere else they call PyTorch's fused kernel, which is exact there and several times faster.
+``tests/test_norm.py`` checks both against float64 central differences and holds a canary that fails the day
+PyTorch's own kernels are fixed.
 
 :func:`make_exact` swaps the class of every stock ``nn.BatchNorm*d``, ``nn.InstanceNorm*d`` and ``nn.LayerNorm``
 in a model for the exact subclass here (same parameters, buffers, ``state_dict`` keys and ``isinstance``), so a
