@@ -373,3 +373,31 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
 
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_without_shipped_configs_the_parser_still_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An install without configs/ (e.g. a wheel built from an old sdist): --help and commands that need no
+    preset still run; compare --task says what is missing in one line."""
+    from metagrad import presets
+    from metagrad.errors import ConfigError
+
+    def missing() -> Path:
+        raise ConfigError("metagrad's shipped configs are missing; reinstall metagrad")
+
+    monkeypatch.setattr(presets, "configs_dir", missing)
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "compare" in out
+    code, out, _ = run_cli(["compare", "--help"], capsys)
+    assert code == 0 and "--task" in out
+    code, _, err = run_cli(["compare", "--task", "sinusoid", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "configs are missing" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_unknown_task_exits_2_naming_the_benchmarks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["compare", "--task", "sinusiod", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "sinusiod" in err and "omniglot" in err and "sinusoid" in err
+    assert not (tmp_path / "c").exists()

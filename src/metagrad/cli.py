@@ -90,14 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every algorithm on the same sinusoid task stream and budget, evaluate all of them on the "
         "same test tasks, and write report.md, results.json, adaptation.png and fits.png.",
     )  # fmt: skip
+    # --task is checked in the command, not by choices=: reading configs/ here would break every command
+    # (even --help) of an install without them.
     c.add_argument(
-        "--task", choices=presets.tasks(), default=presets.DEFAULT_TASK,
+        "--task", default=presets.DEFAULT_TASK,
         help=f"a shipped benchmark, configs/<task>/ (default {presets.DEFAULT_TASK})",
     )  # fmt: skip
     c.add_argument("--budget", default="default", help="default (sinusoid: ~3 min on 2 CPU cores), paper, cpu, tiny")
     c.add_argument(
         "--algorithms", nargs="+", metavar="NAME",
-        help="default: the benchmark's (" + ", ".join(presets.compare_algorithms()) + "); any registered algorithm",
+        help="default: the benchmark's list (configs/<task>/benchmark.toml); any registered algorithm",
     )  # fmt: skip
     c.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing comparison in --out")
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from metagrad.compare import compare
-    from metagrad.presets import compare_algorithms
+    from metagrad.presets import compare_algorithms, tasks
 
     out = args.out
     base = None
@@ -159,6 +161,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         base = raw_config(args.config, args.overrides)  # only what the file and overrides set
         if not args.algorithms:
             raise _usage("compare --config needs --algorithms A B ...")
+    else:
+        known = tasks()
+        if args.task not in known:
+            raise _usage(f"argument --task: unknown benchmark {args.task!r}; choose from {', '.join(known)}")
     chosen = list(args.algorithms or compare_algorithms(args.task))
     results = compare(
         chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
