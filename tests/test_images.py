@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -149,6 +150,33 @@ def test_a_failed_decode_leaves_no_cache_entry(tmp_path):
     with pytest.raises(DataError, match=r"class_01/img002\.png"):
         load_images(root, image_size=8, workers=1)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_an_interrupted_pickle_conversion_leaves_no_file(tmp_path, monkeypatch):
+    root = make_pickles(tmp_path / "p", side=10)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images_module, "_convert", interrupted)  # 10 -> 8 pixels: every image is converted
+    with pytest.raises(KeyboardInterrupt):
+        load_images(root, image_size=8, workers=1)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_killed_decodes_temporary_files_are_removed_by_the_next(tmp_path):
+    import subprocess
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [cache / f".images-{'a' * 24}.{dead.pid}.npy.tmp", cache / f".images-{'b' * 24}.json.{dead.pid}.tmp"]
+    live = cache / f".images-{'c' * 24}.{os.getppid()}.npy.tmp"  # another process still decoding
+    for p in [*stale, live]:
+        p.write_bytes(b"half")
+    load_images(make_imagefolder(tmp_path / "f", classes=3, per_class=2), image_size=8, workers=1)
+    assert live.exists() and not any(p.exists() for p in stale)
 
 
 def test_a_changed_pickle_is_read_again(tmp_path):

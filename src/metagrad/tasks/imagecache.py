@@ -5,7 +5,7 @@ Files live in ``default_cache_dir()`` (``$METAGRAD_CACHE``, else ``$XDG_CACHE_HO
 sizes and modification times with the decoding options, so a changed folder gets a new key and is decoded again.
 Writes are atomic: the array is decoded into a hidden temporary file, renamed into place, and the JSON record,
 written last and also by rename, is what makes an entry valid; a killed decode leaves no entry that a later load
-would trust.
+would trust, and the next writer in that directory removes its temporary files.
 """
 
 from __future__ import annotations
@@ -49,6 +49,21 @@ def read_cache(directory: str | os.PathLike, key: str) -> tuple[np.ndarray, dict
     return images, record
 
 
+def _remove_stale(directory: Path) -> None:
+    """Remove the temporary files (``.images-<key>.<pid>.npy.tmp`` and the like) of decodes whose process is gone
+    (killed before it could clean up), so that a killed decode never leaves a large file behind for good."""
+    for p in directory.glob(".images-*.tmp"):
+        pids = [int(part) for part in p.name.split(".")[2:-1] if part.isdigit()]
+        if not pids:
+            continue
+        try:
+            os.kill(pids[0], 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except OSError:  # alive but not ours (PermissionError), or cannot tell: keep it
+            pass
+
+
 class CacheWriter:
     """Decode into ``writer.array`` (a temporary memory-mapped file, or memory when the cache directory is not
     writable), then :meth:`commit` it under ``key``; :meth:`discard` on failure."""
@@ -60,6 +75,7 @@ class CacheWriter:
         if self.directory is not None:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
+                _remove_stale(self.directory)
                 self.tmp = self.directory / f".images-{key}.{os.getpid()}.npy.tmp"
                 self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
                 return

@@ -245,24 +245,38 @@ def _decode_arrays(
     colour = any(a.ndim == 4 and a.shape[-1] > 1 for _, _, a in groups)
     c = channels or (3 if colour else 1)
     writer = CacheWriter(directory, key, (n, c, size, size))
+    try:
+        greys, sizes = _convert_arrays(groups, writer.array, size, channels, resample, progress)
+    except BaseException:
+        writer.discard()  # a failed or interrupted conversion leaves no cache behind
+        raise
+    return writer, greys, sizes
+
+
+def _convert_arrays(
+    groups: list[tuple[str, str, np.ndarray]], array: np.ndarray, size: int, channels: int, resample: str,
+    progress: bool,
+) -> tuple[list[bool], Counter]:  # fmt: skip
+    """Resize every group's images into ``array``: the grey flags and a size histogram."""
+    c = array.shape[1]
     greys: list[bool] = []
     sizes: Counter = Counter()
     pos = 0
-    with _progress(n, "converting arrays", progress) as bar:
+    with _progress(len(array), "converting arrays", progress) as bar:
         for _, _, a in groups:
             a = a if a.ndim == 4 else a[..., None]
             grey = a.shape[-1] == 1
             sizes[f"{a.shape[2]}x{a.shape[1]}"] += len(a)
             greys.extend([grey] * len(a))
             if a.shape[1:3] == (size, size) and (a.shape[-1] == c or grey):
-                writer.array[pos : pos + len(a)] = a.transpose(0, 3, 1, 2)  # grey broadcasts to c channels
+                array[pos : pos + len(a)] = a.transpose(0, 3, 1, 2)  # grey broadcasts to c channels
             else:
                 for i, img in enumerate(a):
                     mode_img = Image.fromarray(img[..., 0] if grey else img[..., :3])
-                    writer.array[pos + i] = _convert(mode_img, size, channels, resample)[0]
+                    array[pos + i] = _convert(mode_img, size, channels, resample)[0]
             pos += len(a)
             bar.update(len(a))
-    return writer, greys, sizes
+    return greys, sizes
 
 
 # ----- loading ------------------------------------------------------------------------------------------------
