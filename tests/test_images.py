@@ -4,6 +4,7 @@ seeded episodes, the cache, normalisation, augmentation, each bad input's one li
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from test_images_sets import (
+    class_pixels,
     make_csv,
     make_imagefolder,
     make_pickles,
@@ -120,6 +122,30 @@ def test_decoding_in_a_process_pool_gives_the_same_images(tmp_path, monkeypatch)
     monkeypatch.setattr(images_module, "_CHUNK", 5)
     pooled = load_images(root, image_size=12, workers=2, cache=False, progress=True)
     assert torch.equal(inline.images, pooled.images) and pooled.cache_path is None
+
+
+def test_decoding_workers_open_their_own_zip_files(tmp_path, monkeypatch):
+    import zipfile
+
+    root = tmp_path / "omni"
+    root.mkdir()
+    with zipfile.ZipFile(root / "images_background.zip", "w") as z:
+        for c in range(2):
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(class_pixels(c, i, (9, 9), 1)).save(buf, format="PNG")
+                z.writestr(f"images_background/Alpha/character{c:02d}/{i}.png", buf.getvalue())
+    inline = load_images(root, image_size=8, workers=1, cache=False)  # leaves this process a handle on the zip
+
+    class Inherited:  # what a forked worker must not use: a handle whose file offset it shares with its parent
+        def read(self, name):
+            raise RuntimeError("read through an inherited zip handle")
+
+    monkeypatch.setitem(images_module._ZIPS, str(root / "images_background.zip"), Inherited())
+    monkeypatch.setattr(images_module, "_INLINE", 0)
+    monkeypatch.setattr(images_module, "_CHUNK", 2)
+    pooled = load_images(root, image_size=8, workers=2, cache=False)
+    assert torch.equal(pooled.images, inline.images)
 
 
 # ----- the cache ----------------------------------------------------------------------------------------------

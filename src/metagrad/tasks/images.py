@@ -95,6 +95,12 @@ class ImageSet:
 _ZIPS: dict[str, zipfile.ZipFile] = {}
 
 
+def _fresh_worker() -> None:
+    """Initializer of a forked decoding process: forget the parent's zip handles (a handle's file offset is shared
+    with the parent and every sibling, so reading through it would race); the worker opens its own."""
+    _ZIPS.clear()
+
+
 def _open(ref: tuple[str | None, str]) -> Any:
     container, name = ref
     if container is None:
@@ -159,9 +165,10 @@ def _decode_files(
     if workers > 1 and len(refs) >= _INLINE:
         import multiprocessing as mp
 
-        # fork: the workers need no import and inherit nothing they use but numpy and Pillow (no torch calls).
+        # fork: the workers need no import and inherit nothing they use but numpy and Pillow (no torch calls);
+        # _fresh_worker drops the zip handles they would otherwise inherit.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), initializer=_fresh_worker)
     try:
         results = pool.map(call, chunks) if pool is not None else map(call, chunks)
         with _progress(len(refs), "decoding images", progress) as bar:
