@@ -173,7 +173,8 @@ def redraw_fits(out: Path, algorithms: Sequence[str]) -> Path | None:
     from metagrad.plots import plot_fits
     from metagrad.run import load_learner, read_run_config
 
-    if not hasattr(build_task(read_run_config(out / run_name(algorithms[0]))), "curve"):
+    # The registered class answers, not a built family: building Omniglot or images would read the data set.
+    if not hasattr(read_run_config(out / run_name(algorithms[0])).task.component.target, "curve"):
         return None
     pairs = []
     for a in algorithms:
