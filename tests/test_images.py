@@ -322,6 +322,22 @@ def test_each_bad_input_is_one_line(tmp_path, capsys):
     assert not hasattr(sys, "metagrad_pwned")
 
 
+def test_a_class_or_file_in_two_splits_is_refused(tmp_path):
+    folders = make_split_folders(tmp_path / "s", per_split=(2, 1, 1), per_class=2)
+    (folders / "test" / "n00000003").rename(folders / "test" / "n00000001")  # also a training class
+    with pytest.raises(DataError, match="class 'n00000001' is in both the train and the test split"):
+        load_images(folders, image_size=8, workers=1)
+    label = make_csv(tmp_path / "c", per_split=(2, 1, 1), per_class=2)
+    (label / "val.csv").write_text((label / "val.csv").read_text().replace(",n00000002", ",n00000000"))
+    with pytest.raises(DataError, match="class 'n00000000' is in both the train and the val split"):
+        load_images(label, image_size=8, workers=1)
+    file = make_csv(tmp_path / "f", per_split=(2, 1, 1), per_class=2)
+    rows = (file / "test.csv").read_text().replace("n0000000300000001.jpg", "n0000000000000001.jpg")
+    (file / "test.csv").write_text(rows)
+    with pytest.raises(DataError, match=r"0000000001\.jpg is in both the train \(class 'n00000000'\) and the test"):
+        load_images(file, image_size=8, workers=1)
+
+
 def test_restricted_unpickler_reads_plain_containers_only(tmp_path):
     safe = {"data": np.arange(24, dtype=np.uint8).reshape(2, 3, 4), "labels": [1, 2], "name": "x", "f": 1.5}
     for protocol in (2, 4, 5):

@@ -145,6 +145,26 @@ def _folder_classes(base: Path, split: str | None) -> list[ImageClass]:
     return classes
 
 
+def _check_disjoint(classes: list[ImageClass], root: Path) -> None:
+    """A :class:`DataError` when a class name, or an image file, is in two splits: test episodes would then be
+    drawn from classes (or images) trained on."""
+    split_of: dict[str, str | None] = {}
+    owner: dict[str, ImageClass] = {}
+    for c in classes:
+        if split_of.setdefault(c.name, c.split) != c.split:
+            raise DataError(
+                f"class {c.name!r} is in both the {split_of[c.name]} and the {c.split} split of {root}; "
+                "keep each class in one split only"
+            )
+        for _, f in c.files:
+            first = owner.setdefault(f, c)
+            if first.split != c.split:
+                raise DataError(
+                    f"{f} is in both the {first.split} (class {first.name!r}) and the {c.split} split "
+                    f"(class {c.name!r}) of {root}; keep each image in one split only"
+                )
+
+
 def _csv_classes(root: Path) -> tuple[list[ImageClass], list[Path]]:
     images = root / "images"
     classes, csvs = [], []
@@ -209,6 +229,7 @@ def scan(root: str | os.PathLike, layout: str = "auto") -> Scan:
             if "train" not in dirs:
                 raise DataError(f"{root} has no train/ folder (layout split_folders: {{train,val,test}}/<class>/*)")
             out.classes = [c for split, d in dirs.items() for c in _folder_classes(d, split)]
+            _check_disjoint(out.classes, root)
             out.fingerprint = [_stat(Path(f), root) for c in out.classes for _, f in c.files]
         elif layout == "csv":
             if not (root / "images").is_dir() or not (root / "train.csv").is_file():
@@ -216,6 +237,7 @@ def scan(root: str | os.PathLike, layout: str = "auto") -> Scan:
                     f"{root} needs images/ and train.csv (layout csv: images/*.jpg, {{train,val,test}}.csv)"
                 )
             out.classes, csvs = _csv_classes(root)
+            _check_disjoint(out.classes, root)
             out.fingerprint = [_stat(p, root) for p in csvs] + [
                 _stat(Path(f), root) for c in out.classes for _, f in c.files
             ]
