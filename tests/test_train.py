@@ -467,3 +467,24 @@ def test_evaluate_is_deterministic_and_shaped() -> None:
     assert (r1["algorithm"], r1["task"], r1["scoring"], r1["tasks"]) == ("maml", "sinusoid", "dense", 15)
     curve = learner.adaptation_curve(fixed_tasks(dist, 15, 5, "dense").to("cpu", torch.float32), 3)
     assert r1["results"][0]["mse"] == pytest.approx(summarize(curve)[0])
+
+
+def test_resume_may_change_task_workers_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """task.workers (decoding processes) cannot change results: resume accepts it; any other [task] key it refuses."""
+    from test_images_sets import make_split_folders
+
+    monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
+    data = make_split_folders(tmp_path / "set", per_split=(5, 5, 5), per_class=6)
+    run = tmp_path / "run"
+    tiny = ["task.image_size=16", "task.queries=2", "model.channels=4", "train.meta_batch=1", "train.val_tasks=2",
+            "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1", "train.threads=1"]  # fmt: skip
+    first = ["train", "--config", ROOT / "configs/miniimagenet/maml.toml", "--out", run, "--no-progress"]
+    assert cli.main([str(a) for a in [*first, f"task.data={data}", "task.workers=1", *tiny, "train.iterations=2"]]) == 0
+    resumed = ["train", "--resume", "--out", str(run), "--no-progress", "train.iterations=4"]
+    assert cli.main([*resumed, "task.workers=2"]) == 0
+    assert read_run_config(run).task.workers == 2
+    capsys.readouterr()
+    assert cli.main([*resumed, "task.workers=1", "task.augment=true"]) == 2  # still strict about the rest
+    assert "own config" in capsys.readouterr().err

@@ -102,6 +102,14 @@ def _optimizer(cfg: Config, learner: MetaLearner) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=t.meta_lr, fused=fused or None)
 
 
+def _results_config(cfg: Config) -> dict[str, Any]:
+    """What resume compares: the config less [train] (its optimizer and dtype are checked apart) and task.workers
+    (decoding processes only; they change no image, see metagrad.tasks.images)."""
+    config = cfg.to_dict() | {"train": None}
+    config["task"] = {k: v for k, v in config["task"].items() if k != "workers"}
+    return config
+
+
 class _IterationCallback:
     """``train(callback=f)``: ``f(iteration, metrics)`` at every training line of metrics.jsonl."""
 
@@ -186,17 +194,18 @@ class Trainer:
     def resume(self, checkpoint: str | Path | None = None) -> Path | None:
         """Continue the run in ``run_dir``: restore the trainer from its latest checkpoint (or ``checkpoint``) and
         go on from there, bit for bit as if never interrupted. The config must be the run's own (only ``[train]``
-        keys other than ``optimizer`` and ``dtype`` may change). Returns the checkpoint restored, or None when
-        the run had none yet (it then starts over). Call it before the first :meth:`step`."""
+        keys other than ``optimizer`` and ``dtype``, and ``task.workers``, may change). Returns the checkpoint
+        restored, or None when the run had none yet (it then starts over). Call it before the first :meth:`step`."""
         if self._opened:
             raise RunError("Trainer.resume() must come before the first step() or save()")
         stored = read_run_config(self.run_dir)
         for key in ("optimizer", "dtype"):
             if getattr(stored.train, key) != getattr(self.cfg.train, key):
                 raise ConfigError(f"train.{key} cannot change on resume (the checkpoint holds {key} state)")
-        if stored.to_dict() | {"train": None} != self.cfg.to_dict() | {"train": None}:
+        if _results_config(stored) != _results_config(self.cfg):
             raise CheckpointError(
-                f"resume of {str(self.run_dir)!r} must use the run's own config (only [train] keys may change)"
+                f"resume of {str(self.run_dir)!r} must use the run's own config (only [train] keys and "
+                "task.workers may change)"
             )
         # The run's record follows the config it now runs with.
         on_main(self.world, lambda: init_run_record(self.run_dir, self.cfg))
