@@ -257,6 +257,15 @@ def test_normalisation_comes_from_the_training_classes_and_is_recorded(tmp_path)
     torch.testing.assert_close(off.sample(2, 1, 2, gen(0)).support_x, raw)
 
 
+def test_mean_without_std_or_of_the_wrong_length_is_refused(tmp_path):
+    root = make_split_folders(tmp_path / "s", per_split=(3, 1, 1), per_class=3)
+    for half in ({"mean": [0.5] * 3}, {"std": [0.25] * 3}):
+        with pytest.raises(ConfigError, match="task.mean and task.std must be set together"):
+            family(root, **half)
+    with pytest.raises(ConfigError, match="must hold 3 values"):
+        family(root, mean=[0.5], std=[0.25])
+
+
 def test_augmentation_is_training_only_crops_and_flips(tmp_path):
     root = make_split_folders(tmp_path / "s")
     plain, cfg = family(root, normalize=False)

@@ -438,8 +438,9 @@ class ImagesConfig:
     ``data``: the data set's folder. ``layout``: auto, imagefolder, split_folders, csv, pickle or omniglot.
     ``split_ratios``: train/val/test class ratios for layouts without a split of their own (default 0.7/0.1/0.2,
     seeded).
-    ``channels``: 0 keeps the data's, 1 or 3 converts. ``mean``/``std``: per-channel normalisation; left empty,
-    they are computed on the training classes and written here (so the run's config records them).
+    ``channels``: 0 keeps the data's, 1 or 3 converts. ``mean``/``std``: per-channel normalisation, both set or
+    both left empty: then they are computed on the training classes and written here (so the run's config records
+    them).
     ``augment``: random crop with ``crop_padding`` pixels of zero padding and horizontal flips, training split only.
     ``workers``: decoding processes (0: one per CPU core)."""
 
@@ -494,6 +495,11 @@ def _check_options(t: ImagesConfig) -> None:
         raise ConfigError("task.image_size must be positive, task.crop_padding and task.workers non-negative")
     if t.resample not in RESAMPLE:
         raise ConfigError(f"task.resample = {t.resample!r} is not one of {', '.join(RESAMPLE)}")
+    if bool(t.mean) != bool(t.std):
+        raise ConfigError(
+            f"task.mean and task.std must be set together, got mean {t.mean} and std {t.std}; set both (one value "
+            "per channel) or leave both empty to compute them on the training classes"
+        )
     r = t.split_ratios
     if r and (len(r) != 3 or min(r) < 0 or abs(sum(r) - 1) > 1e-6):
         raise ConfigError(f"task.split_ratios = {r} must be three non-negative ratios (train, val, test) summing to 1")
@@ -534,7 +540,7 @@ class ImageEpisodes:
                 f"= {need} needs that many per class ({len(small)} class(es) too small)"
             )
         mean, std = t.mean, t.std
-        if t.normalize and not (mean and std):
+        if t.normalize and not mean:
             if not splits["train"]:
                 raise ConfigError(f"the train split of {t.data} has no classes to compute the normalisation from")
             mean, std = _statistics(data, splits["train"])
