@@ -192,3 +192,30 @@ def test_damping_changes_the_solve():
     g0, _, _ = learner(steps=5).meta_gradient(b)
     g1, _, _ = learner(steps=5, cg_damping=0.5).meta_gradient(b)
     assert not torch.allclose(g0["0.weight"], g1["0.weight"])
+
+
+def test_vectorize_k_differentiates_k_tasks_at_a_time():
+    """vectorize=k: chunks of k tasks (memory of one chunk), the same meta-gradient and metrics as all at once."""
+    b = batch(5)
+    whole = IMAML(tiny_mlp(hidden=(6, 6)), inner_lr=0.05, inner_steps=3, vectorize=True)
+    chunked = IMAML(tiny_mlp(hidden=(6, 6)), inner_lr=0.05, inner_steps=3, vectorize=2)
+    sizes = []
+    map_tasks = chunked.map_tasks
+
+    def spy(fn, shared, tasks):
+        sizes.append(tasks[0].shape[0])
+        return map_tasks(fn, shared, tasks)
+
+    chunked.map_tasks = spy
+    gw, _, mw = whole.meta_gradient(b)
+    gc, _, mc = chunked.meta_gradient(b)
+    assert sizes == [2, 2, 1]
+    for k in gw:
+        torch.testing.assert_close(gc[k], gw[k], rtol=1e-12, atol=1e-14)
+    for k in mw:
+        torch.testing.assert_close(mc[k], mw[k], rtol=1e-12, atol=1e-14)
+
+
+def test_compile_refuses_in_one_line():
+    with pytest.raises(ConfigError, match="iMAML.*not compiled"):
+        learner(steps=1).compile()

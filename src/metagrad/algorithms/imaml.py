@@ -11,6 +11,9 @@ with ``inner_steps``.
 Trainable parameters that the inner loop does not adapt (``adapt_only``) get the full implicit derivative
 ``∂L_query/∂w − (1/λ) ∂/∂w ⟨∇φ L_support(φ, w), v⟩``. The inner rule's learned tensors get no gradient (the
 solution of the inner problem does not depend on how it was reached), so the rule must be a fixed one.
+
+``vectorize=k`` solves and differentiates ``k`` tasks at a time, as for the other algorithms. ``compile()``
+(``train.compile``) is refused with a :class:`~metagrad.errors.ConfigError`: the CG meta-gradient runs eagerly.
 """
 
 from __future__ import annotations
@@ -204,13 +207,28 @@ class IMAML(MetaLearner):
             out.update({k: g_slow[k] - mixed[k] / self.lam for k in slow})
         return _detach(out), {"pre_loss": pre.detach(), "post_loss": post.detach()}
 
-    def _meta_gradient(
-        self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+    def _chunk_gradient(
+        self,
+        params: Params,
+        frozen: Params,
+        meta: Params,
+        tasks: Task,
+        weights: Tensor | None,
+        first_order: bool,
+        scale: float = 1.0,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """``scale`` times the summed implicit meta-gradients and metrics of one chunk of tasks: MetaLearner's
+        ``_meta_gradient`` takes ``task_chunk(n)`` tasks at a time (``vectorize=k``) and sums the chunks."""
         grads, aux = self.map_tasks(self._task_gradient, ({**frozen, **params}, meta, frozenset(params)), tasks)
-        aux = {k: v.mean() for k, v in aux.items()}
-        gp = {k: grads[k].mean(0) if k in grads else torch.zeros_like(v) for k, v in params.items()}
+        aux = {k: v.sum() * scale for k, v in aux.items()}
+        gp = {k: grads[k].sum(0) * scale if k in grads else torch.zeros_like(v) for k, v in params.items()}
         return gp, {k: torch.zeros_like(v) for k, v in meta.items()}, {"loss": aux["post_loss"], **aux}
+
+    def compile(self, **options: Any) -> None:  # type: ignore[override]
+        """Refused: iMAML's conjugate-gradient meta-gradient is not compiled (it runs eagerly)."""
+        raise ConfigError(
+            "iMAML's conjugate-gradient meta-gradient is not compiled; set train.compile = false (or drop --compile)"
+        )
 
     # ----- evaluation adapts on the same proximal problem ----------------------------------------------------
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
