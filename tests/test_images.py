@@ -124,6 +124,23 @@ def test_decoding_in_a_process_pool_gives_the_same_images(tmp_path, monkeypatch)
     assert torch.equal(inline.images, pooled.images) and pooled.cache_path is None
 
 
+def test_workers_zero_means_one_per_core_this_process_may_use(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "f", classes=2, per_class=2)
+    asked = []
+
+    def pool(max_workers, **kwargs):
+        asked.append(max_workers)
+        raise RuntimeError("no pool needed here")
+
+    monkeypatch.setattr(images_module, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(images_module, "_INLINE", 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    with pytest.raises(RuntimeError, match="no pool"):
+        load_images(root, image_size=8, workers=0, cache=False)
+    assert asked == [3]
+
+
 def test_decoding_workers_open_their_own_zip_files(tmp_path, monkeypatch):
     import zipfile
 

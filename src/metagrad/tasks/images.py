@@ -289,6 +289,13 @@ def _convert_arrays(
 # ----- loading ------------------------------------------------------------------------------------------------
 
 
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the platform has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def load_images(
     root: str | os.PathLike,
     *,
@@ -304,7 +311,7 @@ def load_images(
     """Every image under ``root`` (see the module docstring), resized to ``image_size`` x ``image_size``.
 
     ``channels`` 0 keeps the data's (1 if every image is grey, else 3), 1 or 3 converts. ``workers`` decoding
-    processes (0: one per CPU core). With ``cache`` the result is stored in ``cache_dir`` (default
+    processes (0: one per CPU core this process may use). With ``cache`` the result is stored in ``cache_dir`` (default
     ``$METAGRAD_CACHE`` or ``~/.cache/metagrad``) and memory-mapped from there on later loads. Bad input raises a
     :class:`~metagrad.errors.DataError` naming the file."""
     if layout not in LAYOUTS:
@@ -315,7 +322,7 @@ def load_images(
         raise ConfigError(f"channels must be 0 (as the data), 1 or 3, got {channels}")
     if resample not in RESAMPLE:
         raise ConfigError(f"resample must be one of {', '.join(RESAMPLE)}, got {resample!r}")
-    size, workers = int(image_size), int(workers) or (os.cpu_count() or 1)
+    size, workers = int(image_size), int(workers) or _usable_cores()
     found = scan(root, layout)
     options = {"size": size, "channels": channels, "resample": resample, "layout": found.layout}
     key = cache_key([str(found.root), found.fingerprint], options)
@@ -442,7 +449,7 @@ class ImagesConfig:
     both left empty: then they are computed on the training classes and written here (so the run's config records
     them).
     ``augment``: random crop with ``crop_padding`` pixels of zero padding and horizontal flips, training split only.
-    ``workers``: decoding processes (0: one per CPU core)."""
+    ``workers``: decoding processes (0: one per CPU core this process may use)."""
 
     shots: int = 1
     queries: int = 15
