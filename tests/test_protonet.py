@@ -153,3 +153,13 @@ def test_compare_runs_protonet_imaml_and_cavia_beside_maml_on_omniglot(tmp_path,
     report = (out / "report.md").read_text()
     assert "| protonet | — |" in report and "(no inner loop)" in report
     assert (out / "adaptation.png").is_file()
+
+
+def test_the_python_api_embeds_without_the_head_unless_kept():
+    """ProtoNet(Conv4(...), ways=5) embeds the backbone's features, as from_config does; keep_head=True keeps it."""
+    x = torch.rand(4, 1, 16, 16, dtype=F64)
+    stripped = ProtoNet(Conv4(ways=5, hidden=3, image_size=16).to(F64), ways=5)
+    assert isinstance(stripped.model.head, nn.Identity)
+    assert stripped.embed(stripped.params, x).shape == (4, 3)  # Conv-4's features, not the 5 logits
+    kept = ProtoNet(Conv4(ways=5, hidden=3, image_size=16).to(F64), ways=5, keep_head=True)
+    assert kept.embed(kept.params, x).shape == (4, 5)

@@ -4,7 +4,8 @@ Each class's prototype is the mean of its embedded support points; a query's log
 Euclidean distances to the prototypes, ``-‖f(x) − c_k‖²`` (the paper's eq. 1-2), trained with cross-entropy.
 There is no inner loop: evaluation reports one point (``steps`` = 0), whatever number of steps is asked for.
 The embedding ``f`` is any backbone: by default the model without its ``head`` (Conv-4's 64 features, as in the
-paper), or the whole model if it has none. Classification only: on a regression task it refuses with
+paper; ``ProtoNet`` replaces ``model.head`` by ``nn.Identity``), or the whole model if it has none;
+``keep_head=True`` embeds with the whole model. Classification only: on a regression task it refuses with
 :class:`NotClassificationError`.
 """
 
@@ -58,14 +59,19 @@ def _refuse_regression(loss: Any) -> None:
 
 @register_algorithm("protonet", config=ProtoNetConfig)
 class ProtoNet(MetaLearner):
-    """``ProtoNet(embedding, ways=5)``: prototypical classification with ``embedding`` (any ``nn.Module``)."""
+    """``ProtoNet(embedding, ways=5)``: prototypical classification with ``embedding`` (any ``nn.Module``). A
+    ``head`` submodule of ``embedding`` is replaced by ``nn.Identity`` unless ``keep_head=True``."""
 
     name = "protonet"
 
-    def __init__(self, model: nn.Module, *, ways: int, loss: Any = "cross_entropy", **kwargs: Any) -> None:
+    def __init__(
+        self, model: nn.Module, *, ways: int, keep_head: bool = False, loss: Any = "cross_entropy", **kwargs: Any
+    ) -> None:
         _refuse_regression(loss)
         if int(ways) < 2:
             raise ConfigError(f"protonet needs at least 2 ways, got {ways}")
+        if not keep_head and isinstance(getattr(model, "head", None), nn.Module):
+            model.head = nn.Identity()  # the embedding is the backbone's features (Snell et al., section 3)
         kwargs.pop("inner_steps", None)
         # No inner loop: the rule is never applied (lr 0 keeps it an honest no-op if it were).
         super().__init__(model, SGD(0.0), inner_steps=0, loss=loss, **kwargs)
@@ -74,9 +80,7 @@ class ProtoNet(MetaLearner):
     @classmethod
     def from_config(cls, options: ProtoNetConfig, model: nn.Module, spec: Any) -> ProtoNet:
         _refuse_regression(spec.loss)
-        if not options.keep_head and isinstance(getattr(model, "head", None), nn.Module):
-            model.head = nn.Identity()  # the embedding is the backbone's features (Snell et al., section 3)
-        return cls(model, ways=spec.outputs, **cls.spec_options(spec))
+        return cls(model, ways=spec.outputs, keep_head=options.keep_head, **cls.spec_options(spec))
 
     # ----- the rule ------------------------------------------------------------------------------------
     def embed(self, params: Params, x: Tensor, statistics: str = "batch") -> Tensor:
