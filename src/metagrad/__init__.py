@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"  # first: metagrad.run reads it while the package is being imported
 
-from metagrad.algorithms import MAML, MAMLEnhanced, MetaLearner, MetaSGD, Reptile
+from metagrad.algorithms import (
+    CAVIA,
+    IMAML,
+    MAML,
+    ContextNetwork,
+    MAMLEnhanced,
+    MetaLearner,
+    MetaSGD,
+    ProtoNet,
+    Reptile,
+)
 from metagrad.callbacks import Callback, TensorBoardLogger
 from metagrad.errors import (
     CheckpointError,
@@ -16,7 +26,7 @@ from metagrad.errors import (
 )
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.inner import MetaSGD as MetaSGDRule
-from metagrad.models import MLP
+from metagrad.models import MLP, ResNet12
 from metagrad.registry import TaskSpec, register_algorithm, register_model, register_task
 from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
 from metagrad.train import Trainer, TrainResult, train
@@ -32,6 +42,10 @@ __all__ = [
     "MetaSGD",
     "MAMLEnhanced",
     "Reptile",
+    "IMAML",
+    "CAVIA",
+    "ContextNetwork",
+    "ProtoNet",
     "InnerRule",
     "Chain",
     "SGD",
@@ -39,6 +53,7 @@ __all__ = [
     "MetaSGDRule",
     "Curvature",
     "MLP",
+    "ResNet12",
     "register_task",
     "register_model",
     "register_algorithm",
