@@ -263,3 +263,11 @@ def test_a_run_of_components_registered_by_name_loads_without_the_import(tmp_pat
     gone = metagrad("eval", str(run), "--tasks", "4", path="")
     assert gone.returncode == 2
     assert gone.stderr.strip().count("\n") == 0 and "'wave2d_plugin'" in gone.stderr, gone.stderr
+
+
+def test_fit_with_a_progress_bar_and_diagnostics_off(tmp_path: Path) -> None:
+    """learner.diagnostics = False logs no pre_loss: the progress bar shows the loss alone."""
+    with Trainer(cfg_of("train.iterations=6"), tmp_path / "run", progress=True) as trainer:
+        trainer.learner.diagnostics = False
+        last = trainer.fit()
+    assert "pre_loss" not in last and "loss" in last

@@ -397,7 +397,10 @@ class Trainer:
                 bar.update(1)
                 it = self.iteration
                 if self.last is not logged:
-                    bar.set_postfix(loss=f"{self.last['loss']:.4f}", pre=f"{self.last['pre_loss']:.3f}", refresh=False)
+                    shown = {"loss": f"{self.last['loss']:.4f}"}
+                    if self.last.get("pre_loss") is not None:  # none with learner.diagnostics = False
+                        shown["pre"] = f"{self.last['pre_loss']:.3f}"
+                    bar.set_postfix(shown, refresh=False)
                 if it % t.val_every == 0 or it == t.iterations:
                     self.evaluate()
                 if it % t.checkpoint_every == 0 or it == t.iterations:
