@@ -10,6 +10,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a test that takes more than about 20 s (run by default)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Every cache (decoded images, Omniglot) goes to one folder of this session, never ~/.cache/metagrad: the
+    tests leave no machine state, and the shared Omniglot data is only read from where it lies (a test that sets
+    METAGRAD_CACHE itself, with monkeypatch, still gets its own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("METAGRAD_CACHE", str(tmp_path_factory.mktemp("metagrad-cache")))
+        yield
+
+
 @pytest.fixture
 def float64():
     """Run the test with float64 as the default dtype, restoring the previous default afterwards."""

@@ -48,6 +48,15 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAGRAD_CACHE", str(tmp_path / "cache"))
 
 
+def test_the_whole_session_caches_outside_the_home_folder(monkeypatch, tmp_path_factory):
+    from metagrad.tasks.imagecache import default_cache_dir
+
+    monkeypatch.undo()  # without this file's per-test cache: what every other test writes to
+    where = default_cache_dir().resolve()
+    assert where.is_relative_to(tmp_path_factory.getbasetemp().resolve()), where
+    assert not where.is_relative_to(Path(__file__).resolve().parents[1]), where  # nor into the repository
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
