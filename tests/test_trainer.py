@@ -4,6 +4,7 @@ TensorBoard, and run records that name where their components live."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -253,7 +254,9 @@ def test_a_run_of_components_registered_by_name_loads_without_the_import(tmp_pat
     assert type(load_learner(run)[1].model).__name__ == "ResMLP"
 
     def metagrad(*args: str, path: str) -> subprocess.CompletedProcess:
-        env = {**__import__("os").environ, "PYTHONPATH": path}
+        # The plugin folder (or none), then this checkout's src: metagrad need not be pip-installed.
+        paths = [path, str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         cmd = [sys.executable, "-m", "metagrad", *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
