@@ -1,5 +1,11 @@
 """A run directory: ``run.json`` (marker, config and where its components come from), ``config.toml``,
-``metrics.jsonl``, ``checkpoints/`` (see :mod:`metagrad.checkpoint`) and, optionally, ``tensorboard/``."""
+``metrics.jsonl``, ``checkpoints/`` (see :mod:`metagrad.checkpoint`) and, optionally, ``tensorboard/``.
+
+A run directory must be trusted like code: reading one (:func:`read_run_config`, :func:`load_learner`, hence
+``metagrad eval``, ``plot``, ``adapt`` and ``train --resume``) imports the modules its ``run.json`` names under
+``components`` (``module:qualname``), and importing a module runs it. Open only runs from a trusted source, as
+with pickles and checkpoints. See docs/extending.md.
+"""
 
 from __future__ import annotations
 
