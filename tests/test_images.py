@@ -283,6 +283,20 @@ def test_normalisation_comes_from_the_training_classes_and_is_recorded(tmp_path)
     torch.testing.assert_close(off.sample(2, 1, 2, gen(0)).support_x, raw)
 
 
+def test_channel_statistics_match_float64_sums(tmp_path):
+    images = torch.randint(0, 256, (50, 3, 9, 7), dtype=torch.uint8, generator=gen(0))
+    images[:, 2] = 200  # a constant channel: std floored, not zero
+    np.save(tmp_path / "x.npy", images.numpy())
+    mapped = torch.from_numpy(np.load(tmp_path / "x.npy", mmap_mode="c"))
+    rows = torch.tensor([41, 3, 7, 8, 9, 30, 31, 0, 49, 12, 13, 14, 15, 16, 17, 18, 19, 20])
+    x = images[rows].to(torch.float64) / 255
+    want_mean, want_std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3), correction=0).clamp_min(1e-3)
+    mean, std = images_module.channel_statistics(mapped, rows, chunk=4)
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), want_mean, rtol=1e-9, atol=0)
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), want_std, rtol=1e-9, atol=0)
+    assert std[2] == 1e-3 and mean[2] == 200 / 255
+
+
 def test_mean_without_std_or_of_the_wrong_length_is_refused(tmp_path):
     root = make_split_folders(tmp_path / "s", per_split=(3, 1, 1), per_class=3)
     for half in ({"mean": [0.5] * 3}, {"std": [0.25] * 3}):

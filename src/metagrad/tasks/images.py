@@ -391,23 +391,27 @@ def image_splits(data: ImageSet, ratios: Sequence[float] | None = None, seed: in
 
 
 def channel_statistics(images: Tensor, rows: Tensor, chunk: int = 1024) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of ``images[rows]`` scaled to [0, 1] (float64 sums, in chunks so
-    that a memory-mapped set is read once and never whole into memory)."""
+    """Per-channel mean and standard deviation of the uint8 ``images[rows]`` scaled to [0, 1]: exact integer sums
+    of the values and of their squares, in chunks so that a memory-mapped set is read once and never whole into
+    memory, then one correctly rounded division each."""
     c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    squares = torch.zeros(c, dtype=torch.float64)
+    total = np.zeros(c, dtype=np.uint64)
+    squares = np.zeros(c, dtype=np.uint64)
     count = 0
     rows = torch.sort(rows).values  # sequential reads of the memory map
     for i in range(0, rows.numel(), chunk):
-        x = images[rows[i : i + chunk]].to(torch.float64) / 255
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
-        count += x.numel() // c
+        x = images[rows[i : i + chunk]].numpy()
+        total += np.add.reduce(x, axis=(0, 2, 3), dtype=np.uint64)
+        x = x.astype(np.uint16)
+        x *= x  # 255 ** 2 fits in 16 bits
+        squares += np.add.reduce(x, axis=(0, 2, 3), dtype=np.uint64)
+        count += x.size // c
     if count == 0:
         raise DataError("no training images to compute the normalisation from")
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
-    return mean.tolist(), std.clamp_min(1e-3).tolist()  # a constant channel must not divide by zero
+    scale = count * 255
+    mean = [int(s) / scale for s in total]
+    var = [(count * int(q) - int(s) ** 2) / scale**2 for s, q in zip(total, squares, strict=True)]  # exact numerator
+    return mean, [max(v**0.5, 1e-3) for v in var]  # a constant channel must not divide by zero
 
 
 def describe(data: ImageSet, ratios: Sequence[float] | None = None) -> str:
