@@ -385,9 +385,10 @@ class MetaLearner(nn.Module):
     @property
     def vectorize(self) -> bool | int | str:
         """How tasks are batched: ``True`` (one ``vmap`` over all), ``False`` (one after another), ``k`` (``vmap``
-        over k at a time) or ``"auto"``: ``vmap`` unless the network convolves, where per-task weights turn each
-        convolution into a grouped one and batch norm into its composite form; on Conv-4 the task loop with
-        PyTorch's own kernels was measured 1.5-2.9× faster, in a tenth of the memory (``benchmarks/conv4.py``)."""
+        over k at a time) or ``"auto"``: ``vmap``, except for a network that convolves on the CPU, where per-task
+        weights turn each convolution into a grouped one and batch norm into its composite form, and the task loop
+        with PyTorch's own kernels was measured 1.5-2.9× faster in a tenth of the memory (``benchmarks/conv4.py``).
+        On a GPU ``"auto"`` keeps ``vmap``: one task at a time would be hundreds of tiny kernel launches."""
         return self.__dict__["_vectorize"]
 
     @vectorize.setter
@@ -395,15 +396,20 @@ class MetaLearner(nn.Module):
         if not (isinstance(value, bool) or value == "auto" or (isinstance(value, int) and value > 0)):
             raise ConfigError(f"vectorize must be true, false, 'auto' or a positive number of tasks, got {value!r}")
         if value == "auto":
-            vmapped = not any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+            # None: decided by the device at each call (the learner may be moved after it is built).
+            convolves = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
+            vmapped = None if convolves else True
         else:
             vmapped = value is True or (value is not False and int(value) > 1)
         self.__dict__["_vectorize"], self.__dict__["_vmapped"] = value, vmapped
 
     @property
     def vmapped(self) -> bool:
-        """Whether tasks run under ``vmap`` (else one after another); see :attr:`vectorize`."""
-        return self.__dict__["_vmapped"]
+        """Whether tasks run under ``vmap`` now (else one after another); see :attr:`vectorize`."""
+        vmapped = self.__dict__["_vmapped"]
+        if vmapped is None:
+            return next(self.model.parameters()).device.type != "cpu"
+        return vmapped
 
     def task_chunk(self, tasks: int) -> int:
         """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
