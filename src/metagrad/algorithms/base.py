@@ -421,11 +421,18 @@ class MetaLearner(nn.Module):
         return tasks if isinstance(v, bool | str) else min(int(v), tasks)
 
     def _meta_gradient(
-        self, params: Params, frozen: Params, meta: Params, tasks: Task, weights: Tensor | None, first_order: bool
+        self,
+        params: Params,
+        frozen: Params,
+        meta: Params,
+        tasks: Task,
+        weights: Tensor | None,
+        first_order: bool,
+        eager: bool = False,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
         n = tasks[0].shape[0]
         size = self.task_chunk(n)
-        fn = self._compiled or self._chunk_gradient
+        fn = self._chunk_gradient if eager else (self._compiled or self._chunk_gradient)
         total: list[dict[str, Tensor]] = []
         for start in range(0, n, size):
             chunk = tuple(t[start : start + size] for t in tasks)
@@ -491,7 +498,7 @@ class MetaLearner(nn.Module):
         learned = {k: v for k, v in params.items() if named[k].requires_grad}
         frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
         args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
-        with self._explain_transform_errors(lambda: self._meta_gradient(*args)):
+        with self._explain_transform_errors(lambda: self._meta_gradient(*args, eager=True)):
             with self._task_randomness(generator, batch.support_x.device, shard[0]):
                 out = self._meta_gradient(*args)
         if scale == 1.0:
