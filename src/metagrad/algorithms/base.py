@@ -135,8 +135,8 @@ class MetaLearner(nn.Module):
         # always normalised with its own statistics.
         self.query_statistics: str | None = None
         # Whether the meta-step also reports diagnostics that cost work of their own (MAML's ``pre_loss``: the
-        # query loss before adaptation, one more forward pass of the query set per task, about a fifth of a
-        # Conv-4 meta-step). Off, ``backward`` does only what the meta-gradient needs.
+        # query loss before adaptation, one more forward pass of the query set per task, without a graph). Off,
+        # ``backward`` does only what the meta-gradient needs.
         self.diagnostics = True
         self._select = self._selector(adapt_only)
         if not self.fast:
