@@ -6,6 +6,7 @@ import metagrad
 
 
 def test_all_exports_the_algorithms_and_models() -> None:
-    for name in ("MAML", "ProtoNet", "IMAML", "CAVIA", "ContextNetwork", "ResNet12", "MLP"):
+    for name in ("MAML", "ProtoNet", "IMAML", "CAVIA", "ContextNetwork", "ResNet12", "MLP", "Conv4",
+                 "Conv4MiniImageNet"):
         assert name in metagrad.__all__, name
     assert all(hasattr(metagrad, name) for name in metagrad.__all__)

@@ -26,7 +26,7 @@ from metagrad.errors import (
 )
 from metagrad.inner import LSLR, SGD, Chain, Curvature, InnerRule
 from metagrad.inner import MetaSGD as MetaSGDRule
-from metagrad.models import MLP, ResNet12
+from metagrad.models import MLP, Conv4, Conv4MiniImageNet, ResNet12
 from metagrad.registry import TaskSpec, register_algorithm, register_model, register_task
 from metagrad.tasks import Sinusoid, TaskBatch, TaskDistribution
 from metagrad.train import Trainer, TrainResult, train
@@ -53,6 +53,8 @@ __all__ = [
     "MetaSGDRule",
     "Curvature",
     "MLP",
+    "Conv4",
+    "Conv4MiniImageNet",
     "ResNet12",
     "register_task",
     "register_model",
