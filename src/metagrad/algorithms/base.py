@@ -296,22 +296,48 @@ class MetaLearner(nn.Module):
         rule: InnerRule,
         first_order: bool,
         state: Mapping[str, Tensor] | None = None,
+        anchor: Params | None = None,
     ) -> tuple[Params, Params]:
-        """One inner update ``θ ← θ − rule(∇θ L_support, step)`` of the adapted (``fast``) parameters; returns the
-        new weights and the rule's new state (``state=None``: the rule's initial state)."""
+        """One inner update ``θ ← θ − rule(∇θ inner_objective, step)`` of the adapted (``fast``) parameters;
+        returns the new weights and the rule's new state (``state=None``: the rule's initial state). ``anchor`` is
+        what :meth:`inner_anchor` gave at the start of this adaptation."""
         fast = self.fast
         if state is None:
             state = rule.init_state({k: params[k] for k in fast})
 
-        def support_loss(adapted: Params) -> Tensor:
-            return self.loss({**params, **adapted}, x, y, step)
+        def objective(adapted: Params) -> Tensor:
+            return self.inner_objective(params, adapted, x, y, step, anchor)
 
-        g = grad(support_loss)({k: params[k] for k in fast})
+        g = grad(objective)({k: params[k] for k in fast})
         if first_order:
             # First-order MAML: the adapted weights depend on θ only through the identity path.
             g = _detach(g)
         update, state = rule.update_with_state(g, state, meta, step)
         return {**params, **{k: params[k] - update[k] for k in fast}}, state
+
+    def inner_objective(
+        self, params: Params, adapted: Params, x: Tensor, y: Tensor, step: int, anchor: Params | None = None
+    ) -> Tensor:
+        """What an inner step descends: the support loss of ``{**params, **adapted}``. An algorithm whose inner
+        problem is another (iMAML: a proximal term around ``anchor``) overrides this and :meth:`inner_anchor`."""
+        return self.loss({**params, **adapted}, x, y, step)
+
+    def inner_anchor(self, params: Params) -> Params | None:
+        """What :meth:`inner_objective` needs from the weights an adaptation starts at (None: nothing)."""
+        return None
+
+    def descend(
+        self, params: Params, meta: Params, x: Tensor, y: Tensor, steps: int, rule: InnerRule | None = None
+    ) -> Params:
+        """``steps`` inner steps of ``rule`` (default the evaluation rule) from ``params`` on one task's support
+        set, detached after each (nothing is differentiated through them): how :meth:`adapt` adapts."""
+        rule = self.eval_rule if rule is None else rule
+        anchor = self.inner_anchor(params)
+        state = None
+        for s in range(steps):
+            params, state = self.inner_step(params, meta, x, y, s, rule, True, state, anchor)
+            params, state = _detach(params), _detach(state)
+        return params
 
     def metric(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         """What evaluation reports on query points: the MSE for regression, accuracy for classification."""
@@ -649,13 +675,8 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"steps must be >= 0, got {steps}")
         self._check_task(support_x, support_y)
         p = _detach(self.params if params is None else params)
-        meta = _detach(self.meta_state)
-        state = None
         with self._random_layers(dropout):
-            for s in range(steps):
-                p, state = self.inner_step(p, meta, support_x, support_y, s, self.eval_rule, True, state)
-                p, state = _detach(p), _detach(state)
-        return p
+            return self.descend(p, _detach(self.meta_state), support_x, support_y, steps)
 
     @torch.no_grad()
     def predict(
@@ -674,9 +695,10 @@ class MetaLearner(nn.Module):
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
         sx, sy, qx, qy = task
         values = [self.metric(params, qx, qy)]
+        anchor = self.inner_anchor(params)
         state = None
         for s in range(steps):
-            params, state = self.inner_step(params, meta, sx, sy, s, self.eval_rule, True, state)
+            params, state = self.inner_step(params, meta, sx, sy, s, self.eval_rule, True, state, anchor)
             params, state = _detach(params), _detach(state)
             values.append(self.metric(params, qx, qy, s + 1))
         return torch.stack(values).detach()

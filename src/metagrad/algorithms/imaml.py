@@ -129,50 +129,23 @@ class IMAML(MetaLearner):
                    cg_damping=o.cg_damping, **cls.spec_options(spec))  # fmt: skip
 
     # ----- the proximal inner problem ----------------------------------------------------------------
-    def inner_step(
-        self,
-        params: Params,
-        meta: Mapping[str, Tensor],
-        x: Tensor,
-        y: Tensor,
-        step: int,
-        rule: InnerRule,
-        first_order: bool,
-        state: Mapping[str, Tensor] | None = None,
-        anchor: Mapping[str, Tensor] | None = None,
-    ) -> tuple[Params, Params]:
-        """One step of the rule on ``L_support(φ) + λ/2 ‖φ − anchor‖²`` (plain ``L_support`` without an anchor)."""
+    def inner_objective(
+        self, params: Params, adapted: Params, x: Tensor, y: Tensor, step: int, anchor: Params | None = None
+    ) -> Tensor:
+        """``L_support(φ) + λ/2 ‖φ − anchor‖²`` (plain ``L_support`` without an anchor)."""
+        loss = super().inner_objective(params, adapted, x, y, step)
         if anchor is None:
-            return super().inner_step(params, meta, x, y, step, rule, first_order, state)
-        fast = self.fast
-        if state is None:
-            state = rule.init_state({k: params[k] for k in fast})
+            return loss
+        return loss + 0.5 * self.lam * sum(((adapted[k] - anchor[k]) ** 2).sum() for k in adapted)
 
-        def objective(adapted: Params) -> Tensor:
-            prox = sum(((adapted[k] - anchor[k]) ** 2).sum() for k in fast)
-            return self.loss({**params, **adapted}, x, y, step) + 0.5 * self.lam * prox
+    def inner_anchor(self, params: Params) -> Params:
+        """The proximal term's centre: the weights the adaptation starts at (θ), fixed."""
+        return _detach({k: params[k] for k in self.fast})
 
-        g = _detach(grad(objective)({k: params[k] for k in fast}))
-        update, state = rule.update_with_state(g, state, meta, step)
-        return {**params, **{k: params[k] - update[k] for k in fast}}, state
-
-    def solve_inner(
-        self,
-        params: Params,
-        meta: Params,
-        x: Tensor,
-        y: Tensor,
-        steps: int | None = None,
-        rule: InnerRule | None = None,
-    ) -> Params:
-        """``φ ≈ argmin L_support + λ/2 ‖φ − θ‖²`` from ``θ = params``: ``steps`` (default ``inner_steps``) steps of
-        ``rule`` (default the training rule), detached after each one (nothing is differentiated through them)."""
-        anchor = _detach({k: params[k] for k in self.fast})
-        p, state = _detach(params), None
-        for s in range(self.inner_steps if steps is None else steps):
-            p, state = self.inner_step(p, meta, x, y, s, rule or self.rule, True, state, anchor)
-            p, state = _detach(p), _detach(state)
-        return p
+    def solve_inner(self, params: Params, meta: Params, x: Tensor, y: Tensor) -> Params:
+        """``φ ≈ argmin L_support + λ/2 ‖φ − θ‖²`` from ``θ = params`` with the training rule (nothing is
+        differentiated through the steps)."""
+        return self.descend(_detach(params), meta, x, y, self.inner_steps, self.rule)
 
     # ----- the implicit meta-gradient ----------------------------------------------------------------------
     def _task_gradient(
@@ -230,31 +203,3 @@ class IMAML(MetaLearner):
             "iMAML's conjugate-gradient meta-gradient is not compiled; set train.compile = false (or drop --compile)"
         )
 
-    # ----- evaluation adapts on the same proximal problem ----------------------------------------------------
-    def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
-        sx, sy, qx, qy = task
-        anchor = {k: params[k] for k in self.fast}
-        values = [self.metric(params, qx, qy)]
-        state = None
-        for s in range(steps):
-            params, state = self.inner_step(params, meta, sx, sy, s, self.eval_rule, True, state, anchor)
-            params, state = _detach(params), _detach(state)
-            values.append(self.metric(params, qx, qy, s + 1))
-        return torch.stack(values).detach()
-
-    def adapt(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        steps: int | None = None,
-        params: Params | None = None,
-        dropout: bool = False,
-    ) -> Params:
-        """Solve this task's proximal inner problem from the meta-learned weights (or ``params``)."""
-        steps = self.inner_steps if steps is None else int(steps)
-        if steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {steps}")
-        self._check_task(support_x, support_y)
-        p = _detach(self.params if params is None else params)
-        with self._random_layers(dropout):
-            return self.solve_inner(p, _detach(self.meta_state), support_x, support_y, steps, self.eval_rule)
