@@ -601,6 +601,13 @@ class MetaLearner(nn.Module):
     # ----- input checks --------------------------------------------------------------------------------
     def check_batch(self, batch: TaskBatch) -> None:
         """Raise a DataError if ``batch`` does not fit this learner (its dtype, labels or target shapes)."""
+        self._check_inputs(batch)
+        if self.loss_name != "cross_entropy" and self.loss_fn is not F.mse_loss:
+            return  # a user's loss: its own contract
+        self._check_targets(batch)
+
+    def _check_inputs(self, batch: TaskBatch) -> None:
+        """A TaskBatch whose inputs have the learner's dtype."""
         if not isinstance(batch, TaskBatch):
             raise DataError(f"expected a TaskBatch, got {type(batch).__name__}")
         ref = next(self.model.parameters())
@@ -611,8 +618,9 @@ class MetaLearner(nn.Module):
                     f"TaskBatch.{field} is {x.dtype} but the learner is {ref.dtype}: use batch.to(device, {ref.dtype})"
                 )
         self._x_ndim = batch.support_x.dim() - 1
-        if self.loss_name != "cross_entropy" and self.loss_fn is not F.mse_loss:
-            return  # a user's loss: its own contract
+
+    def _check_targets(self, batch: TaskBatch) -> None:
+        """Labels that index the model's outputs, or regression targets of the outputs' shape."""
         key = (tuple(batch.support_x.shape[1:]), batch.support_x.dtype, batch.support_x.device)
         if key not in self._output_shapes:  # one plain forward pass per input shape, to learn the output's
             with torch.no_grad(), self._random_layers(False):
@@ -704,7 +712,8 @@ class MetaLearner(nn.Module):
         return torch.stack(values).detach()
 
     def adaptation_curve(self, batch: TaskBatch, steps: int, chunk: int | None = None) -> Tensor:
-        """The metric (query MSE, or accuracy) of every task after 0..steps inner steps: [B, steps + 1]."""
+        """The metric (query MSE, or accuracy) of every task after 0..steps inner steps: [B, steps + 1] (an
+        algorithm without an inner loop, ProtoNets, gives one column from its ``_curve``)."""
         self.check_batch(batch)
         if chunk is None:  # bound the activations of one vmapped chunk (images are far larger than points)
             per_task = batch.support_x[0].numel() + batch.query_x[0].numel()

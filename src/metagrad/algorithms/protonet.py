@@ -98,17 +98,7 @@ class ProtoNet(MetaLearner):
         return loss, {"pre_loss": loss.detach(), "post_loss": loss.detach()}
 
     # ----- input checks: labels index the prototypes, not the embedding's outputs ---------------------------
-    def check_batch(self, batch: TaskBatch) -> None:
-        if not isinstance(batch, TaskBatch):
-            raise DataError(f"expected a TaskBatch, got {type(batch).__name__}")
-        ref = next(self.model.parameters())
-        for field in ("support_x", "query_x"):
-            x = getattr(batch, field)
-            if x.is_floating_point() and x.dtype != ref.dtype:
-                raise DataError(
-                    f"TaskBatch.{field} is {x.dtype} but the learner is {ref.dtype}: use batch.to(device, {ref.dtype})"
-                )
-        self._x_ndim = batch.support_x.dim() - 1
+    def _check_targets(self, batch: TaskBatch) -> None:
         for field in ("support_y", "query_y"):
             y = getattr(batch, field)
             if y.is_floating_point() or y.dtype == torch.bool or y.dim() != 2:
@@ -127,23 +117,10 @@ class ProtoNet(MetaLearner):
             )
 
     # ----- evaluation: one point, no inner steps ------------------------------------------------------
-    def _score(self, params: Params, task: Task) -> Tensor:
+    def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
+        """One column whatever ``steps`` is: there is no inner loop (evaluation reads it as step 0)."""
         sx, sy, qx, qy = task
-        return self.metric_fn(self.logits(params, sx, sy, qx, self.query_mode()), qy)
-
-    def adaptation_curve(self, batch: TaskBatch, steps: int = 0, chunk: int | None = None) -> Tensor:
-        """The metric of every task: ``[B, 1]`` (no inner loop, so one column whatever ``steps`` is)."""
-        self.check_batch(batch)
-        if chunk is None:
-            per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
-            chunk = max(1, min(200, 400_000 // per_task))
-        out = []
-        with self._random_layers(False), torch.no_grad():
-            for start in range(0, len(batch), chunk):
-                b = batch[start : start + chunk]
-                tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
-                out.append(self.map_tasks(self._score, (_detach(self.params),), tasks))
-        return torch.cat(out)[:, None]
+        return self.metric_fn(self.logits(params, sx, sy, qx, self.query_mode()), qy).detach()[None]
 
     def adapt(
         self,
