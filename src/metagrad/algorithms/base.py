@@ -519,7 +519,6 @@ class MetaLearner(nn.Module):
             batch = batch.split(shard[1], shard[0])
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         named = dict(self.model.named_parameters())
-        self.__dict__["_named_parameters"] = named  # backward() reuses it: one walk of the module per step
         params = _detach(named if params is None else params)
         learned = {k: v for k, v in params.items() if named[k].requires_grad}
         frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
@@ -580,10 +579,8 @@ class MetaLearner(nn.Module):
         ``iteration`` drives the algorithm's schedule (multi-step loss, first-order iterations); by default the
         learner counts its own ``backward`` calls."""
         it = self.iteration if iteration is None else int(iteration)
-        self.__dict__.pop("_named_parameters", None)
         gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
-        named = self.__dict__.pop("_named_parameters", None) or dict(self.model.named_parameters())
-        for tree, grads in ((named, gp), (self.rule.learned.tensors(), gm)):
+        for tree, grads in ((dict(self.model.named_parameters()), gp), (self.rule.learned.tensors(), gm)):
             for k, g in grads.items():
                 p = tree[k]
                 if not p.requires_grad:
