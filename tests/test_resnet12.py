@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from meta_gradcheck import assert_vmap_equals_loop, central_difference
 from test_images_sets import make_split_folders
 
 from metagrad.algorithms import MAML, MAMLEnhanced
@@ -83,32 +84,12 @@ def test_resnet12_meta_gradient_vmap_equals_loop_equals_finite_difference(algori
     vec, loop = _learner(algorithm, True), _learner(algorithm, False)
     gp_v, gm_v, m_v = vec.meta_gradient(batch, 0)
     gp_l, gm_l, _ = loop.meta_gradient(batch, 0)
-    grads_v, grads_l = {**gp_v, **gm_v}, {**gp_l, **gm_l}
-    scale = max(g.abs().max() for g in grads_l.values())
-    for k in grads_l:  # every entry, relative to the largest (PyTorch's BN kernel under vmap was off by up to 1 %)
-        torch.testing.assert_close(grads_v[k], grads_l[k], rtol=0, atol=1e-9 * scale, msg=lambda m, k=k: f"{k}: {m}")
-
-    weights, first_order = loop.schedule(0)
-    assert not first_order
-    tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-    g = torch.Generator().manual_seed(2)
-    dp = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in loop.params.items()}
-    dm = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in loop.meta_state.items()}
+    # Every entry, relative to the largest (PyTorch's BN kernel under vmap was off by up to 1 %).
+    assert_vmap_equals_loop({**gp_v, **gm_v}, {**gp_l, **gm_l})
+    assert not loop.schedule(0)[1]  # second order
     # A unit direction: batch norm over a few 2x2 maps curves the meta-loss sharply, and a long step would cross
-    # kinks of LeakyReLU and max-pooling.
-    norm = torch.sqrt(sum((d**2).sum() for d in [*dp.values(), *dm.values()]))
-    dp, dm = {k: v / norm for k, v in dp.items()}, {k: v / norm for k, v in dm.items()}
-
-    def f(t: float) -> torch.Tensor:
-        p = {k: v + t * dp[k] for k, v in loop.params.items()}
-        m = {k: v + t * dm[k] for k, v in loop.meta_state.items()}
-        with torch.no_grad():
-            return loop.meta_loss(p, m, tasks, weights, first_order)[0]
-
-    h = 1e-6
-    fd = (f(h) - f(-h)) / (2 * h)
-    analytic = sum((gp_v[k] * dp[k]).sum() for k in dp) + sum((gm_v[k] * dm[k]).sum() for k in dm)
-    # A relative error of 1e-4 in the meta-gradient would fail here (central differences are good to ~1e-8).
+    # kinks of LeakyReLU and max-pooling. A relative error of 1e-4 would fail (central differences: ~1e-8).
+    analytic, fd = central_difference(loop, batch, gp_v, gm_v, unit=True)
     torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
     assert abs(analytic * (1 + 1e-4) - fd) > 1e-6 * abs(fd) + 1e-9  # the tolerance would catch a 1e-4 error
 
