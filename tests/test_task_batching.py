@@ -154,3 +154,22 @@ def test_conv4_calls_its_convolutions_as_modules():
     model(torch.randn(2, 1, 28, 28))
     assert fired == [0, 1, 2, 3]
     assert all(isinstance(c, nn.Conv2d) for c in model.convs)
+
+
+def test_gradients_are_strided_like_their_parameters_so_fused_optimizers_step_right():
+    """Channels-last convolutions return channels-last weight gradients; backward() must hand .grad over in the
+    parameter's layout (PyTorch's contract), or a fused Adam silently applies a scrambled update."""
+    g = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 3, 1, 16, 16, generator=g), torch.arange(3).repeat(2, 1),
+                      torch.randn(2, 6, 1, 16, 16, generator=g), torch.arange(3).repeat(2, 2))  # fmt: skip
+    steps = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        learner = MAML(Conv4(1, 3, hidden=8, image_size=16), inner_lr=0.1, inner_steps=1, loss="cross_entropy")
+        opt = torch.optim.Adam(learner.parameters(), lr=0.1, fused=fused or None)
+        learner.backward(batch)
+        assert all(p.grad.stride() == p.stride() for p in learner.parameters())
+        opt.step()
+        steps[fused] = {k: v.detach().clone() for k, v in learner.model.named_parameters()}
+    for k in steps[False]:
+        torch.testing.assert_close(steps[True][k], steps[False][k], rtol=1e-5, atol=1e-6)

@@ -585,8 +585,12 @@ class MetaLearner(nn.Module):
                 p = tree[k]
                 if not p.requires_grad:
                     continue
-                if p.grad is None:  # the meta-step's outputs are fresh tensors: no copy needed
-                    p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                if p.grad is None:  # the meta-step's outputs are fresh tensors: no copy needed, unless...
+                    if g.dtype != p.dtype or g.stride() != p.stride():
+                        # ...the layout differs (channels-last convolutions return channels-last weight gradients):
+                        # PyTorch's contract is a .grad strided like its parameter, and fused optimizers rely on it.
+                        g = torch.empty_like(p).copy_(g)
+                    p.grad = g
                 else:
                     p.grad.add_(g)
         if self.training:
