@@ -18,13 +18,14 @@ Paths:
 * ``compiled`` - ``vectorize=True`` and ``learner.compile()``: the vmapped meta-step through ``torch.compile``.
 
 Entries (``--entries``): ``meta_gradient`` (default) times the functional call above; ``backward`` times the
-module path a PyTorch user writes, ``opt.zero_grad(); learner.backward(batch, ...)`` (the same meta-step plus
-accumulating it into ``.grad``), and its rows get a ``vs functional`` column: its it/s divided by the
-``meta_gradient`` row's at the same algorithm, steps, path and threads, measured in the same run.
-``meta_gradient_grads`` is the functional loop the README showed before ``backward`` existed: ``meta_gradient``
-then each gradient put into ``.grad`` by hand. ``backward_accumulate`` leaves out ``zero_grad``
-(gradients accumulate in place), which isolates the cost of
-freeing and reallocating the gradients every iteration.
+module path a PyTorch user writes, ``learner.zero_grad(); learner.backward(batch, ...)`` (the same meta-step plus
+accumulating it into ``.grad``); ``backward_opt`` the same with ``optimizer.zero_grad()`` (the README's loop:
+PyTorch's optimizer adds its own per-call cost); ``backward_accumulate`` leaves out ``zero_grad`` (gradients
+accumulate in place); ``meta_gradient_grads`` is the functional loop the README showed before ``backward``
+existed (``meta_gradient``, then each gradient put into ``.grad`` by hand). Several entries of one configuration
+run on one learner (compiled once) with their timed blocks interleaved, the order rotating every round, and every
+entry's rows get a ``vs functional`` column: the median over the rounds of its rate divided by ``meta_gradient``'s
+in the same round, with the interquartile range of those paired ratios (``IQR``).
 
 Threads: ``1`` and/or ``all`` (the cores this process may use), set with ``torch.set_num_threads``.
 
@@ -77,7 +78,7 @@ from _common import (
 )
 
 PATHS = ("loop", "vmap", "compiled")
-ENTRIES = ("meta_gradient", "meta_gradient_grads", "backward", "backward_accumulate")
+ENTRIES = ("meta_gradient", "meta_gradient_grads", "backward", "backward_opt", "backward_accumulate")
 DEFAULT_STEPS = (1, 5)
 DEFAULT_SECONDS = 2.0
 BLOCKS = 5  # timed blocks per measurement; it/s is their median
@@ -162,6 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be positive")
     if args.meta_batch < 1 or args.seconds <= 0:
         p.error("--meta-batch and --seconds must be positive")
+    args.entries = [x for x in ENTRIES if x in args.entries]  # meta_gradient first: the others are paired with it
     args.paths = [x for x in PATHS if x in args.paths]  # loop first: the other paths are compared with it
     return args
 
@@ -204,46 +206,111 @@ def measure(step: Callable[[], Any], sync: Callable[[], None], seconds: float) -
     }
 
 
-def run_one(
-    algorithm: str, steps: int, path: str, threads: int, args: argparse.Namespace, entry: str = "meta_gradient"
-) -> dict[str, Any]:
+def measure_interleaved(
+    steps: dict[str, Callable[[], Any]], sync: Callable[[], None], seconds: float
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure` for several entries of one configuration at once: their timed blocks alternate (the order
+    rotates every round), so that a drift of the machine's speed hits them alike, and each round gives a paired
+    ratio of every entry's rate to the first entry's."""
+    names = list(steps)
+    for f in steps.values():
+        f(), f()
+    sync()
+    t = time.perf_counter()
+    steps[names[0]]()
+    sync()
+    one = max(time.perf_counter() - t, 1e-7)
+    per_block = max(1, round(seconds / BLOCKS / one))
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    totals = {n: [0, 0.0] for n in names}
+    spent, rounds = 0.0, 0
+    while spent < seconds * len(names) or rounds < MIN_BLOCKS:
+        shift = rounds % len(names)
+        this: dict[str, float] = {}
+        for name in names[shift:] + names[:shift]:
+            f = steps[name]
+            t = time.perf_counter()
+            for _ in range(per_block):
+                f()
+            sync()
+            dt = time.perf_counter() - t
+            this[name] = per_block / dt
+            rates[name].append(this[name])
+            totals[name][0] += per_block
+            totals[name][1] += dt
+            spent += dt
+        for name in ratios:
+            ratios[name].append(this[name] / this[names[0]])
+        rounds += 1
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        out[name] = {
+            "it_per_s": statistics.median(rates[name]),
+            "it_per_s_mean": totals[name][0] / totals[name][1],
+            "iterations": totals[name][0],
+            "timed_s": totals[name][1],
+            "block_it_per_s": [round(r, 3) for r in rates[name]],
+            "interleaved_rounds": rounds,
+        }
+        if name in ratios:
+            q = statistics.quantiles(ratios[name], n=4) if len(ratios[name]) > 1 else ratios[name] * 3
+            out[name].update(paired_with=names[0], paired_ratio=statistics.median(ratios[name]),
+                             paired_ratio_iqr=[q[0], q[2]],
+                             paired_ratios=[round(r, 4) for r in ratios[name]])  # fmt: skip
+    return out
+
+
+def run_config(
+    algorithm: str, steps: int, path: str, threads: int, args: argparse.Namespace, entries: list[str]
+) -> list[dict[str, Any]]:
+    """One learner (compiled once on the compiled path) timed through each entry; several entries are timed
+    interleaved (:func:`measure_interleaved`)."""
     device = args.device
     torch.set_num_threads(threads)
-    row: dict[str, Any] = {
+    base: dict[str, Any] = {
         "algorithm": algorithm,
         "steps": steps,
         "path": path,
         "threads": threads,
         "device": str(device),
         "meta_batch": args.meta_batch,
-        "entry": entry,
     }
     learner = make_learner(algorithm, steps, vectorize=path != "loop").to(device)
     batch = make_batch(args.meta_batch, device)
     generator = torch.Generator().manual_seed(1)  # Reptile's mini-batch indices are drawn on the CPU
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)  # only its zero_grad is timed
     iteration = 0
 
-    def step() -> Any:
-        nonlocal iteration
-        if entry == "backward":
-            learner.zero_grad(set_to_none=True)
-            out = learner.backward(batch, iteration, generator)
-        elif entry == "backward_accumulate":  # no zero_grad: gradients accumulate in place (isolates allocation)
-            out = learner.backward(batch, iteration, generator)
-        elif entry == "meta_gradient_grads":  # the functional loop of the README before backward(): grads by hand
-            gp, gm, out = learner.meta_gradient(batch, iteration, generator)
-            for tree, grads in ((learner.params, gp), (learner.meta_state, gm)):
-                named = dict(tree.items())
-                for k, g in grads.items():
-                    named[k].grad = g
-        else:
-            out = learner.meta_gradient(batch, iteration, generator)
-        iteration += 1
-        return out
+    def make_step(entry: str) -> Callable[[], Any]:
+        def step() -> Any:
+            nonlocal iteration
+            if entry == "backward":
+                learner.zero_grad(set_to_none=True)
+                out = learner.backward(batch, iteration, generator)
+            elif entry == "backward_opt":  # the README's loop: the optimizer's zero_grad
+                optimizer.zero_grad()
+                out = learner.backward(batch, iteration, generator)
+            elif entry == "backward_accumulate":  # no zero_grad: gradients accumulate in place
+                out = learner.backward(batch, iteration, generator)
+            elif entry == "meta_gradient_grads":  # the functional loop of the README before backward()
+                gp, gm, out = learner.meta_gradient(batch, iteration, generator)
+                for tree, grads in ((learner.params, gp), (learner.meta_state, gm)):
+                    named = dict(tree.items())
+                    for k, g in grads.items():
+                        named[k].grad = g
+            else:
+                out = learner.meta_gradient(batch, iteration, generator)
+            iteration += 1
+            return out
+
+        return step
 
     def sync() -> None:
         synchronize(device)
 
+    steps_by_entry = {e: make_step(e) for e in entries}
+    rows = [{**base, "entry": e} for e in entries]
     cold = path == "compiled" and not args.reuse_compile_cache
     try:
         with fresh_compile_cache() if cold else contextlib.nullcontext():
@@ -252,13 +319,19 @@ def run_one(
                 learner.compile()
                 sync()
                 t = time.perf_counter()
-                step()
+                steps_by_entry[entries[0]]()
                 sync()
-                row["compile_s"] = time.perf_counter() - t
-            row.update(measure(step, sync, args.seconds))
+                rows[0]["compile_s"] = time.perf_counter() - t
+            if len(entries) == 1:
+                rows[0].update(measure(steps_by_entry[entries[0]], sync, args.seconds))
+            else:
+                figures = measure_interleaved(steps_by_entry, sync, args.seconds)
+                for row in rows:
+                    row.update(figures[row["entry"]])
     except Exception as e:  # report the failure in the table and carry on
-        row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    return row
+        for row in rows:
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return rows
 
 
 @contextlib.contextmanager
@@ -300,7 +373,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if loop:
             r["speedup_vs_loop"] = r["it_per_s"] / loop
         functional = rate.get(key(r, entry="meta_gradient"))
-        if r.get("entry", "meta_gradient") != "meta_gradient" and functional:
+        if r.get("paired_with") == "meta_gradient":  # interleaved with meta_gradient: the median of paired ratios
+            r["ratio_vs_functional"] = r["paired_ratio"]
+        elif r.get("entry", "meta_gradient") != "meta_gradient" and functional:
             r["ratio_vs_functional"] = r["it_per_s"] / functional
         maml = rate.get(key(r, algorithm="maml"))
         if r["algorithm"] == "maml_enhanced" and maml:
@@ -317,6 +392,7 @@ COLUMNS = [
     ("speedup_vs_loop", "vs loop", lambda v: f"{v:.1f}x"),
     ("ratio_vs_maml", "vs maml", lambda v: f"{v:.2f}x"),
     ("ratio_vs_functional", "vs functional", lambda v: f"{v:.3f}x"),
+    ("paired_ratio_iqr", "IQR", lambda v: f"{v[0]:.3f}-{v[1]:.3f}"),
     ("compile_s", "compile_s", lambda v: f"{v:.1f}"),
     ("error", "error", str),
 ]
@@ -339,23 +415,20 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    configs = [
-        (a, k, p, t, e)
-        for a in args.algorithms
-        for k in args.steps
-        for t in args.threads
-        for p in args.paths
-        for e in args.entries
-    ]
+    configs = [(a, k, p, t) for a in args.algorithms for k in args.steps for t in args.threads for p in args.paths]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     try:
-        for i, (a, k, p, t, e) in enumerate(configs, 1):
-            row = run_one(a, k, p, t, args, e)
-            rows.append(row)
-            extra = f", compile {row['compile_s']:.1f} s" if "compile_s" in row else ""
-            result = f"{row['it_per_s']:.1f} it/s" if "it_per_s" in row else row.get("error", "?")
-            print(f"[{i}/{len(configs)}] {a} steps={k} path={p} threads={t} {e}: {result}{extra}", flush=True)
+        for i, (a, k, p, t) in enumerate(configs, 1):
+            for row in run_config(a, k, p, t, args, args.entries):
+                rows.append(row)
+                extra = f", compile {row['compile_s']:.1f} s" if "compile_s" in row else ""
+                result = f"{row['it_per_s']:.1f} it/s" if "it_per_s" in row else row.get("error", "?")
+                if "paired_ratio" in row:
+                    lo, hi = row["paired_ratio_iqr"]
+                    result += f" ({row['paired_ratio']:.3f}x of {args.entries[0]}, IQR {lo:.3f}-{hi:.3f})"
+                print(f"[{i}/{len(configs)}] {a} steps={k} path={p} threads={t} {row['entry']}: {result}{extra}",
+                      flush=True)  # fmt: skip
     finally:
         torch.set_num_threads(info["torch_default_threads"])
     add_ratios(rows)
@@ -363,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     print()
     print(format_table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]))
-    print(f"\n{len(rows)} configurations in {elapsed:.0f} s; load average at end {info['load_average_end']}")
+    end_load = info["load_average_end"]
+    print(f"\n{len(rows)} rows ({len(configs)} configurations) in {elapsed:.0f} s; load average at end {end_load}")
     if args.json:
         settings = {
             "algorithms": args.algorithms,

@@ -30,7 +30,7 @@ from metagrad.errors import ConfigError, DataError, ModelError
 from metagrad.inner.base import InnerRule, Params
 from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
-from metagrad.named import NamedTensors, TensorView
+from metagrad.named import NamedTensors, ParameterIndex, TensorView
 from metagrad.tasks.base import TaskBatch, shard_weight
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
@@ -122,6 +122,7 @@ class MetaLearner(nn.Module):
         self.metric_name, self.metric_fn = self._resolve_metric(metric)
         make_exact(model)  # PyTorch's batch/layer norm kernels are wrong under vmap of grad of grad
         self.model = model
+        self.__dict__["_indexes"] = {}  # ParameterIndex per module: see _named_parameters
         self.rule = rule
         # Not a submodule of its own: the same rule (or a parameterless one), never a second copy in state_dict.
         self.__dict__["eval_rule"] = eval_rule if eval_rule is not None else rule
@@ -239,6 +240,23 @@ class MetaLearner(nn.Module):
     def buffers(self) -> TensorView:
         """The network's buffers (batch-norm running statistics) by name (live)."""
         return TensorView(lambda: dict(self.model.named_buffers()))
+
+    def _named_parameters(self, module: nn.Module | None = None) -> dict[str, nn.Parameter]:
+        """``dict(module.named_parameters())`` (default the network's), cached while the module's structure is
+        unchanged (:class:`~metagrad.named.ParameterIndex`): the per-iteration calls read it several times."""
+        module = self.model if module is None else module
+        index = self._indexes.get(id(module))
+        if index is None or index.module is not module:
+            index = self._indexes[id(module)] = ParameterIndex(module)
+        return index()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """:meth:`nn.Module.zero_grad`, over a cached index of the learner's parameters."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none)
+        for p in self._named_parameters(self).values():
+            if p.grad is not None:
+                p.grad = None
 
     @property
     def trainable(self) -> list[str]:
@@ -511,14 +529,28 @@ class MetaLearner(nn.Module):
         training): any randomness is drawn for the whole batch first, and a shard's results are weighted by its
         share of the tasks (:func:`~metagrad.tasks.base.shard_weight`), so that their plain mean over the ranks
         matches one process, also when the tasks do not divide evenly."""
-        self.check_batch(batch)
+        named = self._named_parameters()
+        return self._meta_step(batch, iteration, generator, shard, named, params, meta)
+
+    def _meta_step(
+        self,
+        batch: TaskBatch,
+        iteration: int,
+        generator: torch.Generator | None,
+        shard: tuple[int, int],
+        named: dict[str, Tensor],
+        params: Mapping[str, Tensor] | None = None,
+        meta: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """:meth:`meta_gradient` given the network's parameters by name (``named``, looked up once per call:
+        ``named_parameters`` walks every submodule, a cost the compiled step would otherwise pay several times)."""
+        self._check_batch(batch, named)
         weights, first_order = self.schedule(iteration)
         scale = 1.0
         if shard[1] > 1:
             scale = shard_weight(len(batch), shard[1], shard[0])
             batch = batch.split(shard[1], shard[0])
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        named = dict(self.model.named_parameters())
         params = _detach(named if params is None else params)
         learned = {k: v for k, v in params.items() if named[k].requires_grad}
         frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
@@ -579,8 +611,9 @@ class MetaLearner(nn.Module):
         ``iteration`` drives the algorithm's schedule (multi-step loss, first-order iterations); by default the
         learner counts its own ``backward`` calls."""
         it = self.iteration if iteration is None else int(iteration)
-        gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
-        for tree, grads in ((dict(self.model.named_parameters()), gp), (self.rule.learned.tensors(), gm)):
+        named = self._named_parameters()
+        gp, gm, metrics = self._meta_step(batch, it, generator, shard, named)
+        for tree, grads in ((named, gp), (self.rule.learned.tensors() if gm else {}, gm)):
             for k, g in grads.items():
                 p = tree[k]
                 if not p.requires_grad:
@@ -593,25 +626,31 @@ class MetaLearner(nn.Module):
                     p.grad = g
                 else:
                     p.grad.add_(g)
-        if self.training:
+        if self.training and self.tracks_statistics:
             self.track_statistics(batch)
         if iteration is None:
             self.iteration += 1
-        return {k: v.detach() for k, v in metrics.items()}
+        if any(v.requires_grad for v in metrics.values()):
+            metrics = {k: v.detach() for k, v in metrics.items()}
+        return metrics
 
     # ----- input checks --------------------------------------------------------------------------------
     def check_batch(self, batch: TaskBatch) -> None:
         """Raise a DataError if ``batch`` does not fit this learner (its dtype, labels or target shapes)."""
-        self._check_inputs(batch)
+        self._check_batch(batch, self._named_parameters())
+
+    def _check_batch(self, batch: TaskBatch, named: Mapping[str, Tensor]) -> None:
+        self._check_inputs(batch, next(iter(named.values())))
         if self.loss_name != "cross_entropy" and self.loss_fn is not F.mse_loss:
             return  # a user's loss: its own contract
         self._check_targets(batch)
 
-    def _check_inputs(self, batch: TaskBatch) -> None:
-        """A TaskBatch whose inputs have the learner's dtype."""
+    def _check_inputs(self, batch: TaskBatch, ref: Tensor | None = None) -> None:
+        """A TaskBatch whose inputs have the learner's dtype (``ref``: a parameter of the network)."""
         if not isinstance(batch, TaskBatch):
             raise DataError(f"expected a TaskBatch, got {type(batch).__name__}")
-        ref = next(self.model.parameters())
+        if ref is None:
+            ref = next(self.model.parameters())
         for field in ("support_x", "query_x"):
             x = getattr(batch, field)
             if x.is_floating_point() and x.dtype != ref.dtype:

@@ -199,16 +199,17 @@ class CAVIA(MAML):
         params = {**params, CONTEXT: torch.zeros_like(params[CONTEXT])}
         return super().task_loss(params, meta, task, weights, first_order)
 
-    def meta_gradient(
+    def _meta_step(
         self,
         batch: TaskBatch,
-        iteration: int = 0,
-        generator: torch.Generator | None = None,
-        shard: tuple[int, int] = (0, 1),
+        iteration: int,
+        generator: torch.Generator | None,
+        shard: tuple[int, int],
+        named: dict[str, Tensor],
         params: Any = None,
         meta: Any = None,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        gp, gm, metrics = super().meta_gradient(batch, iteration, generator, shard, params, meta)
+        gp, gm, metrics = super()._meta_step(batch, iteration, generator, shard, named, params, meta)
         # The context is not meta-learned (it is reset to zero per task): no gradient, so no optimizer moves it.
         gp.pop(CONTEXT, None)
         return gp, gm, metrics

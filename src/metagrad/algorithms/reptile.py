@@ -12,6 +12,7 @@ another), held in ``extra_state`` so that a checkpoint keeps it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,16 +128,17 @@ class Reptile(MetaLearner):
     def compile(self, **options: Any) -> None:
         self._compiled = torch.compile(self._reptile_step, **options)
 
-    def meta_gradient(
+    def _meta_step(
         self,
         batch: TaskBatch,
-        iteration: int = 0,
-        generator: torch.Generator | None = None,
-        shard: tuple[int, int] = (0, 1),
-        params: dict[str, Tensor] | None = None,
-        meta: dict[str, Tensor] | None = None,
+        iteration: int,
+        generator: torch.Generator | None,
+        shard: tuple[int, int],
+        named: dict[str, Tensor],
+        params: Mapping[str, Tensor] | None = None,
+        meta: Mapping[str, Tensor] | None = None,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        self.check_batch(batch)
+        self._check_batch(batch, named)
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
         b, n = x.shape[:2]
@@ -151,7 +153,7 @@ class Reptile(MetaLearner):
             x, y, idx = x[part], y[part], idx[part]
         state = _detach(self.extra_state)
         fn = self._compiled or self._reptile_step
-        params = _detach(self.params if params is None else params)
+        params = _detach(named if params is None else params)
         meta = _detach(self.meta_state if meta is None else meta)
         with self._explain_transform_errors(lambda: self._reptile_step(params, meta, state, (x, y, idx))):
             with self._task_randomness(generator, x.device, shard[0]):
