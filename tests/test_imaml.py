@@ -219,3 +219,50 @@ def test_vectorize_k_differentiates_k_tasks_at_a_time():
 def test_compile_refuses_in_one_line():
     with pytest.raises(ConfigError, match="iMAML.*not compiled"):
         learner(steps=1).compile()
+
+
+def _proximal_objective(lrn: IMAML, phi: dict, theta: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(lrn.inner_objective(theta, {k: phi[k] for k in lrn.fast}, x, y, 0, theta))
+
+
+def test_line_search_never_increases_the_proximal_objective_where_fixed_steps_diverge():
+    """Inner lr 2.0 on a task with amplitude up to 5 overshoots: plain steps blow up the proximal objective,
+    backtracking (the longest of lr, lr/2, ... that satisfies Armijo's condition) decreases it at every step."""
+    b = Sinusoid(amplitude=(4.0, 5.0)).sample(1, 10, 5, torch.Generator().manual_seed(3)).to("cpu", F64)
+    x, y = b.support_x[0], b.support_y[0]
+    plain = IMAML(tiny_mlp(hidden=(8,)), inner_lr=2.0, inner_steps=1, lam=1.0)
+    searched = IMAML(tiny_mlp(hidden=(8,)), inner_lr=2.0, inner_steps=1, lam=1.0, line_search=12)
+    theta = {k: v.detach() for k, v in plain.params.items()}
+    start = _proximal_objective(plain, theta, theta, x, y)
+    values = {}
+    for name, lrn in (("plain", plain), ("searched", searched)):
+        phi, trace = theta, [start]
+        for _ in range(6):
+            phi, _ = lrn.inner_step(phi, {}, x, y, 0, lrn.rule, True, None, theta)
+            trace.append(_proximal_objective(lrn, phi, theta, x, y))
+        values[name] = trace
+    assert values["plain"][-1] > 10 * start  # the fixed step diverges on this task
+    assert all(b < a for a, b in zip(values["searched"], values["searched"][1:], strict=False))
+
+
+def test_line_search_is_a_no_op_where_the_full_step_is_accepted_and_matches_vmap():
+    """Small steps pass Armijo's test at once: the same iterates as without the search. With a step that needs
+    shortening on some tasks and not others, vmap equals the loop (the search is per task)."""
+    b = batch(3)
+    g0, _, _ = learner(steps=5).meta_gradient(b)
+    g1, _, _ = learner(steps=5, line_search=4).meta_gradient(b)
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-12, atol=1e-14)
+    big = Sinusoid(amplitude=(0.5, 5.0)).sample(4, 10, 5, torch.Generator().manual_seed(4)).to("cpu", F64)
+
+    def run(vectorize: bool) -> dict:
+        lrn = IMAML(tiny_mlp(hidden=(6,)), inner_lr=1.0, inner_steps=3, lam=1.0, line_search=6, vectorize=vectorize)
+        return lrn.meta_gradient(big)[0]
+
+    gv, gl = run(True), run(False)
+    for k in gl:
+        torch.testing.assert_close(gv[k], gl[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="line_search"):
+        IMAML(tiny_mlp(), line_search=-1)
+    with pytest.raises(ConfigError, match="line_search"):
+        load_config(None, ["algorithm.name=imaml", "algorithm.line_search=-1"])

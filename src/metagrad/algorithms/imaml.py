@@ -73,6 +73,7 @@ class IMAMLConfig:
     cg_steps: int = 5
     cg_damping: float = 0.0
     inner_optimizer: str = "sgd"
+    line_search: int = 0
 
     def validate(self, cfg: Any) -> None:
         if not self.lam > 0:
@@ -81,6 +82,9 @@ class IMAMLConfig:
             raise ConfigError(f"algorithm.cg_steps must be positive, got {self.cg_steps}")
         if not self.cg_damping >= 0:
             raise ConfigError(f"algorithm.cg_damping must be >= 0, got {self.cg_damping}")
+        if self.line_search < 0:
+            raise ConfigError(f"algorithm.line_search must be >= 0 (halvings of the inner step), got "
+                              f"{self.line_search}")  # fmt: skip
         if self.inner_steps == 0:
             raise ConfigError("algorithm.inner_steps must be positive for imaml (it solves an inner problem)")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
@@ -104,6 +108,7 @@ class IMAML(MetaLearner):
         lam: float = 1.0,
         cg_steps: int = 5,
         cg_damping: float = 0.0,
+        line_search: int = 0,
         **kwargs: Any,
     ) -> None:
         if not lam > 0:
@@ -119,14 +124,17 @@ class IMAML(MetaLearner):
         if self.meta_state:
             raise ConfigError("iMAML's implicit gradient does not reach an inner rule's learned tensors: use a fixed "
                               "rule (SGD, Adam)")  # fmt: skip
+        if int(line_search) < 0:
+            raise ConfigError(f"line_search must be >= 0 (halvings of the inner step; 0: none), got {line_search}")
         self.lam, self.cg_steps, self.cg_damping = float(lam), int(cg_steps), float(cg_damping)
+        self.line_search = int(line_search)
 
     @classmethod
     def from_config(cls, options: IMAMLConfig, model: nn.Module, spec: Any) -> IMAML:
         o = options
         rule = Adam(o.inner_lr) if o.inner_optimizer == "adam" else SGD(o.inner_lr)
         return cls(model, rule, inner_lr=o.inner_lr, inner_steps=o.inner_steps, lam=o.lam, cg_steps=o.cg_steps,
-                   cg_damping=o.cg_damping, **cls.spec_options(spec))  # fmt: skip
+                   cg_damping=o.cg_damping, line_search=o.line_search, **cls.spec_options(spec))  # fmt: skip
 
     # ----- the proximal inner problem ----------------------------------------------------------------
     def inner_objective(
@@ -141,6 +149,45 @@ class IMAML(MetaLearner):
     def inner_anchor(self, params: Params) -> Params:
         """The proximal term's centre: the weights the adaptation starts at (θ), fixed."""
         return _detach({k: params[k] for k in self.fast})
+
+    def inner_step(
+        self,
+        params: Params,
+        meta: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        step: int,
+        rule: InnerRule,
+        first_order: bool,
+        state: Mapping[str, Tensor] | None = None,
+        anchor: Params | None = None,
+    ) -> tuple[Params, Params]:
+        """The rule's step, shortened by backtracking when ``line_search > 0``: the longest of ``u, u/2, …,
+        u/2^line_search`` that decreases the proximal objective by Armijo's condition ``f(φ − t·u) ≤ f(φ) −
+        10⁻⁴ t ⟨∇f, u⟩``, or no move if none does. The implicit gradient holds at the inner problem's solution,
+        and a fixed step that overshoots on a sharply curved task never reaches it (meta-training then drifts to
+        ever sharper initialisations, which the implicit gradient cannot see, and diverges). Branch-free, so it
+        runs under ``vmap``: every candidate's loss is computed (forward passes only)."""
+        if self.line_search == 0:
+            return super().inner_step(params, meta, x, y, step, rule, first_order, state, anchor)
+        fast = self.fast
+        if state is None:
+            state = rule.init_state({k: params[k] for k in fast})
+
+        def objective(adapted: Params) -> Tensor:
+            return self.inner_objective(params, adapted, x, y, step, anchor)
+
+        adapted = {k: params[k] for k in fast}
+        g, f0 = grad_and_value(objective)(adapted)
+        update, state = rule.update_with_state(_detach(g), state, meta, step)
+        slope = _dot(g, update)
+        ts = [2.0**-j for j in range(self.line_search + 1)]
+        accepted = [
+            (objective({k: adapted[k] - t * update[k] for k in fast}) <= f0 - 1e-4 * t * slope).to(f0.dtype) * t
+            for t in ts
+        ]
+        t = torch.stack(accepted).amax(0)  # the longest accepted step (0: none was)
+        return {**params, **{k: adapted[k] - t * update[k] for k in fast}}, state
 
     def solve_inner(self, params: Params, meta: Params, x: Tensor, y: Tensor) -> Params:
         """``φ ≈ argmin L_support + λ/2 ‖φ − θ‖²`` from ``θ = params`` with the training rule (nothing is
