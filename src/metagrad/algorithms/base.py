@@ -139,6 +139,10 @@ class MetaLearner(nn.Module):
         # query loss before adaptation, one more forward pass of the query set per task, without a graph). Off,
         # ``backward`` does only what the meta-gradient needs.
         self.diagnostics = True
+        # Mixed precision for the network's forward passes (torch.autocast's dtype, e.g. torch.bfloat16) or None.
+        # Batch norms still compute in float32. Measured by benchmarks/precision.py: bfloat16 is far outside the
+        # meta-gradient's tolerance (see docs/results.md), so it is off unless asked for.
+        self.autocast: torch.dtype | None = None
         self._select = self._selector(adapt_only)
         if not self.fast:
             raise ConfigError(f"adapt_only={adapt_only!r} matches no trainable parameter of the model")
@@ -295,6 +299,14 @@ class MetaLearner(nn.Module):
         or ``"running"``, for layers that have running statistics) and ``track`` whether this pass updates them
         (only ever outside the transforms). Per-step batch norm: ``step`` (inner steps taken so far) selects the
         rows."""
+        if self.autocast is not None:
+            dtype = next(iter(params.values())).dtype
+            with torch.autocast(x.device.type, self.autocast):
+                out = self._forward(params, x, step, statistics, track)
+            return out.to(dtype) if out.is_floating_point() else out
+        return self._forward(params, x, step, statistics, track)
+
+    def _forward(self, params: Mapping[str, Tensor], x: Tensor, step: int, statistics: str, track: bool) -> Tensor:
         if self.per_step:
             options = {"step": step, "statistics": statistics, "track": track}
             return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,), options)

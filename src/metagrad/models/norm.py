@@ -80,6 +80,13 @@ def _native() -> bool:
     return not under_vmap()
 
 
+def _full_precision(x: Tensor) -> Tensor:
+    """Under autocast, a half-precision activation in float32: statistics over a batch lose too much in 8 bits."""
+    if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
 def _channel_view(t: Tensor, dims: int) -> Tensor:
     return t.reshape((1, -1) + (1,) * (dims - 2))
 
@@ -89,6 +96,7 @@ class _ExactBatchNorm:
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        x = _full_precision(x)
         has_running = self.running_mean is not None
         which = _MODE.statistics or ("batch" if self.training else "running")
         track = _MODE.track if _MODE.track is not None else self.training
