@@ -4,6 +4,7 @@ Run from the repository root (JAX's virtual environment from ``bash ../shared/pe
 
     python benchmarks/iteration.py                       # MAML, 1 and 5 inner steps, 1 thread
     python benchmarks/iteration.py --steps 1 --seconds 3 --no-peer
+    python benchmarks/iteration.py --no-peer --device cuda --compile-mode reduce-overhead   # CUDA graphs on a GPU
 
 Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
 K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
@@ -33,7 +34,7 @@ PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))
 JAX_PYTHON = Path(os.environ.get("PEERS_VENVS", "/tmp")) / "peers-venv-jax" / "bin" / "python"
 
 
-def worker(steps: int, seconds: float) -> dict[str, Any]:
+def worker(steps: int, seconds: float, device: str = "cpu", mode: str = "default") -> dict[str, Any]:
     import torch
 
     from metagrad import Trainer
@@ -43,6 +44,7 @@ def worker(steps: int, seconds: float) -> dict[str, Any]:
     cfg = preset("maml")
     cfg.algorithm.inner_steps = steps
     cfg.train.compile, cfg.train.threads, cfg.train.iterations = True, 1, 10**9
+    cfg.train.device, cfg.train.compile_mode = device, mode
     cfg.train.val_every = cfg.train.checkpoint_every = 10**9  # iterations only: no validation or checkpoint
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, Path(d) / "run")
@@ -78,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per row")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer.step runs (JAX: CPU)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))  # fmt: skip
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.seconds)))
+        print(json.dumps(worker(args.worker, args.seconds, args.device, args.compile_mode)))
         return 0
     peer = not args.no_peer
     if peer and not (args.jax_python.exists() and (PEERS / "bench_jax.py").exists()):
@@ -105,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(base)
         with tempfile.TemporaryDirectory() as cache:  # a cold Inductor compile, as a first run meets it
             env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
-            got = _json_line([*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds)],
-                             env)  # fmt: skip
+            cmd = [*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds),
+                   "--device", args.device, "--compile-mode", args.compile_mode]  # fmt: skip
+            got = _json_line(cmd, env)
         if got is not None:
-            row = {"impl": "metagrad Trainer.step", "steps": steps, **got}
+            impl = "metagrad Trainer.step" + ("" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})")
+            row = {"impl": impl, "steps": steps, **got}
             if base is not None:
                 row["vs_jax"] = got["it_per_s"] / base["it_per_s"]
             rows.append(row)

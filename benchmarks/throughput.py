@@ -83,6 +83,7 @@ DEFAULT_STEPS = (1, 5)
 DEFAULT_SECONDS = 2.0
 BLOCKS = 5  # timed blocks per measurement; it/s is their median
 MIN_BLOCKS = 3
+INTERLEAVED_BLOCK_S = 0.1  # seconds per timed block when entries are interleaved
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(zero_grad + backward, the nn.Module path into .grad), backward_accumulate (backward alone)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of the compiled path (reduce-overhead: CUDA graphs on a GPU)",
+    )
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration (default: 25)")
     p.add_argument(
         "--seconds",
@@ -220,7 +227,8 @@ def measure_interleaved(
     steps[names[0]]()
     sync()
     one = max(time.perf_counter() - t, 1e-7)
-    per_block = max(1, round(seconds / BLOCKS / one))
+    # Short blocks, many rounds: a paired ratio compares blocks run a fraction of a second apart.
+    per_block = max(1, round(min(seconds / BLOCKS, INTERLEAVED_BLOCK_S) / one))
     rates: dict[str, list[float]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
     totals = {n: [0, 0.0] for n in names}
@@ -275,6 +283,7 @@ def run_config(
         "threads": threads,
         "device": str(device),
         "meta_batch": args.meta_batch,
+        **({"compile_mode": args.compile_mode} if path == "compiled" else {}),
     }
     learner = make_learner(algorithm, steps, vectorize=path != "loop").to(device)
     batch = make_batch(args.meta_batch, device)
@@ -316,7 +325,7 @@ def run_config(
         with fresh_compile_cache() if cold else contextlib.nullcontext():
             if path == "compiled":
                 torch._dynamo.reset()  # a clean compile per configuration (and no recompile limit across them)
-                learner.compile()
+                learner.compile(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
                 sync()
                 t = time.perf_counter()
                 steps_by_entry[entries[0]]()
@@ -451,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds,
             "quick": args.quick,
             "compile_cache": "reused" if args.reuse_compile_cache else "fresh per configuration (cold compile)",
+            "compile_mode": args.compile_mode,
             "elapsed_s": round(elapsed, 1),
         }
         write_json(args.json, {"benchmark": "throughput", "machine": info, "settings": settings, "rows": rows})

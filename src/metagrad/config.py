@@ -69,6 +69,9 @@ class TrainConfig(_Checked):
     checkpoint_every: int = 1000
     keep_last: int = 3
     compile: bool = False
+    # torch.compile's mode when compile is on: "reduce-overhead" captures the meta-step in CUDA graphs on a GPU
+    # (no effect on the CPU), "max-autotune" also searches kernel configurations (slow to compile)
+    compile_mode: str = "default"
     # true: all tasks in one vmap; false: one task after another; k: vmap k tasks at a time; "auto": vmap
     # unless the network convolves (see MetaLearner.vmapped)
     vectorize: bool | int | str = "auto"
@@ -227,6 +230,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("algorithm", "inner_optimizer"): ("sgd", "adam"),
     ("train", "optimizer"): ("adam", "sgd"),
     ("train", "lr_schedule"): ("constant", "linear", "cosine"),
+    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "dtype"): ("float32", "float64"),
     ("eval", "scoring"): ("dense", "paper"),

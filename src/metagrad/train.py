@@ -177,7 +177,7 @@ class Trainer:
                 "'per_step', or a BatchNorm with track_running_stats=True)"
             )
         if t.compile:
-            self.learner.compile()
+            self.learner.compile(**({} if t.compile_mode == "default" else {"mode": t.compile_mode}))
         self.optimizer = _optimizer(cfg, self.learner)
         self.scheduler = lr_scheduler(cfg, self.optimizer)
         self.generator = torch.Generator().manual_seed(t.seed)

@@ -35,6 +35,9 @@ from metagrad.tasks.base import TaskBatch, shard_weight
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
 
+# torch.compile modes that capture CUDA graphs on a GPU (see MetaLearner._run_compiled).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y of one task
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -150,6 +153,7 @@ class MetaLearner(nn.Module):
         self.extra = NamedTensors(learned=False)  # non-learned state that must survive a checkpoint
         self.register_buffer("backward_calls", torch.zeros((), dtype=torch.int64))
         self._compiled: Callable[..., Any] | None = None
+        self._cuda_graphs = False
         self._x_ndim: int | None = None
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
 
@@ -488,11 +492,13 @@ class MetaLearner(nn.Module):
     ) -> tuple[Params, Params, dict[str, Tensor]]:
         n = tasks[0].shape[0]
         size = self.task_chunk(n)
-        fn = self._chunk_gradient if eager else (self._compiled or self._chunk_gradient)
+        compiled = self._compiled is not None and not eager
+        fn = self._compiled if compiled else self._chunk_gradient
         total: list[dict[str, Tensor]] = []
         for start in range(0, n, size):
             chunk = tuple(t[start : start + size] for t in tasks)
-            out = fn(params, frozen, meta, chunk, weights, first_order, 1.0 / n)
+            args = (params, frozen, meta, chunk, weights, first_order, 1.0 / n)
+            out = self._run_compiled(fn, *args) if compiled else fn(*args)
             # Out of place: a compiled graph may return one buffer for two equal outputs.
             total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
         gp, gm, metrics = total
@@ -507,6 +513,17 @@ class MetaLearner(nn.Module):
         """Run the meta-gradient through ``torch.compile`` from now on (``nn.Module.compile`` would compile
         ``forward``, the plain network, which is not what training runs)."""
         self._compiled = torch.compile(self._chunk_gradient, **options)
+        self._cuda_graphs = options.get("mode") in CUDA_GRAPH_MODES
+
+    def _run_compiled(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the compiled meta-step. Under CUDA graphs (``compile(mode="reduce-overhead")`` on a GPU) its
+        outputs live in the graph's static memory, which the next replay overwrites (the next chunk's, or the
+        next iteration's while the optimizer may still read ``.grad``): every call starts a new graph step and
+        its outputs are copied out."""
+        if not self._cuda_graphs:
+            return fn(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, fn(*args))
 
     @contextlib.contextmanager
     def _task_randomness(

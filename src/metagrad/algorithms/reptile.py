@@ -126,6 +126,7 @@ class Reptile(MetaLearner):
         return delta, {k: x.mean(0) for k, x in new_state.items()}, {"loss": post.mean(), "pre_loss": pre.mean()}
 
     def compile(self, **options: Any) -> None:
+        super().compile(**options)
         self._compiled = torch.compile(self._reptile_step, **options)
 
     def _meta_step(
@@ -152,12 +153,14 @@ class Reptile(MetaLearner):
             part = slice(*shard_bounds(b, shard[1], shard[0]))
             x, y, idx = x[part], y[part], idx[part]
         state = _detach(self.extra_state)
-        fn = self._compiled or self._reptile_step
+        compiled = self._compiled is not None
         params = _detach(named if params is None else params)
         meta = _detach(self.meta_state if meta is None else meta)
         with self._explain_transform_errors(lambda: self._reptile_step(params, meta, state, (x, y, idx))):
             with self._task_randomness(generator, x.device, shard[0]):
-                delta, new_state, metrics = fn(params, meta, state, (x, y, idx))
+                args = (params, meta, state, (x, y, idx))
+                out = self._run_compiled(self._compiled, *args) if compiled else self._reptile_step(*args)
+                delta, new_state, metrics = out
         if scale != 1.0:
             delta, new_state, metrics = ({k: v * scale for k, v in t.items()} for t in (delta, new_state, metrics))
         if self.persist_inner_state:

@@ -1,0 +1,74 @@
+"""``compile(mode=...)``: the CUDA-graph modes copy every compiled call's outputs out of the graph's static memory
+(tested with a stand-in that overwrites its outputs on every call, as a graph replay does), and the mode reaches
+the learner from ``train.compile_mode``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metagrad import MAML, MLP, Reptile, Sinusoid
+from metagrad.config import load_config
+from metagrad.errors import ConfigError
+
+
+def _batch(tasks: int = 5):
+    return Sinusoid().sample(tasks, 5, 5, torch.Generator().manual_seed(0))
+
+
+def _static_replay(step):
+    """Like a CUDA graph: every call writes its outputs into the same tensors and returns those."""
+    static: dict = {}
+
+    def replay(*args):
+        out = step(*args)
+        trees = []
+        for i, tree in enumerate(out):
+            for k, v in tree.items():
+                static.setdefault((i, k), torch.empty_like(v)).copy_(v)
+            trees.append({k: static[(i, k)] for k in tree})
+        return tuple(trees)
+
+    return replay
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_graph_outputs_are_copied_before_the_next_replay(graphs: bool) -> None:
+    torch.manual_seed(0)
+    learner = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1, vectorize=2)  # 5 tasks: 3 chunks, 3 replays
+    expected = learner.meta_gradient(_batch())[0]
+    learner._compiled, learner._cuda_graphs = _static_replay(learner._chunk_gradient), graphs
+    first = learner.meta_gradient(_batch())[0]
+    learner.meta_gradient(_batch(2))  # the next iteration's replay must not reach the first one's gradients
+    same = all(torch.allclose(first[k], expected[k], rtol=1e-6, atol=1e-8) for k in expected)
+    assert same is graphs  # without the copies, later chunks overwrite earlier ones: the stand-in is a real test
+
+
+def test_reptile_copies_its_compiled_outputs_too() -> None:
+    torch.manual_seed(0)
+    learner = Reptile(MLP(1, [8], 1), inner_lr=0.01, inner_steps=2)
+    expected = learner.meta_gradient(_batch(), 0, torch.Generator().manual_seed(1))[0]
+    learner.compile(mode="reduce-overhead")
+    learner._compiled = _static_replay(learner._reptile_step)
+    first = learner.meta_gradient(_batch(), 0, torch.Generator().manual_seed(1))[0]
+    learner.meta_gradient(_batch(2), 1, torch.Generator().manual_seed(2))
+    for k in expected:
+        torch.testing.assert_close(first[k], expected[k])
+
+
+def test_reduce_overhead_compiles_on_the_cpu_and_matches_eager() -> None:
+    torch.manual_seed(0)
+    eager = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
+    torch.manual_seed(0)
+    compiled = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
+    compiled.compile(mode="reduce-overhead")
+    assert compiled._cuda_graphs
+    expected, got = eager.meta_gradient(_batch())[0], compiled.meta_gradient(_batch())[0]
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_mode_is_a_checked_train_key() -> None:
+    assert load_config(None, ["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_config(None, ["train.compile_mode=fastest"])
