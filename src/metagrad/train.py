@@ -277,10 +277,14 @@ class Trainer:
             f"checkpoint: {last if last else 'none yet'}"
         )
 
-    def _check_and_clip(self, grads: list[torch.Tensor], loss: torch.Tensor) -> float:
-        """Stop on a non-finite meta-loss or meta-gradient; clip the global norm if asked. Returns the norm."""
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        n, value = norm.item(), loss.item()
+    def _check_and_clip(self, grads: list[torch.Tensor], metrics: dict[str, torch.Tensor]) -> tuple[float, dict]:
+        """Stop on a non-finite meta-loss or meta-gradient; clip the global norm if asked. Returns the norm and
+        the metrics as floats (one device-to-host copy for all of them)."""
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        names = list(metrics)
+        n, *rest = torch.stack([norm, *(metrics[k].to(norm.dtype) for k in names)]).tolist()
+        values = dict(zip(names, rest, strict=True))
+        value = values["loss"]
         if not (math.isfinite(n) and math.isfinite(value)):
             raise self._diverged(
                 f"at iteration {self.iteration + 1}: meta-loss {value:.4g}, meta-gradient norm {n:.4g}"
@@ -289,7 +293,7 @@ class Trainer:
         if clip and n > clip:
             for g in grads:
                 g.mul_(clip / (n + 1e-6))
-        return n
+        return n, values
 
     def step(self) -> dict[str, float]:
         """One meta-iteration: sample a meta-batch, meta-gradient, (all-reduce), guard and clip, optimizer and
@@ -301,13 +305,15 @@ class Trainer:
         t = self.cfg.train
         batch = self.tasks.sample(t.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
         batch = batch.to(self.device, self.dtype)
-        self.optimizer.zero_grad(set_to_none=True)
+        # The learner's own zero_grad: the same as the optimizer's here (it holds every parameter), without the
+        # optimizer's per-call profiling scope.
+        self.learner.zero_grad(set_to_none=True)
         # Also folds the batch into batch-norm running statistics (identical on every rank).
         shard = (self.world.rank, self.world.size)
         metrics = self.learner.backward(batch, self.iteration, self.generator, shard)
         metrics = average_meta_step(self.learner, metrics, self.world)
-        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
-        norm = self._check_and_clip(grads, metrics["loss"])
+        grads = [p.grad for p in self.learner._named_parameters(self.learner).values() if p.grad is not None]
+        norm, values = self._check_and_clip(grads, metrics)
         lr = self.optimizer.param_groups[0]["lr"]
         try:
             self.optimizer.step()
@@ -317,9 +323,9 @@ class Trainer:
                 f"train.meta_lr={t.meta_lr} is probably far too high"
             ) from None
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.learner.zero_grad(set_to_none=True)
         self.iteration += 1
-        out = {**{k: v.item() for k, v in metrics.items()}, "grad_norm": norm, "lr": lr}
+        out = {**values, "grad_norm": norm, "lr": lr}
         self.seconds += time.perf_counter() - start
         self._window.append(out)
         it = self.iteration
