@@ -33,6 +33,8 @@ Columns:
 
 * ``it/s``      - meta-iterations per second: the median over about five timed blocks that together take
                   ``--seconds``, after warm-up (with ``torch.cuda.synchronize`` at block ends on CUDA).
+* ``MFLOP/it``  - (``--flops``) floating-point operations of one meta-iteration, counted by
+                  ``torch.utils.flop_counter`` (matrix products and convolutions): the arithmetic each row must do.
 * ``vs loop``   - it/s divided by the loop path's it/s for the same algorithm, inner steps and threads.
 * ``vs maml``   - (``maml_enhanced`` rows) its it/s divided by second-order MAML's at the same inner steps,
                   path and threads: the price of Meta-Curvature, LSLR and the multi-step loss (< 1 = slower).
@@ -124,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(zero_grad + backward, the nn.Module path into .grad), backward_accumulate (backward alone)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count each configuration's floating-point operations per meta-iteration (MFLOP/it column; "
+        "torch.utils.flop_counter over one eager meta_gradient call)",
+    )
     p.add_argument(
         "--compile-mode",
         default="default",
@@ -319,6 +327,12 @@ def run_config(
         synchronize(device)
 
     steps_by_entry = {e: make_step(e) for e in entries}
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            learner.meta_gradient(batch, 0, torch.Generator().manual_seed(1))
+        base["mflop_per_it"] = counter.get_total_flops() / 1e6
     rows = [{**base, "entry": e} for e in entries]
     cold = path == "compiled" and not args.reuse_compile_cache
     try:
@@ -398,6 +412,7 @@ COLUMNS = [
     ("threads", "threads", str),
     ("entry", "entry", str),
     ("it_per_s", "it/s", lambda v: f"{v:.1f}" if v < 1000 else f"{v:.0f}"),
+    ("mflop_per_it", "MFLOP/it", lambda v: f"{v:.1f}"),
     ("speedup_vs_loop", "vs loop", lambda v: f"{v:.1f}x"),
     ("ratio_vs_maml", "vs maml", lambda v: f"{v:.2f}x"),
     ("ratio_vs_functional", "vs functional", lambda v: f"{v:.3f}x"),
@@ -461,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "compile_cache": "reused" if args.reuse_compile_cache else "fresh per configuration (cold compile)",
             "compile_mode": args.compile_mode,
+            "flops": args.flops,
             "elapsed_s": round(elapsed, 1),
         }
         write_json(args.json, {"benchmark": "throughput", "machine": info, "settings": settings, "rows": rows})
