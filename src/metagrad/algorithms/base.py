@@ -258,6 +258,15 @@ class MetaLearner(nn.Module):
             index = self._indexes[id(module)] = ParameterIndex(module)
         return index()
 
+    def _learned_tensors(self) -> dict[str, nn.Parameter]:
+        """``self.rule.learned.tensors()`` (the rule's learned tensors by dotted name), rebuilt only when the
+        index of their module changes."""
+        escaped = self._named_parameters(self.rule.learned)
+        memo = self.__dict__.get("_learned_memo")
+        if memo is None or memo[0] is not escaped:  # the memo holds the dict: its identity cannot be reused
+            memo = self.__dict__["_learned_memo"] = (escaped, self.rule.learned.tensors())
+        return memo[1]
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """:meth:`nn.Module.zero_grad`, over a cached index of the learner's parameters."""
         if not set_to_none:
@@ -642,13 +651,14 @@ class MetaLearner(nn.Module):
         it = self.iteration if iteration is None else int(iteration)
         named = self._named_parameters()
         gp, gm, metrics = self._meta_step(batch, it, generator, shard, named)
-        for tree, grads in ((named, gp), (self.rule.learned.tensors() if gm else {}, gm)):
+        for tree, grads in ((named, gp), (self._learned_tensors() if gm else {}, gm)):
             for k, g in grads.items():
                 p = tree[k]
                 if not p.requires_grad:
                     continue
                 if p.grad is None:  # the meta-step's outputs are fresh tensors: no copy needed, unless...
-                    if g.dtype != p.dtype or g.stride() != p.stride():
+                    contiguous = g.is_contiguous() and p.is_contiguous()  # same shape: then the same strides
+                    if g.dtype is not p.dtype or (not contiguous and g.stride() != p.stride()):
                         # ...the layout differs (channels-last convolutions return channels-last weight gradients):
                         # PyTorch's contract is a .grad strided like its parameter, and fused optimizers rely on it.
                         g = torch.empty_like(p).copy_(g)
