@@ -53,6 +53,16 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
+        """The batch on ``device``, its floating-point tensors in ``dtype`` (``self`` when nothing moves)."""
+        target = torch.device(device)
+        tensors = [self.support_x, self.support_y, self.query_x, self.query_y, *self.info.values()]
+        if all(
+            t.device == target
+            and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+            for t in tensors
+        ):
+            return self
+
         def move(t: Tensor) -> Tensor:
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
