@@ -6,7 +6,7 @@ Run from the repository root::
     python benchmarks/precision.py                                  # CPU: float32 and bfloat16 autocast
     python benchmarks/precision.py --device cuda --json out.json    # also TF32 and float16 autocast
 
-Protocol: Omniglot 5-way 1-shot episodes (15 queries per class) from ``../shared/data/omniglot`` when it is there,
+Protocol: Omniglot 5-way 1-shot episodes (15 queries per class) from ``--data`` when it is there,
 standard-normal 28x28 images otherwise; Conv-4 (``--channels`` filters, transductive batch norm), MAML second
 order and first order, ``--steps`` inner steps at lr 0.4, meta-batch ``--meta-batch``; and the sinusoid MLP (MAML,
 1 step). One initialisation, one batch, so every mode sees the same problem.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,17 +33,19 @@ from _common import format_table, machine_info, resolve_device, write_json
 from metagrad import MAML, MLP, Sinusoid, TaskBatch
 from metagrad.models import Conv4
 
-OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+OMNIGLOT = Path(os.environ.get("OMNIGLOT", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"))
 
 
-def omniglot_batch(meta_batch: int, ways: int, shots: int, queries: int) -> tuple[TaskBatch, str]:
+def omniglot_batch(
+    meta_batch: int, ways: int, shots: int, queries: int, root: Path = OMNIGLOT
+) -> tuple[TaskBatch, str]:
     g = torch.Generator().manual_seed(0)
-    if OMNIGLOT.is_dir():
+    if root.is_dir():
         from metagrad.build import build_task
         from metagrad.presets import preset
 
         cfg = preset("maml", "cpu", "omniglot")
-        cfg.task.data = str(OMNIGLOT)
+        cfg.task.data = str(root)
         return build_task(cfg, "train").sample(meta_batch, shots, queries, g), "omniglot"
     x = torch.randn(meta_batch, ways * (shots + queries), 1, 28, 28, generator=g)
     y = torch.arange(ways).repeat_interleave(shots + queries).expand(meta_batch, -1).clone()
@@ -88,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--meta-batch", type=int, default=4)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--data", type=Path, default=OMNIGLOT, help="Omniglot folder (default: $OMNIGLOT or "
+                   "../shared/data/omniglot); standard-normal images where it is missing")  # fmt: skip
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     modes = ["float32", "bfloat16"] + (["tf32", "float16"] if device.type == "cuda" else [])
-    images, source = omniglot_batch(args.meta_batch, 5, 1, 15)
+    images, source = omniglot_batch(args.meta_batch, 5, 1, 15, args.data)
     waves = Sinusoid().sample(25, 10, 10, torch.Generator().manual_seed(0))
 
     def conv(first_order: bool) -> Any:

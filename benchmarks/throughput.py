@@ -330,6 +330,7 @@ def run_config(
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
 
+        learner.meta_gradient(batch, 0, torch.Generator().manual_seed(1))  # the first call also checks shapes
         with FlopCounterMode(display=False) as counter:
             learner.meta_gradient(batch, 0, torch.Generator().manual_seed(1))
         base["mflop_per_it"] = counter.get_total_flops() / 1e6

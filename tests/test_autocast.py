@@ -41,3 +41,14 @@ def test_batch_norm_statistics_stay_in_float32_under_autocast() -> None:
     with torch.autocast("cpu", torch.bfloat16):
         assert _full_precision(x).dtype == torch.float32
         assert _full_precision(x.float()).dtype == torch.float32
+
+
+def test_autocast_with_per_step_batch_norm_trains_and_tracks_float32_statistics() -> None:
+    torch.manual_seed(0)
+    model = Conv4(ways=2, hidden=4, image_size=16, bn="per_step", steps=1)
+    learner = MAML(model, inner_lr=0.3, inner_steps=1, loss="cross_entropy")
+    learner.autocast = torch.bfloat16
+    learner.backward(_batch(), 0)  # backward() also folds the batch into the running statistics
+    stats = dict(learner.model.named_buffers())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in stats.values() if v.is_floating_point())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in stats.items() if k.endswith("running_mean"))

@@ -38,6 +38,7 @@ def test_cuda_graph_outputs_are_copied_before_the_next_replay(graphs: bool) -> N
     learner = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1, vectorize=2)  # 5 tasks: 3 chunks, 3 replays
     expected = learner.meta_gradient(_batch())[0]
     learner._compiled, learner._cuda_graphs = _static_replay(learner._chunk_gradient), graphs
+    learner._on_cuda = lambda params: True  # the stand-in plays a GPU's graph replays on the CPU
     first = learner.meta_gradient(_batch())[0]
     learner.meta_gradient(_batch(2))  # the next iteration's replay must not reach the first one's gradients
     same = all(torch.allclose(first[k], expected[k], rtol=1e-6, atol=1e-8) for k in expected)
@@ -49,7 +50,7 @@ def test_reptile_copies_its_compiled_outputs_too() -> None:
     learner = Reptile(MLP(1, [8], 1), inner_lr=0.01, inner_steps=2)
     expected = learner.meta_gradient(_batch(), 0, torch.Generator().manual_seed(1))[0]
     learner.compile(mode="reduce-overhead")
-    learner._compiled = _static_replay(learner._reptile_step)
+    learner._compiled, learner._on_cuda = _static_replay(learner._reptile_step), lambda params: True
     first = learner.meta_gradient(_batch(), 0, torch.Generator().manual_seed(1))[0]
     learner.meta_gradient(_batch(2), 1, torch.Generator().manual_seed(2))
     for k in expected:
@@ -62,7 +63,7 @@ def test_reduce_overhead_compiles_on_the_cpu_and_matches_eager() -> None:
     torch.manual_seed(0)
     compiled = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
     compiled.compile(mode="reduce-overhead")
-    assert compiled._cuda_graphs
+    assert compiled._cuda_graphs and not compiled._on_cuda(dict(compiled.params))  # on the CPU: nothing to copy
     expected, got = eager.meta_gradient(_batch())[0], compiled.meta_gradient(_batch())[0]
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)

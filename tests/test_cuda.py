@@ -74,10 +74,16 @@ def test_cuda_graphs_give_the_eager_meta_gradient_over_several_iterations() -> N
     eager = MAML(MLP(1, [16, 16], 1), inner_lr=0.01, inner_steps=2, vectorize=2).cuda()
     graphs = copy.deepcopy(eager)
     graphs.compile(mode="reduce-overhead")
+    previous = None
     for i in range(4):
         batch = Sinusoid().sample(5, 5, 5, torch.Generator().manual_seed(i)).to("cuda")
         expected = eager.meta_gradient(batch, i)[0]
         graphs.zero_grad()
         graphs.backward(batch, i)
-        for k, p in graphs.model.named_parameters():
-            torch.testing.assert_close(p.grad, expected[k], rtol=1e-4, atol=1e-6)
+        grads = {k: p.grad for k, p in graphs.model.named_parameters()}  # the tensors themselves, not copies
+        for k in expected:
+            torch.testing.assert_close(grads[k], expected[k], rtol=1e-4, atol=1e-6)
+        if previous is not None:  # the last iteration's gradients survived this iteration's replays
+            for k in expected:
+                torch.testing.assert_close(previous[0][k], previous[1][k], rtol=1e-4, atol=1e-6)
+        previous = (grads, expected)

@@ -255,13 +255,26 @@ def test_line_search_is_a_no_op_where_the_full_step_is_accepted_and_matches_vmap
         torch.testing.assert_close(g0[k], g1[k], rtol=1e-12, atol=1e-14)
     big = Sinusoid(amplitude=(0.5, 5.0)).sample(4, 10, 5, torch.Generator().manual_seed(4)).to("cpu", F64)
 
-    def run(vectorize: bool) -> dict:
-        lrn = IMAML(tiny_mlp(hidden=(6,)), inner_lr=1.0, inner_steps=3, lam=1.0, line_search=6, vectorize=vectorize)
+    def run(vectorize: bool, lr: float = 1.0, steps: int = 3) -> dict:
+        lrn = IMAML(tiny_mlp(hidden=(6,)), inner_lr=lr, inner_steps=steps, lam=1.0, line_search=6, vectorize=vectorize)
         return lrn.meta_gradient(big)[0]
 
-    gv, gl = run(True), run(False)
-    for k in gl:
-        torch.testing.assert_close(gv[k], gl[k], rtol=1e-10, atol=1e-12)
+    for lr, steps in ((1.0, 3), (0.3, 1)):  # at lr 0.3 one task halves its first step and three take it whole
+        gv, gl = run(True, lr, steps), run(False, lr, steps)
+        for k in gl:
+            torch.testing.assert_close(gv[k], gl[k], rtol=1e-10, atol=1e-12)
+    gl = run(False)
+    plain = IMAML(tiny_mlp(hidden=(6,)), inner_lr=1.0, inner_steps=3, lam=1.0).meta_gradient(big)[0]
+    assert not torch.allclose(plain["0.weight"], gl["0.weight"])  # the search did shorten steps here
+    lrn = IMAML(tiny_mlp(hidden=(6,)), inner_lr=0.3, inner_steps=1, lam=1.0, line_search=6)
+    theta = {k: v.detach() for k, v in lrn.params.items()}
+    moved = []
+    for i in range(len(big)):
+        x, y = big.support_x[i], big.support_y[i]
+        phi, _ = lrn.inner_step(theta, {}, x, y, 0, lrn.rule, True, None, theta)
+        g = grad(lambda a, x=x, y=y: lrn.inner_objective(theta, a, x, y, 0, theta))(theta)
+        moved.append(float((theta["0.weight"] - phi["0.weight"]).norm() / g["0.weight"].norm()))  # lr · t
+    assert len({round(t, 6) for t in moved}) > 1  # a different step length on different tasks
     with pytest.raises(ConfigError, match="line_search"):
         IMAML(tiny_mlp(), line_search=-1)
     with pytest.raises(ConfigError, match="line_search"):

@@ -50,8 +50,30 @@ def test_index_equals_named_parameters_after_every_structural_change() -> None:
     index()
     fresh.load_state_dict(state, assign=True)  # new Parameter objects
     assert all(index()[k] is v for k, v in fresh.named_parameters())
+    before = index()
     fresh.double()  # in place: the same objects, nothing to rebuild
-    assert index()["0.weight"].dtype == torch.float64
+    assert index() is before and index()["0.weight"].dtype == torch.float64
+
+
+def test_index_follows_renames_and_copies() -> None:
+    import copy
+
+    net = _net()
+    index = ParameterIndex(net)
+    index()
+    net.add_module("head", net._modules.pop("2"))  # renamed: the same objects in the same order
+    assert list(index()) == list(dict(net.named_parameters())) and "head.weight" in index()
+    p = net[0]._parameters
+    p["bias"], p["weight"] = p.pop("weight"), p.pop("bias")  # names swapped between the same two objects
+    assert all(index()[k] is v for k, v in net.named_parameters())
+    learner = MAML(_net(), inner_lr=0.1, inner_steps=1, vectorize=False)
+    learner.backward(_batch(), 0)
+    for twin in (copy.deepcopy(learner),):  # (a learner does not pickle: its adapt_only selector is a closure)
+        twin.zero_grad()
+        twin.backward(_batch(), 0)
+        assert all(p.grad is not None for p in twin.model.parameters())
+        assert all(a is not b for a, b in zip(twin.model.parameters(), learner.model.parameters(), strict=True))
+        torch.testing.assert_close(twin.model[0].weight.grad, learner.model[0].weight.grad)
 
 
 def test_module_api_sees_a_replaced_parameter() -> None:

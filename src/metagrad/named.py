@@ -99,19 +99,20 @@ class ParameterIndex:
     ``named_parameters`` walks every submodule, generators and name strings included, and a meta-step reads the
     parameters several times: on a small network that walk costs as much as a few percent of a compiled step.
     Every read checks, by identity, that each submodule still holds the parameter and child objects it held when
-    the index was built, so a parameter or submodule that is added, replaced or deleted anywhere (``setattr``,
-    ``del``, ``load_state_dict(assign=True)``, parametrizations) rebuilds it. In-place changes (``.to()``, an
-    optimizer step, ``requires_grad_``) keep the same objects and need no rebuild."""
+    the index was built, under the same names, so a parameter or submodule that is added, replaced, renamed or
+    deleted anywhere (``setattr``, ``del``, ``load_state_dict(assign=True)``, parametrizations) rebuilds it.
+    In-place changes (``.to()``, an optimizer step, ``requires_grad_``) keep the same objects and need no rebuild."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self._named: dict[str, nn.Parameter] = {}
         self._modules: list[nn.Module] = []
-        self._signature: list[int] | None = None
+        self._signature: list[tuple[str, int]] | None = None
 
-    def _current(self) -> list[int]:
-        # The index holds every object it lists, so their ids cannot be reused while it lives.
-        return [id(v) for m in self._modules for d in (m._parameters, m._modules) for v in d.values()]
+    def _current(self) -> list[tuple[str, int]]:
+        # Names and identities (a rename keeps the objects): the index holds every object it lists, so their ids
+        # cannot be reused while it lives.
+        return [(k, id(v)) for m in self._modules for d in (m._parameters, m._modules) for k, v in d.items()]
 
     def __call__(self) -> dict[str, nn.Parameter]:
         """The parameters by name (the cached dict itself: do not mutate it)."""

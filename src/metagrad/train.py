@@ -282,7 +282,7 @@ class Trainer:
         the metrics as floats (one device-to-host copy for all of them)."""
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         names = list(metrics)
-        n, *rest = torch.stack([norm, *(metrics[k].to(norm.dtype) for k in names)]).tolist()
+        n, *rest = torch.stack([norm, *(metrics[k].to(norm.dtype).reshape(()) for k in names)]).tolist()
         values = dict(zip(names, rest, strict=True))
         value = values["loss"]
         if not (math.isfinite(n) and math.isfinite(value)):

@@ -522,14 +522,20 @@ class MetaLearner(nn.Module):
         """Run the meta-gradient through ``torch.compile`` from now on (``nn.Module.compile`` would compile
         ``forward``, the plain network, which is not what training runs)."""
         self._compiled = torch.compile(self._chunk_gradient, **options)
-        self._cuda_graphs = options.get("mode") in CUDA_GRAPH_MODES
+        inductor = options.get("options") or {}
+        self._cuda_graphs = options.get("mode") in CUDA_GRAPH_MODES or bool(inductor.get("triton.cudagraphs"))
+
+    @staticmethod
+    def _on_cuda(params: Mapping[str, Tensor]) -> bool:
+        """Whether the compiled step runs on a GPU (CUDA graphs are captured only there)."""
+        return next(iter(params.values())).is_cuda
 
     def _run_compiled(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the compiled meta-step. Under CUDA graphs (``compile(mode="reduce-overhead")`` on a GPU) its
         outputs live in the graph's static memory, which the next replay overwrites (the next chunk's, or the
         next iteration's while the optimizer may still read ``.grad``): every call starts a new graph step and
         its outputs are copied out."""
-        if not self._cuda_graphs:
+        if not (self._cuda_graphs and self._on_cuda(args[0])):
             return fn(*args)
         torch.compiler.cudagraph_mark_step_begin()
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, fn(*args))
@@ -650,14 +656,18 @@ class MetaLearner(nn.Module):
         learner counts its own ``backward`` calls."""
         it = self.iteration if iteration is None else int(iteration)
         named = self._named_parameters()
-        gp, gm, metrics = self._meta_step(batch, it, generator, shard, named)
+        if type(self).meta_gradient is MetaLearner.meta_gradient:
+            gp, gm, metrics = self._meta_step(batch, it, generator, shard, named)
+        else:  # a subclass that overrides the public entry point (``_meta_step`` is the cheaper override point)
+            gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
         for tree, grads in ((named, gp), (self._learned_tensors() if gm else {}, gm)):
             for k, g in grads.items():
                 p = tree[k]
                 if not p.requires_grad:
                     continue
                 if p.grad is None:  # the meta-step's outputs are fresh tensors: no copy needed, unless...
-                    contiguous = g.is_contiguous() and p.is_contiguous()  # same shape: then the same strides
+                    # Both contiguous (same shape): the same memory order (strides may differ only in size-1 dims).
+                    contiguous = g.is_contiguous() and p.is_contiguous()
                     if g.dtype is not p.dtype or (not contiguous and g.stride() != p.stride()):
                         # ...the layout differs (channels-last convolutions return channels-last weight gradients):
                         # PyTorch's contract is a .grad strided like its parameter, and fused optimizers rely on it.
@@ -831,8 +841,9 @@ class MetaLearner(nn.Module):
             for i in range(min(int(tasks), len(batch))):
                 sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
                 p, state = _detach(self.params), None
+                anchor = self.inner_anchor(p)  # the inner problem training solves (iMAML's proximal term)
                 for s in range(self.inner_steps):
                     self.network(p, sx, s, track=True)
-                    p, state = self.inner_step(p, meta, sx, sy, s, self.rule, True, state)
+                    p, state = self.inner_step(p, meta, sx, sy, s, self.rule, True, state, anchor)
                     p, state = _detach(p), _detach(state)
                 self.network(p, qx, self.inner_steps, track=True)

@@ -167,7 +167,9 @@ class IMAML(MetaLearner):
         10⁻⁴ t ⟨∇f, u⟩``, or no move if none does. The implicit gradient holds at the inner problem's solution,
         and a fixed step that overshoots on a sharply curved task never reaches it (meta-training then drifts to
         ever sharper initialisations, which the implicit gradient cannot see, and diverges). Branch-free, so it
-        runs under ``vmap``: every candidate's loss is computed (forward passes only)."""
+        runs under ``vmap``: every candidate's loss is computed (forward passes only). With dropout active each
+        candidate draws its own mask, so the test is noisy there; an update that does not descend (possible with
+        Adam) is accepted only where it lowers the objective."""
         if self.line_search == 0:
             return super().inner_step(params, meta, x, y, step, rule, first_order, state, anchor)
         fast = self.fast
@@ -179,6 +181,7 @@ class IMAML(MetaLearner):
 
         adapted = {k: params[k] for k in fast}
         g, f0 = grad_and_value(objective)(adapted)
+        old = state
         update, state = rule.update_with_state(_detach(g), state, meta, step)
         slope = _dot(g, update)
         ts = [2.0**-j for j in range(self.line_search + 1)]
@@ -187,6 +190,8 @@ class IMAML(MetaLearner):
             for t in ts
         ]
         t = torch.stack(accepted).amax(0)  # the longest accepted step (0: none was)
+        if state:  # a stateful rule (Adam) keeps its old state where no step was taken
+            state = {k: torch.where(t > 0, v, old[k]) for k, v in state.items()}
         return {**params, **{k: adapted[k] - t * update[k] for k in fast}}, state
 
     def solve_inner(self, params: Params, meta: Params, x: Tensor, y: Tensor) -> Params:

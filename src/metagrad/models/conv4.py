@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metagrad.models.norm import BatchNorm2d
+from metagrad.models.norm import BatchNorm2d, _full_precision
 from metagrad.registry import register_model
 from metagrad.transforms import under_vmap
 
@@ -72,6 +72,7 @@ class PerStepBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(steps + 1, channels))
 
     def forward(self, x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False) -> Tensor:
+        x = _full_precision(x)
         s = min(max(int(step), 0), self.steps)
         if statistics == "running":
             mean, var = self.running_mean[s], self.running_var[s]

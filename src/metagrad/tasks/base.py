@@ -55,9 +55,11 @@ class TaskBatch:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """The batch on ``device``, its floating-point tensors in ``dtype`` (``self`` when nothing moves)."""
         target = torch.device(device)
+        if target.type == "cuda" and target.index is None:  # "cuda" means the current device, as in Tensor.to
+            target = torch.device("cuda", torch.cuda.current_device())
         tensors = [self.support_x, self.support_y, self.query_x, self.query_y, *self.info.values()]
         if all(
-            t.device == target
+            (t.device == target or (t.device.type == target.type == "cpu"))
             and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
             for t in tensors
         ):
