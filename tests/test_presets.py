@@ -142,3 +142,22 @@ def test_compare_keeps_the_other_results_when_one_run_fails(tmp_path, capsys) ->
     assert [r["algorithm"] for r in results["results"]] == ["reptile"]
     assert "Failed runs (not in the table): maml" in (out / "report.md").read_text()
     assert (out / "adaptation.png").is_file()
+
+
+def test_compare_overrides_change_a_shipped_benchmarks_presets(tmp_path, capsys) -> None:
+    """`compare --task T key=value`: the benchmark's presets with the overrides on top; an algorithm.* key goes to
+    the algorithms that have it; a key no config has is refused in one line."""
+    from metagrad.run import read_run_config
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--task", "sinusoid", "--budget", "tiny", "--out", str(out), "--algorithms", "maml", "reptile",
+            "--no-progress", "--workers", "1", "--tasks", "5", "train.iterations=4", "algorithm.anil=true"]
+    assert main(argv) == 0, capsys.readouterr().err
+    maml, reptile = read_run_config(out / "maml"), read_run_config(out / "reptile")
+    assert maml.train.iterations == reptile.train.iterations == 4
+    assert maml.algorithm.anil is True and "anil" not in reptile.algorithm.keys
+    assert maml.algorithm.inner_lr == preset("maml", "tiny").algorithm.inner_lr  # the rest is the preset
+    bad = ["compare", "--task", "sinusoid", "--budget", "tiny", "--out", str(tmp_path / "bad"), "--algorithms",
+           "maml", "--no-progress", "task.bogus=1"]
+    assert main(bad) == 2
+    assert "bogus" in capsys.readouterr().err

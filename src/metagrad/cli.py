@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     # --task is checked in the command, not by choices=: reading configs/ here would break every command
     # (even --help) of an install without them.
     c.add_argument(
-        "--task", default=presets.DEFAULT_TASK,
-        help=f"a shipped benchmark, configs/<task>/ (default {presets.DEFAULT_TASK})",
+        "--task", default=None,
+        help=f"a shipped benchmark, configs/<task>/ (default {presets.DEFAULT_TASK}); with overrides and no "
+        "--config, they change that benchmark's presets (e.g. --task omniglot task.ways=20)",
     )  # fmt: skip
     c.add_argument("--budget", default="default", help="default (sinusoid: ~3 min on 2 CPU cores), paper, cpu, tiny")
     c.add_argument(
@@ -151,25 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from metagrad.compare import compare
-    from metagrad.presets import compare_algorithms, tasks
+    from metagrad.presets import DEFAULT_TASK, compare_algorithms, tasks
 
     out = args.out
     base = None
-    if args.config is not None or args.overrides:
+    preset_overrides: list[str] = []
+    if args.config is not None or (args.overrides and args.task is None):
+        # A user's own config (a file, or overrides such as task.name=...): each algorithm on it.
         from metagrad.config import raw_config
 
         base = raw_config(args.config, args.overrides)  # only what the file and overrides set
         if not args.algorithms:
             raise _usage("compare --config needs --algorithms A B ...")
     else:
+        args.task = args.task or DEFAULT_TASK
         known = tasks()
         if args.task not in known:
             raise _usage(f"argument --task: unknown benchmark {args.task!r}; choose from {', '.join(known)}")
-    chosen = list(args.algorithms or compare_algorithms(args.task))
+        preset_overrides = list(args.overrides)  # on top of the benchmark's presets
+    task = args.task or DEFAULT_TASK
+    chosen = list(args.algorithms or compare_algorithms(task))
     results = compare(
         chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
-        workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=args.task, base=base,
-        data=args.data,
+        workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=task, base=base,
+        data=args.data, overrides=preset_overrides,
     )  # fmt: skip
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, results.json and figures")

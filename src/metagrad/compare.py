@@ -28,16 +28,28 @@ REPORT_STEPS = (1, 10)
 
 
 def config_for(
-    algorithm: str, budget: str, task: str, base: dict[str, Any] | None = None, data: str | None = None
+    algorithm: str,
+    budget: str,
+    task: str,
+    base: dict[str, Any] | None = None,
+    data: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> Any:
     """The run config of ``algorithm``: the shipped preset of ``task`` under ``budget``, or ``base`` (a user's
     config, as a dict) with the algorithm switched to ``algorithm`` (its own defaults, plus the keys ``base``
-    set that it has). ``data`` is the data set's folder (``task.data``), for benchmarks that read one."""
-    from metagrad.config import config_from_dict
+    set that it has). ``data`` is the data set's folder (``task.data``), for benchmarks that read one.
+    ``overrides`` (``section.key=value``) go on top of the preset; an ``algorithm.*`` key applies to the
+    algorithms that have it."""
+    from metagrad.config import apply_overrides, config_from_dict
     from metagrad.presets import preset
 
     if base is None:
         cfg = preset(algorithm, budget, task)
+        for item in overrides:
+            dotted = item.split("=", 1)[0].strip()
+            if dotted.startswith("algorithm.") and dotted.split(".", 1)[1] not in cfg.algorithm.keys:
+                continue
+            cfg = apply_overrides(cfg, [item])
     else:
         cfg = config_from_dict({**base, "algorithm": {**base.get("algorithm", {}), "name": algorithm}})
     if data is not None:
@@ -64,6 +76,7 @@ def _train_and_eval(
     task: str = "sinusoid",
     base: dict[str, Any] | None = None,
     data: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     import torch
 
@@ -71,7 +84,7 @@ def _train_and_eval(
     from metagrad.evaluate import evaluate, set_bn_statistics
     from metagrad.train import train
 
-    cfg = config_for(algorithm, budget, task, base, data)
+    cfg = config_for(algorithm, budget, task, base, data, overrides)
     cfg.train.device = device
     if tasks is not None:
         cfg.eval.tasks = tasks
@@ -210,12 +223,14 @@ def compare(
     task: str = "sinusoid",
     base: Any = None,
     data: str | Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``.
 
     ``base`` compares them on a user's config (task, model, training) instead of a shipped benchmark's presets:
     the nested dict of what the user set (:func:`metagrad.config.raw_config`), or a whole Config. ``data`` points
-    an image benchmark (``task="miniimagenet"``) at the data set's folder (``task.data``)."""
+    an image benchmark (``task="miniimagenet"``) at the data set's folder (``task.data``). ``overrides``
+    (``section.key=value``, with the shipped presets only) change the benchmark, e.g. ``task.ways=20``."""
     from metagrad.build import build_task, resolve_device
     from metagrad.config import Config
     from metagrad.presets import COMPARE_ALGORITHMS
@@ -228,7 +243,7 @@ def compare(
     data = None if data is None else str(data)
 
     def preset(a: str, budget: str, task: str) -> Any:
-        return config_for(a, budget, task, base_dict, data)
+        return config_for(a, budget, task, base_dict, data, overrides)
 
     for a in algorithms:
         preset(a, budget, task)  # validates the names, with a suggestion
@@ -267,7 +282,8 @@ def compare(
             # Longest first (most inner steps), so that no long run starts last and leaves a worker idle.
             order = sorted(algorithms, key=lambda a: -getattr(preset(a, budget, task).algorithm, "inner_steps", 0))
             futures = {
-                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict, data): a
+                pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict, data,
+                            list(overrides)): a
                 for a in order
             }
             pending = set(futures)
