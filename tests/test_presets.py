@@ -157,6 +157,8 @@ def test_compare_overrides_change_a_shipped_benchmarks_presets(tmp_path, capsys)
     assert maml.train.iterations == reptile.train.iterations == 4
     assert maml.algorithm.anil is True and "anil" not in reptile.algorithm.keys
     assert maml.algorithm.inner_lr == preset("maml", "tiny").algorithm.inner_lr  # the rest is the preset
+    assert "train.iterations=4 algorithm.anil=true`" in (out / "report.md").read_text()  # the command, whole
+    assert json.loads((out / "results.json").read_text())["overrides"] == ["train.iterations=4", "algorithm.anil=true"]
     bad = ["compare", "--task", "sinusoid", "--budget", "tiny", "--out", str(tmp_path / "bad"), "--algorithms",
            "maml", "--no-progress", "task.bogus=1"]
     assert main(bad) == 2

@@ -314,13 +314,15 @@ def compare(
     wall = time.perf_counter() - start
     header = (
         f"# metagrad compare: {task}, budget `{budget}`\n\n"
-        f"Command: `metagrad compare --task {task} --budget {budget} --algorithms {' '.join(algorithms)}`; "
+        f"Command: `metagrad compare --task {task} --budget {budget} --algorithms {' '.join(algorithms)}"
+        f"{''.join(' ' + o for o in overrides)}`; "
         f"wall time {wall:.0f} s with {n_workers} worker(s) on {dev.type}."
     )
     payload = {
         "format": COMPARE_FORMAT,
         "task": task,
         "budget": budget,
+        "overrides": list(overrides),
         "wall_seconds": wall,
         "device": str(dev),
         "failures": failures,
