@@ -163,3 +163,14 @@ def test_compare_overrides_change_a_shipped_benchmarks_presets(tmp_path, capsys)
            "maml", "--no-progress", "task.bogus=1"]
     assert main(bad) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_compare_can_score_the_best_validation_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "cmp"
+    argv = ["compare", "--budget", "tiny", "--out", str(out), "--algorithms", "maml", "--no-progress", "--workers",
+            "1", "--tasks", "5", "--checkpoint", "best", "train.iterations=6", "train.val_every=2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["checkpoint"] == "best" and "--checkpoint best" in (out / "report.md").read_text()
+    best = json.loads((out / "maml" / "checkpoints" / "best" / "trainer.json").read_text())["iteration"]
+    assert data["results"][0]["scored_iteration"] == best in (2, 4, 6)

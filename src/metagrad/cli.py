@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     c.add_argument("--budget", default="default", help="default (sinusoid: ~3 min on 2 CPU cores), paper, cpu, tiny")
     c.add_argument(
+        "--checkpoint", choices=("latest", "best"), default="latest",
+        help="score each algorithm at its last checkpoint (default) or its best on the validation tasks",
+    )  # fmt: skip
+    c.add_argument(
         "--algorithms", nargs="+", metavar="NAME",
         help="default: the benchmark's list (configs/<task>/benchmark.toml); any registered algorithm",
     )  # fmt: skip
@@ -175,7 +179,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     results = compare(
         chosen, args.budget, out, device=args.device, overwrite=args.overwrite,
         workers=args.workers, tasks=args.tasks, progress=not args.no_progress, task=task, base=base,
-        data=args.data, overrides=preset_overrides,
+        data=args.data, overrides=preset_overrides, checkpoint=args.checkpoint,
     )  # fmt: skip
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.md, results.json and figures")

@@ -77,6 +77,7 @@ def _train_and_eval(
     base: dict[str, Any] | None = None,
     data: str | None = None,
     overrides: Sequence[str] = (),
+    checkpoint: str = "latest",
 ) -> dict:
     import torch
 
@@ -104,16 +105,22 @@ def _train_and_eval(
             except (OSError, EOFError):  # the progress manager went away with the parent
                 raise SystemExit(1) from None
 
-    result = train(cfg, Path(out) / run_name(algorithm), overwrite=True, progress=False, callback=report)
+    run_dir = Path(out) / run_name(algorithm)
+    result = train(cfg, run_dir, overwrite=True, progress=False, callback=report)
+    learner, scored_at = result.learner, result.iterations
+    if checkpoint == "best":  # early stopping on the validation tasks, as MAML++ reports
+        from metagrad.run import load_learner
+
+        _, learner, meta = load_learner(run_dir, "best", dev)
+        scored_at = int(meta.get("iteration", scored_at))
     ev = cfg.eval
     family = build_task(cfg, "test")
     dtype = DTYPES[cfg.train.dtype]
-    set_bn_statistics(result.learner, ev.bn_statistics)
-    scores = evaluate(
-        result.learner, family, ev.shots, ev.steps, ev.tasks, ev.scoring, dev, dtype, queries=cfg.task.queries
-    )
+    set_bn_statistics(learner, ev.bn_statistics)
+    scores = evaluate(learner, family, ev.shots, ev.steps, ev.tasks, ev.scoring, dev, dtype, queries=cfg.task.queries)
     return {
         **scores,
+        "scored_iteration": scored_at,
         "iterations": result.iterations,
         "train_seconds": result.seconds,
         "iterations_per_second": result.iterations / result.seconds if result.seconds else None,
@@ -224,13 +231,17 @@ def compare(
     base: Any = None,
     data: str | Path | None = None,
     overrides: Sequence[str] = (),
+    checkpoint: str = "latest",
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``algorithms`` under one budget; write the report and figures into ``out``.
 
     ``base`` compares them on a user's config (task, model, training) instead of a shipped benchmark's presets:
     the nested dict of what the user set (:func:`metagrad.config.raw_config`), or a whole Config. ``data`` points
     an image benchmark (``task="miniimagenet"``) at the data set's folder (``task.data``). ``overrides``
-    (``section.key=value``, with the shipped presets only) change the benchmark, e.g. ``task.ways=20``."""
+    (``section.key=value``, with the shipped presets only) change the benchmark, e.g. ``task.ways=20``.
+    ``checkpoint="best"`` scores each algorithm at its best validation checkpoint instead of its last."""
+    if checkpoint not in ("latest", "best"):
+        raise ConfigError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
     from metagrad.build import build_task, resolve_device
     from metagrad.config import Config
     from metagrad.presets import COMPARE_ALGORITHMS
@@ -283,7 +294,7 @@ def compare(
             order = sorted(algorithms, key=lambda a: -getattr(preset(a, budget, task).algorithm, "inner_steps", 0))
             futures = {
                 pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict, data,
-                            list(overrides)): a
+                            list(overrides), checkpoint): a
                 for a in order
             }
             pending = set(futures)
@@ -315,7 +326,7 @@ def compare(
     header = (
         f"# metagrad compare: {task}, budget `{budget}`\n\n"
         f"Command: `metagrad compare --task {task} --budget {budget} --algorithms {' '.join(algorithms)}"
-        f"{''.join(' ' + o for o in overrides)}`; "
+        f"{' --checkpoint best' if checkpoint == 'best' else ''}{''.join(' ' + o for o in overrides)}`; "
         f"wall time {wall:.0f} s with {n_workers} worker(s) on {dev.type}."
     )
     payload = {
@@ -323,6 +334,7 @@ def compare(
         "task": task,
         "budget": budget,
         "overrides": list(overrides),
+        "checkpoint": checkpoint,
         "wall_seconds": wall,
         "device": str(dev),
         "failures": failures,
