@@ -232,7 +232,7 @@ class MetaLearner(nn.Module):
     @property
     def params(self) -> TensorView:
         """The network's parameters by name (live: assignment copies in place)."""
-        return TensorView(lambda: dict(self.model.named_parameters()))
+        return TensorView(self._named_parameters)
 
     @property
     def meta_state(self) -> TensorView:
@@ -278,7 +278,7 @@ class MetaLearner(nn.Module):
     @property
     def trainable(self) -> list[str]:
         """Names of the meta-learned parameters: every one with ``requires_grad``."""
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return [n for n, p in self._named_parameters().items() if p.requires_grad]
 
     @property
     def fast(self) -> list[str]:
@@ -287,7 +287,7 @@ class MetaLearner(nn.Module):
         meta_only = tuple(getattr(self.model, "meta_only", ()))
         return [
             n
-            for n, p in self.model.named_parameters()
+            for n, p in self._named_parameters().items()
             if p.requires_grad and self._select(n, p) and not (meta_only and n.startswith(meta_only))
         ]
 
@@ -521,7 +521,7 @@ class MetaLearner(nn.Module):
     def compile(self, **options: Any) -> None:  # type: ignore[override]
         """Run the meta-gradient through ``torch.compile`` from now on (``nn.Module.compile`` would compile
         ``forward``, the plain network, which is not what training runs)."""
-        self._compiled = torch.compile(self._chunk_gradient, **options)
+        self._compiled = torch.compile(self._compile_target(), **options)
         inductor = options.get("options") or {}
         self._cuda_graphs = options.get("mode") in CUDA_GRAPH_MODES or bool(inductor.get("triton.cudagraphs"))
 
@@ -529,6 +529,10 @@ class MetaLearner(nn.Module):
     def _on_cuda(params: Mapping[str, Tensor]) -> bool:
         """Whether the compiled step runs on a GPU (CUDA graphs are captured only there)."""
         return next(iter(params.values())).is_cuda
+
+    def _compile_target(self) -> Callable[..., Any]:
+        """The pure function :meth:`compile` compiles: the chunk gradient (Reptile: its whole step)."""
+        return self._chunk_gradient
 
     def _run_compiled(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the compiled meta-step. Under CUDA graphs (``compile(mode="reduce-overhead")`` on a GPU) its

@@ -140,7 +140,7 @@ class MAML(MetaLearner):
         if not (self.multi_step_loss and self.inner_steps > 1):
             return None, first_order
         w = multi_step_weights(self.inner_steps, iteration // self.epoch_iterations, self.msl_epochs)
-        ref = next(iter(self.params.values()))
+        ref = next(iter(self._named_parameters().values()))
         return torch.tensor(w, dtype=ref.dtype, device=ref.device), first_order
 
     def task_loss(

@@ -125,9 +125,8 @@ class Reptile(MetaLearner):
         delta = {k: params[k] - adapted[k].mean(0) for k in self.fast}
         return delta, {k: x.mean(0) for k, x in new_state.items()}, {"loss": post.mean(), "pre_loss": pre.mean()}
 
-    def compile(self, **options: Any) -> None:
-        super().compile(**options)
-        self._compiled = torch.compile(self._reptile_step, **options)
+    def _compile_target(self) -> Any:
+        return self._reptile_step
 
     def _meta_step(
         self,
