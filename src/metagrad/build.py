@@ -108,4 +108,5 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
         raise ConfigError(
             f"algorithm {cfg.algorithm.name!r} built a {type(learner).__name__}, not a metagrad.MetaLearner"
         )
+    learner.tf32, learner.precise_norms = cfg.train.tf32, cfg.train.precise_norms
     return learner

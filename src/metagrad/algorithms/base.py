@@ -31,6 +31,7 @@ from metagrad.inner.base import InnerRule, Params
 from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, ParameterIndex, TensorView
+from metagrad.numerics import tf32 as tf32_numerics
 from metagrad.tasks.base import TaskBatch, shard_weight
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
@@ -146,6 +147,12 @@ class MetaLearner(nn.Module):
         # Batch norms still compute in float32. Measured by benchmarks/precision.py: bfloat16 is far outside the
         # meta-gradient's tolerance (see docs/results.md), so it is off unless asked for.
         self.autocast: torch.dtype | None = None
+        # Float32-precise batch statistics on the CPU for channels-last activations (metagrad.models.norm._precise:
+        # PyTorch's channels-last kernel moves a Conv-4 meta-gradient by 1e-2); False saves the layout changes.
+        self.precise_norms = True
+        # Whether a GPU's convolutions and matrix products may use TF32 within the learner's calls (PyTorch lets
+        # cuDNN do so by default; measured 200 times further from float64 than float32: metagrad.numerics).
+        self.tf32 = False
         self._select = self._selector(adapt_only)
         if not self.fast:
             raise ConfigError(f"adapt_only={adapt_only!r} matches no trainable parameter of the model")
@@ -304,6 +311,10 @@ class MetaLearner(nn.Module):
         """The network at the meta-learned initialisation (``learner(x)`` is ``learner.model(x)``)."""
         return self.model(x, *args, **kwargs)
 
+    def _numerics(self, ref: Tensor) -> contextlib.AbstractContextManager[None]:
+        """Full float32 in the GPU's kernels within a call, unless ``tf32`` (nothing to set on the CPU)."""
+        return tf32_numerics(self.tf32) if ref.is_cuda else contextlib.nullcontext()
+
     # ----- pure functions of (params, ...) ------------------------------------------------------------
     def network(
         self, params: Mapping[str, Tensor], x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False
@@ -323,7 +334,7 @@ class MetaLearner(nn.Module):
         if self.per_step:
             options = {"step": step, "statistics": statistics, "track": track}
             return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,), options)
-        with norm_statistics(statistics, track):
+        with norm_statistics(statistics, track, self.precise_norms):
             return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,))
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
@@ -578,7 +589,8 @@ class MetaLearner(nn.Module):
         share of the tasks (:func:`~metagrad.tasks.base.shard_weight`), so that their plain mean over the ranks
         matches one process, also when the tasks do not divide evenly."""
         named = self._named_parameters()
-        return self._meta_step(batch, iteration, generator, shard, named, params, meta)
+        with self._numerics(next(iter(named.values()))):
+            return self._meta_step(batch, iteration, generator, shard, named, params, meta)
 
     def _meta_step(
         self,
@@ -660,10 +672,11 @@ class MetaLearner(nn.Module):
         learner counts its own ``backward`` calls."""
         it = self.iteration if iteration is None else int(iteration)
         named = self._named_parameters()
-        if type(self).meta_gradient is MetaLearner.meta_gradient:
-            gp, gm, metrics = self._meta_step(batch, it, generator, shard, named)
-        else:  # a subclass that overrides the public entry point (``_meta_step`` is the cheaper override point)
-            gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
+        with self._numerics(next(iter(named.values()))):
+            if type(self).meta_gradient is MetaLearner.meta_gradient:
+                gp, gm, metrics = self._meta_step(batch, it, generator, shard, named)
+            else:  # a subclass that overrides the public entry point (``_meta_step`` is the cheaper override point)
+                gp, gm, metrics = self.meta_gradient(batch, it, generator, shard)
         for tree, grads in ((named, gp), (self._learned_tensors() if gm else {}, gm)):
             for k, g in grads.items():
                 p = tree[k]
@@ -776,7 +789,7 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"steps must be >= 0, got {steps}")
         self._check_task(support_x, support_y)
         p = _detach(self.params if params is None else params)
-        with self._random_layers(dropout):
+        with self._random_layers(dropout), self._numerics(support_x):
             return self.descend(p, _detach(self.meta_state), support_x, support_y, steps)
 
     @torch.no_grad()
@@ -790,7 +803,7 @@ class MetaLearner(nn.Module):
         normalised as a query batch (``query_statistics``)."""
         if step is None:
             step = 0 if params is None else self.inner_steps
-        with self._random_layers(dropout):
+        with self._random_layers(dropout), self._numerics(x):
             return self.network(_detach(self.params if params is None else params), x, step, self.query_mode())
 
     def _curve(self, params: Params, meta: Params, steps: int, task: Task) -> Tensor:
@@ -812,7 +825,7 @@ class MetaLearner(nn.Module):
             per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
             chunk = max(1, min(200, 400_000 // per_task))
         out = []
-        with self._random_layers(False):
+        with self._random_layers(False), self._numerics(batch.support_x):
             for start in range(0, len(batch), chunk):
                 b = batch[start : start + chunk]
                 tasks = (b.support_x, b.support_y, b.query_x, b.query_y)
@@ -841,7 +854,7 @@ class MetaLearner(nn.Module):
         if not self.tracks_statistics:
             return
         meta = _detach(self.meta_state)
-        with self._random_layers(False):
+        with self._random_layers(False), self._numerics(batch.support_x):
             for i in range(min(int(tasks), len(batch))):
                 sx, sy, qx = batch.support_x[i], batch.support_y[i], batch.query_x[i]
                 p, state = _detach(self.params), None

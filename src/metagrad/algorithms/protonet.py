@@ -135,7 +135,7 @@ class ProtoNet(MetaLearner):
             raise ConfigError(f"protonet has no inner loop: steps must be 0, got {steps}")
         self._check_task(support_x, support_y)
         p = _detach(self.params if params is None else params)
-        with self._random_layers(dropout), torch.no_grad():
+        with self._random_layers(dropout), self._numerics(support_x), torch.no_grad():
             z = self.embed(p, support_x)
             onehot = F.one_hot(support_y.reshape(-1).long(), self.ways).to(z.dtype)
             if bool((onehot.sum(0) == 0).any()):
@@ -150,7 +150,7 @@ class ProtoNet(MetaLearner):
         """Logits ``-‖f(x) − c_k‖²`` if ``params`` came from :meth:`adapt`, else the embedding of ``x``."""
         p = dict(self.params if params is None else params)
         prototypes = p.pop(PROTOTYPES, None)
-        with self._random_layers(dropout):
+        with self._random_layers(dropout), self._numerics(x):
             z = self.embed(_detach(p), x, self.query_mode())
         if prototypes is None:
             return z

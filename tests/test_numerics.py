@@ -1,0 +1,132 @@
+"""The learner's float32 arithmetic: TF32 off on the GPU unless asked for, and float32-precise batch norms on
+request (PyTorch's fused CPU kernel computes less precise float32 statistics)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metagrad.models.norm as norm
+from metagrad import MAML
+from metagrad.build import build_learner
+from metagrad.config import load_config
+from metagrad.models import Conv4
+from metagrad.models.norm import BatchNorm2d
+from metagrad.numerics import tf32
+from metagrad.tasks import TaskBatch
+
+
+def test_tf32_context_sets_both_flags_and_restores_them_after_an_error() -> None:
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    for enabled in (False, True):
+        with tf32(enabled):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (enabled, enabled)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == before
+    with pytest.raises(KeyError), tf32(not before[0]):
+        raise KeyError("boom")
+    assert (cudnn.allow_tf32, matmul.allow_tf32) == before
+
+
+def test_config_keys_reach_the_learner() -> None:
+    cfg = load_config(None, ["train.tf32=true", "train.precise_norms=false"])
+    learner = build_learner(cfg)
+    assert learner.tf32 is True and learner.precise_norms is False
+    default = build_learner(load_config(None, []))
+    assert default.tf32 is False and default.precise_norms is True
+
+
+def _episodes(tasks: int = 2, size: int = 16) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    # Images on a bright background (as Omniglot's): large per-channel means after the first convolution.
+    sx = 1 - 0.3 * torch.rand(tasks, 4, 1, size, size, generator=g)
+    qx = 1 - 0.3 * torch.rand(tasks, 6, 1, size, size, generator=g)
+    sy, qy = torch.tensor([[0, 0, 1, 1]] * tasks), torch.tensor([[0, 0, 0, 1, 1, 1]] * tasks)
+    return TaskBatch(sx, sy, qx, qy)
+
+
+def _learner(vectorize: bool, first_order: bool = False) -> MAML:
+    torch.manual_seed(0)
+    model = Conv4(ways=2, hidden=6, image_size=16)
+    return MAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy", vectorize=vectorize, first_order=first_order)
+
+
+def test_precise_norms_give_the_cpu_kernel_nchw_inputs_and_keep_the_layout(monkeypatch) -> None:
+    layouts = []
+    fused = F.batch_norm
+
+    def recording(x, *args, **kwargs):
+        layouts.append("nchw" if x.is_contiguous() else "channels_last")
+        out = fused(x, *args, **kwargs)
+        outputs.append(out)
+        return out
+
+    outputs: list[torch.Tensor] = []
+    monkeypatch.setattr(norm.F, "batch_norm", recording)
+    learner, batch = _learner(False), _episodes()
+    learner.meta_gradient(batch)
+    assert layouts and set(layouts) == {"nchw"}
+    layouts.clear()
+    learner.precise_norms = False
+    learner.meta_gradient(batch)
+    assert layouts and set(layouts) == {"channels_last"}  # Conv-4's own layout, for its pooling
+    assert norm._MODE.precise is False, "the choice must not leak out of the learner's calls"
+    layer = BatchNorm2d(3, affine=False, track_running_stats=False)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    with norm.statistics("batch", False, precise=True):
+        out = layer(x)
+    assert layouts[-1] == "nchw" and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, fused(x, None, None, training=True))
+
+
+def test_precise_batch_norm_on_channels_last_is_float32_precise() -> None:
+    """58,800 values a channel (a Conv-4's first layer on 75 Omniglot images), channels-last: within float32
+    rounding of float64 (PyTorch 2.13's channels-last CPU kernel is 20 times further off on this input)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([0.3, -0.7, 1.3, 2.9], dtype=torch.float64)[:, None, None]
+    x = means + 0.2 * torch.randn(75, 4, 28, 28, generator=g, dtype=torch.float64)
+    ref = F.batch_norm(x, None, None, training=True)
+    layer = BatchNorm2d(4, affine=False, track_running_stats=False)
+    with norm.statistics("batch", False, precise=True):
+        out = layer(x.float().contiguous(memory_format=torch.channels_last))
+    assert (out.double() - ref).norm() <= 1e-6 * ref.norm()
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_precise_loop_and_vmap_are_float32_close_to_float64(first_order: bool) -> None:
+    """Conv-4's meta-gradient in float32, loop and vmap, against float64 (second order and first order)."""
+    batch = _episodes()
+    ref = {k: v.double() for k, v in _learner(False, first_order).double().meta_gradient(batch.to("cpu", torch.float64))[0].items()}
+    keys = [k for k in ref if not (k.startswith("convs.") and k.endswith(".bias"))]  # exactly 0 (batch norm)
+    flat_ref = torch.cat([ref[k].flatten() for k in keys])
+    for vectorize in (False, True):
+        got = _learner(vectorize, first_order).meta_gradient(batch)[0]
+        flat = torch.cat([got[k].double().flatten() for k in keys])
+        assert (flat - flat_ref).norm() <= 1e-4 * flat_ref.norm()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_learner_calls_run_without_tf32_on_cuda_unless_asked() -> None:
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Probe(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 1, 16, 16))
+    learner = MAML(model, inner_lr=0.1, inner_steps=1, loss="cross_entropy").cuda()
+    batch = _episodes().to("cuda")
+    before = torch.backends.cudnn.allow_tf32
+    learner.meta_gradient(batch)
+    learner.adapt(batch.support_x[0], batch.support_y[0])
+    assert seen and not any(seen)
+    seen.clear()
+    learner.tf32 = True
+    learner.meta_gradient(batch)
+    assert seen and all(seen)
+    assert torch.backends.cudnn.allow_tf32 == before
