@@ -3,7 +3,8 @@ same meta-gradient in float64 on the CPU.
 
 Run from the repository root::
 
-    python benchmarks/precision.py                                  # CPU: float32 and bfloat16 autocast
+    python benchmarks/precision.py                                  # CPU: float32 (also with imprecise
+                                                                    # norms) and bfloat16 autocast
     python benchmarks/precision.py --device cuda --json out.json    # also TF32 and float16 autocast
 
 Protocol: Omniglot 5-way 1-shot episodes (15 queries per class) from ``--data`` when it is there,
@@ -20,10 +21,8 @@ about 1e-6 of float64; a mode whose ``rel_error`` is above 1e-2 changes the meta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +52,13 @@ def omniglot_batch(
     return TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:]), "standard-normal images"
 
 
-@contextlib.contextmanager
-def tf32(on: bool) -> Iterator[None]:
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def meta_gradient(make: Any, batch: TaskBatch, device: torch.device, dtype: torch.dtype, mode: str) -> dict:
     learner = make().to(device, dtype)
+    learner.precise_norms = mode != "float32-imprecise-norms"
+    learner.tf32 = mode == "tf32"  # the learner's own switch (metagrad.numerics): off, its calls run in float32
     if mode in ("bfloat16", "float16"):
         learner.autocast = getattr(torch, mode)
-    with tf32(mode == "tf32"):
-        grads = learner.meta_gradient(batch.to(device, dtype))[0]
+    grads = learner.meta_gradient(batch.to(device, dtype))[0]
     return {k: v.detach().to("cpu", torch.float64) for k, v in grads.items()}
 
 
@@ -95,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                    "../shared/data/omniglot); standard-normal images where it is missing")  # fmt: skip
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    modes = ["float32", "bfloat16"] + (["tf32", "float16"] if device.type == "cuda" else [])
+    # float32-imprecise-norms: learner.precise_norms = False (PyTorch's channels-last CPU batch norm: see
+    # metagrad.models.norm._precise); on a GPU the TF32 that PyTorch's cuDNN convolutions use by default.
+    modes = ["float32", "bfloat16"] + (["tf32", "float16"] if device.type == "cuda" else ["float32-imprecise-norms"])
     images, source = omniglot_batch(args.meta_batch, 5, 1, 15, args.data)
     waves = Sinusoid().sample(25, 10, 10, torch.Generator().manual_seed(0))
 
