@@ -49,7 +49,7 @@ def _episodes(tasks: int = 2, size: int = 16) -> TaskBatch:
 
 def _learner(vectorize: bool, first_order: bool = False) -> MAML:
     torch.manual_seed(0)
-    model = Conv4(ways=2, hidden=6, image_size=16)
+    model = Conv4(ways=2, hidden=8, image_size=16)  # 8 filters: oneDNN convolutions after the first
     return MAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy", vectorize=vectorize, first_order=first_order)
 
 
