@@ -5,12 +5,12 @@
 #
 #     echo /.omniglot/ >> .git/info/exclude && cp -r ../shared/data/omniglot .omniglot
 #
-# then the device tool's run with carry [".omniglot"] and a timeout_s of 560 (one run and a machine start fit the session's
-# 15 minutes):
+# then the device tool's run with carry [".omniglot"] and a timeout_s of 560 (one run and a machine start fit
+# the session's 15 minutes):
 #
 #     OMNIGLOT=.omniglot bash benchmarks/device_check.sh "$OUT"
 #
-# Each part has its own limit (505 s in all), most important first; every log and JSON goes into one archive,
+# Each part has its own limit (510 s in all), most important first; every log and JSON goes into one archive,
 # $OUT/device_check.tgz (the device tool returns at most 8 files), also when a part runs out of time.
 #   1. tests/test_cuda.py, tests/test_compile_modes.py, tests/test_numerics.py: CUDA equals the CPU in float64,
 #      CUDA graphs' outputs, TF32 off within the learner's calls.
@@ -46,11 +46,13 @@ part() {  # part NAME LIMIT_S COMMAND...
 # Verbose, with a traceback of any test still running after 60 s: the last session's quiet run timed out unnamed.
 part cuda_tests 120 "$PY" -m pytest -v -o faulthandler_timeout=60 tests/test_cuda.py tests/test_compile_modes.py \
     tests/test_numerics.py
-# perf_hints: what makes Inductor skip CUDA graphs (last session: 817 it/s with them, 2,678 for the meta-step).
+# perf_hints: what makes Inductor skip CUDA graphs (last session: 817 it/s with them, 2,678 for the meta-step
+# alone).
 part iteration 70 env TORCH_LOGS=perf_hints "$PY" benchmarks/iteration.py --no-peer --device cuda \
     --compile-mode reduce-overhead --steps 1 --seconds 3 --json "$WORK/iteration_cuda.json"
 part throughput 45 env TORCH_LOGS=perf_hints "$PY" benchmarks/throughput.py --device cuda --algorithms maml \
-    --steps 1 --paths compiled --threads all --compile-mode reduce-overhead --seconds 2 --json "$WORK/throughput_cuda.json"
+    --steps 1 --paths compiled --threads all --compile-mode reduce-overhead --seconds 2 \
+    --json "$WORK/throughput_cuda.json"
 LAKE="$PY -m metagrad train --config configs/omniglot/maml_20way.toml --device cuda --no-progress --out $WORK/lake20
     task.data=$OMNIGLOT train.log_every=25 train.val_every=100000 train.checkpoint_every=250 train.keep_last=100"
 t0=$SECONDS

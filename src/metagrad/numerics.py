@@ -1,10 +1,13 @@
-"""Which float32 arithmetic the learner's GPU kernels may use.
+"""Which float32 arithmetic the learner's GPU convolutions may use.
 
 PyTorch lets cuDNN convolutions run in TF32 by default (``torch.backends.cudnn.allow_tf32``, 10-bit mantissas),
 which moves a Conv-4's second-order meta-gradient 200 times further from float64's than float32 does (5.2e-2
 against 2.5e-4 relative on an H100, ``benchmarks/precision.py``). A :class:`metagrad.MetaLearner` therefore runs
-its meta-steps, adaptation and evaluation in full float32 unless its ``tf32`` attribute (``train.tf32``) asks for
-TF32; everything else in the process keeps PyTorch's settings.
+its meta-steps, adaptation and evaluation with cuDNN's convolutions in full float32 unless its ``tf32``
+attribute (``train.tf32``) allows TF32. Matrix products follow PyTorch's own setting, whose default is full
+float32: a process that asked for TF32 matrix products (``torch.set_float32_matmul_precision("high")``) keeps
+them. Everything outside the learner's calls keeps PyTorch's settings. Set it before the first compiled call: a
+compiled step keeps the kernels it was compiled with.
 """
 
 from __future__ import annotations
@@ -19,12 +22,29 @@ __all__ = ["tf32"]
 
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """Within the block, cuDNN convolutions and CUDA matrix products may use TF32 if ``enabled``, and do not
-    otherwise; the previous settings are restored on leaving, also after an exception."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (cudnn.allow_tf32, matmul.allow_tf32)
-    cudnn.allow_tf32 = matmul.allow_tf32 = bool(enabled)
+    """Within the block, cuDNN convolutions may use TF32 if ``enabled``, and do not otherwise; the previous
+    settings are restored on leaving, also after an exception.
+
+    PyTorch 2.13 has two ways to say this, and code that reads one after the other was set can raise. The legacy
+    flag (``cudnn.allow_tf32``) is what PyTorch and most code still read, so the block sets it, unless the
+    process chose the newer API (``torch.backends.fp32_precision``), whose per-backend ``"none"`` would make the
+    legacy flag inherit that choice: then it sets cuDNN's explicit ``fp32_precision`` values instead."""
+    cudnn = torch.backends.cudnn
+    if torch.backends.fp32_precision == "none":
+        saved_flag = cudnn.allow_tf32
+        if saved_flag == enabled:
+            yield
+            return
+        cudnn.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = saved_flag
+        return
+    want = "tf32" if enabled else "ieee"
+    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = want
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved

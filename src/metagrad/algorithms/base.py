@@ -149,6 +149,7 @@ class MetaLearner(nn.Module):
         self.autocast: torch.dtype | None = None
         # Float32-precise batch statistics on the CPU for channels-last activations (metagrad.models.norm._precise:
         # PyTorch's channels-last kernel moves a Conv-4 meta-gradient by 1e-2); False saves the layout changes.
+        # Only PyTorch's fused batch norm needs it: per-step batch norm computes its statistics itself.
         self.precise_norms = True
         # Whether a GPU's convolutions and matrix products may use TF32 within the learner's calls (PyTorch lets
         # cuDNN do so by default; measured 200 times further from float64 than float32: metagrad.numerics).

@@ -55,7 +55,7 @@ class _Mode:
 
     statistics: str | None = None  # "batch" or "running" for every batch norm that has running statistics
     track: bool | None = None  # whether a batch-statistics pass folds into the running statistics
-    precise: bool = False  # whether a CPU batch norm on channels-last float32 input runs PyTorch's NCHW kernel
+    precise: bool = False  # whether a CPU batch norm on channels-last input runs PyTorch's NCHW kernel
 
 
 _MODE = _Mode()
@@ -85,8 +85,9 @@ def _native() -> bool:
     return not under_vmap()
 
 
-def _precise(x: Tensor) -> Tensor:
-    """``x`` in the memory format whose CPU kernel computes precise float32 statistics, when asked for.
+def _precise(x: Tensor) -> tuple[Tensor, torch.memory_format | None]:
+    """``x`` in the memory format whose CPU kernel computes precise float32 statistics, when asked for, and the
+    channels-last format to give the output back in (None: unchanged).
 
     PyTorch 2.13's CPU batch norm on a channels-last float32 input (Conv-4's activations, for its pooling's
     sake) accumulates imprecisely: over the first layer on 75 Omniglot images (58,800 values a channel) its mean
@@ -94,15 +95,11 @@ def _precise(x: Tensor) -> Tensor:
     2e-7 on the same tensor; a second-order MAML meta-gradient is 1.25e-2 off float64's with it and 1.05e-4
     with NCHW input (``benchmarks/precision.py``). The learner asks for precision (``MetaLearner.precise_norms``,
     default on); plain PyTorch use of these layers does not."""
-    if (
-        _MODE.precise
-        and x.device.type == "cpu"
-        and x.dim() > 2
-        and x.dtype is not torch.float64
-        and not x.is_contiguous()
-    ):
-        return x.contiguous()
-    return x
+    if _MODE.precise and x.device.type == "cpu" and not x.is_contiguous():
+        for layout, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if x.dim() == dims and x.is_contiguous(memory_format=layout):
+                return x.contiguous(), layout
+    return x, None
 
 
 def _full_precision(x: Tensor) -> Tensor:
@@ -134,11 +131,9 @@ class _ExactBatchNorm:
         else:
             fold = track and has_running and self.track_running_stats
             if native and not fold:
-                y = _precise(x)
+                y, layout = _precise(x)
                 out = F.batch_norm(y, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                if y is x or not x.is_contiguous(memory_format=torch.channels_last):
-                    return out
-                return out.contiguous(memory_format=torch.channels_last)  # what the next layers expect
+                return out if layout is None else out.contiguous(memory_format=layout)  # as the next layers expect
             dims = (0, *range(2, x.dim()))
             mean, var = x.mean(dims), x.var(dims, correction=0)
             if fold:
