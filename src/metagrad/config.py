@@ -77,8 +77,8 @@ class TrainConfig(_Checked):
     vectorize: bool | int | str = "auto"
     device: str = "auto"
     dtype: str = "float32"
-    # Whether the GPU's convolutions and matrix products may use TF32 (PyTorch's default for cuDNN): faster, but
-    # a Conv-4 meta-gradient moves 200 times further from float64's than in float32 (docs/results.md)
+    # Whether the GPU's cuDNN convolutions may use TF32 (PyTorch's default): faster, but a Conv-4 meta-gradient
+    # moves 200 times further from float64's than in float32 (docs/results.md); matrix products follow PyTorch
     tf32: bool = False
     # Float32-precise batch statistics on the CPU (PyTorch's channels-last kernel, which Conv-4 would use, moves
     # its meta-gradient by 1e-2); false: Conv-4's CPU step takes about a third less time, less precise. Per-step

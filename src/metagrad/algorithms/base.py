@@ -151,8 +151,8 @@ class MetaLearner(nn.Module):
         # PyTorch's channels-last kernel moves a Conv-4 meta-gradient by 1e-2); False saves the layout changes.
         # Only PyTorch's fused batch norm needs it: per-step batch norm computes its statistics itself.
         self.precise_norms = True
-        # Whether a GPU's convolutions and matrix products may use TF32 within the learner's calls (PyTorch lets
-        # cuDNN do so by default; measured 200 times further from float64 than float32: metagrad.numerics).
+        # Whether a GPU's cuDNN convolutions may use TF32 within the learner's calls (PyTorch lets them by
+        # default; measured 200 times further from float64 than float32: metagrad.numerics).
         self.tf32 = False
         self._select = self._selector(adapt_only)
         if not self.fast:
