@@ -359,6 +359,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert result["task"] == "sinusoid"
     assert isinstance(result["scoring"], str) and result["scoring"] == "dense"
     assert type(result["tasks"]) is int and result["tasks"] == 20
+    assert result["checkpoint"] == "latest" and result["iteration"] == 20  # which weights were scored
     assert isinstance(result["results"], list) and len(result["results"]) == 2
     for entry, shots in zip(result["results"], (5, 10), strict=True):
         assert {"shots", "steps", "mse", "ci95"} <= entry.keys()

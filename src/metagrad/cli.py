@@ -227,8 +227,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg, learner, meta = load_learner(args.run, args.checkpoint, device)
     set_bn_statistics(learner, args.bn_statistics or cfg.eval.bn_statistics)
+    scored = {"checkpoint": args.checkpoint, "iteration": meta.get("iteration")}  # which weights were scored
     if args.benchmark == "omniglot-runs":
-        return _eval_lake(args, cfg, learner, device)
+        return _eval_lake(args, cfg, learner, device, scored)
     ev = cfg.eval
     shots = args.shots or ev.shots
     result = evaluate(
@@ -239,9 +240,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"(checkpoint at iteration {meta.get('iteration')}; mean ± 95% CI = 1.96·σ/√n over tasks)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.json, json.dumps(result, indent=1))
+        write_atomic(args.json, json.dumps({**result, **scored}, indent=1))
     target = Path(args.run) / "eval.json"  # `metagrad plot` redraws from it, with the same checkpoint
-    write_atomic(target, json.dumps({**result, "checkpoint": args.checkpoint}, indent=1))
+    write_atomic(target, json.dumps({**result, **scored}, indent=1))
     if args.plot:
         from metagrad.plots import plot_eval
 
@@ -251,7 +252,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_lake(args: argparse.Namespace, cfg, learner, device) -> int:
+def _eval_lake(args: argparse.Namespace, cfg, learner, device, scored: dict) -> int:
     from metagrad.build import DTYPES
     from metagrad.checkpoint import write_atomic
     from metagrad.errors import ConfigError
@@ -269,9 +270,10 @@ def _eval_lake(args: argparse.Namespace, cfg, learner, device) -> int:
         raise ConfigError(f"could not read Lake's runs from {str(root)!r}: {e}") from None
     result = evaluate_lake_runs(learner, runs, args.steps or cfg.eval.steps, device, DTYPES[cfg.train.dtype])
     print(format_lake_table(result))
+    print(f"(checkpoint at iteration {scored['iteration']})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.json, json.dumps(result, indent=1))
+        write_atomic(args.json, json.dumps({**result, **scored}, indent=1))
     return 0
 
 
