@@ -15,7 +15,8 @@
 #   1. tests/test_cuda.py, tests/test_compile_modes.py, tests/test_numerics.py: CUDA equals the CPU in float64,
 #      CUDA graphs' outputs, TF32 off within the learner's calls.
 #   2. the sinusoid whole training iteration (Trainer.step) with CUDA graphs (target >= 10,000 it/s, one H100),
-#      and the meta-step alone, with Inductor's hints on why it would skip the graphs.
+#      and the meta-step alone, with Inductor's hints on why it would skip the graphs and a profile of 50 steps
+#      (kernel launches, graph replays and host synchronisations per step).
 #   3. the MAML paper's 20-way Omniglot protocol (Conv-4, 64 filters, 5 steps, meta-batch 16) compiled with CUDA
 #      graphs for as long as its limit allows (eagerly, if compiling fails): iterations per second, the projected
 #      time of 60,000 iterations (target <= 15 minutes), and the last checkpoint's error on Lake's 20 runs.
@@ -49,7 +50,8 @@ part cuda_tests 120 "$PY" -m pytest -v -o faulthandler_timeout=60 tests/test_cud
 # perf_hints: what makes Inductor skip CUDA graphs (last session: 817 it/s with them, 2,678 for the meta-step
 # alone).
 part iteration 70 env TORCH_LOGS=perf_hints "$PY" benchmarks/iteration.py --no-peer --device cuda \
-    --compile-mode reduce-overhead --steps 1 --seconds 3 --json "$WORK/iteration_cuda.json"
+    --compile-mode reduce-overhead --steps 1 --seconds 3 --json "$WORK/iteration_cuda.json" --profile 50 \
+    --profile-out "$WORK/iteration_profile_{steps}.txt"
 part throughput 45 env TORCH_LOGS=perf_hints "$PY" benchmarks/throughput.py --device cuda --algorithms maml \
     --steps 1 --paths compiled --threads all --compile-mode reduce-overhead --seconds 2 \
     --json "$WORK/throughput_cuda.json"

@@ -5,6 +5,7 @@ Run from the repository root (JAX's virtual environment from ``bash ../shared/pe
     python benchmarks/iteration.py                       # MAML, 1 and 5 inner steps, 1 thread
     python benchmarks/iteration.py --steps 1 --seconds 3 --no-peer
     python benchmarks/iteration.py --no-peer --device cuda --compile-mode reduce-overhead   # CUDA graphs on a GPU
+    python benchmarks/iteration.py --no-peer --steps 1 --profile 50 --profile-out prof.txt  # where the time goes
 
 Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
 K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
@@ -34,7 +35,31 @@ PEERS = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers"))
 JAX_PYTHON = Path(os.environ.get("PEERS_VENVS", "/tmp")) / "peers-venv-jax" / "bin" / "python"
 
 
-def worker(steps: int, seconds: float, device: str = "cpu", mode: str = "default") -> dict[str, Any]:
+def profile_steps(trainer: Any, steps: int, out: Path) -> None:
+    """``torch.profiler`` over ``steps`` calls of ``trainer.step()``, written to ``out``: the busiest operators,
+    and per step the kernel launches, CUDA-graph replays and host synchronisations (what decides whether a GPU
+    step is launch-bound and whether its CUDA graphs are replayed at all)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.step()
+    events = prof.key_averages()
+    calls = {e.key: e.count for e in events}
+    counted = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaStreamSynchronize",
+               "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense", "aten::item")  # fmt: skip
+    lines = [f"{steps} Trainer.step calls; per step:"]
+    lines += [f"  {name:<28} {calls.get(name, 0) / steps:8.1f}" for name in counted]
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    out.write_text("\n".join(lines) + "\n")
+
+
+def worker(
+    steps: int, seconds: float, device: str = "cpu", mode: str = "default", profile: int = 0,
+    profile_out: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     import torch
 
     from metagrad import Trainer
@@ -61,6 +86,8 @@ def worker(steps: int, seconds: float, device: str = "cpu", mode: str = "default
                 trainer.step()
                 n += 1
             blocks.append(n / (time.perf_counter() - t0))
+        if profile and profile_out is not None:
+            profile_steps(trainer, profile, profile_out)
         trainer.close()
     return {"it_per_s": statistics.median(blocks), "first_s": first}
 
@@ -83,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where Trainer.step runs (JAX: CPU)")
     ap.add_argument("--compile-mode", default="default",
                     choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))  # fmt: skip
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N steps of each row into --profile-out ({steps}: the row's steps)")
+    ap.add_argument("--profile-out", default="iteration_profile_{steps}.txt")
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.seconds, args.device, args.compile_mode)))
+        out = Path(args.profile_out.format(steps=args.worker))
+        print(json.dumps(worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out)))
         return 0
     peer = not args.no_peer
     if peer and not (args.jax_python.exists() and (PEERS / "bench_jax.py").exists()):
@@ -111,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as cache:  # a cold Inductor compile, as a first run meets it
             env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
             cmd = [*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds),
-                   "--device", args.device, "--compile-mode", args.compile_mode]  # fmt: skip
+                   "--device", args.device, "--compile-mode", args.compile_mode, "--profile", str(args.profile),
+                   "--profile-out", str(Path(args.profile_out).resolve())]  # fmt: skip
             got = _json_line(cmd, env)
         if got is not None:
             impl = "metagrad Trainer.step" + ("" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})")
