@@ -30,8 +30,13 @@ def tf32(enabled: bool) -> Iterator[None]:
     process chose the newer API (``torch.backends.fp32_precision``), whose per-backend ``"none"`` would make the
     legacy flag inherit that choice: then it sets cuDNN's explicit ``fp32_precision`` values instead."""
     cudnn = torch.backends.cudnn
-    if torch.backends.fp32_precision == "none":
-        saved_flag = cudnn.allow_tf32
+    saved_flag = None
+    if getattr(torch.backends, "fp32_precision", "none") == "none":  # PyTorch before 2.9 has only the flag
+        try:
+            saved_flag = cudnn.allow_tf32
+        except RuntimeError:  # a mix of the two APIs that PyTorch refuses to read back
+            saved_flag = None
+    if saved_flag is not None:
         if saved_flag == enabled:
             yield
             return
