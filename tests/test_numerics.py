@@ -1,5 +1,5 @@
-"""The learner's float32 arithmetic: TF32 off on the GPU unless asked for, and float32-precise batch norms on
-request (PyTorch's fused CPU kernel computes less precise float32 statistics)."""
+"""The learner's float32 arithmetic: cuDNN's TF32 off on the GPU unless asked for, and float32-precise batch
+norms by default (PyTorch's channels-last CPU kernel computes less precise float32 statistics)."""
 
 from __future__ import annotations
 
