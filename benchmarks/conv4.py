@@ -21,7 +21,8 @@ in turn: ``vs l2l`` is the median of metagrad's it/s over the peer's in the same
 Paths (``vectorize`` of :class:`metagrad.MetaLearner`): ``auto`` (the default: for a convolutional network the
 tasks one after another), ``loop`` (``vectorize=False``), ``vmap`` (all 32 tasks in one ``vmap``), ``chunk:K``
 (``vmap`` over K tasks at a time), ``compiled`` (``auto`` plus ``learner.compile()``; its first call, the
-compilation, is ``first_s``), ``imprecise-norms`` (``auto`` with ``learner.precise_norms = False``: PyTorch's
+compilation, is ``first_s``), ``vmap-compiled`` (``vmap`` plus ``learner.compile()``: what a GPU runs),
+``imprecise-norms`` (``auto`` with ``learner.precise_norms = False``: PyTorch's
 channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._precise).
 
 The floor: ``torch.utils.flop_counter`` counts the floating-point operations of one meta-iteration's
@@ -72,16 +73,18 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.algorithms.maml import MAML
     from metagrad.models.conv4 import Conv4
 
-    paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto"}
+    paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
+             "vmap-compiled": True}
     vectorize: bool | int | str = paths.get(path, "")
     if path.startswith("chunk:"):
         vectorize = int(path.split(":", 1)[1])
     if vectorize == "":
-        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled or imprecise-norms")
+        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled, vmap-compiled or "
+                         "imprecise-norms")
     torch.manual_seed(0)
     learner = MAML(Conv4(1, ways, HIDDEN, IMAGE), inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy",
                    vectorize=vectorize)  # fmt: skip
-    if path == "compiled":
+    if path in ("compiled", "vmap-compiled"):
         learner.compile()
     # PyTorch's channels-last CPU batch norm as it is: faster, float32 statistics less precise
     learner.precise_norms = path != "imprecise-norms"
