@@ -49,6 +49,9 @@ try:
 except KeyError:
     pass
 assert state() == before and torch.backends.cuda.matmul.fp32_precision == matmul
+if setting == "new-api":  # convolutions still inherit the process's choice after the blocks
+    torch.backends.fp32_precision = "ieee"
+    assert cudnn.conv.fp32_precision == "ieee", cudnn.conv.fp32_precision
 print("ok")
 """
 
@@ -120,14 +123,18 @@ def test_precise_batch_norm_on_channels_last_is_float32_precise_and_pytorchs_ker
     x = means + 0.2 * torch.randn(75, 4, 28, 28, generator=g, dtype=torch.float64)
     ref = F.batch_norm(x, None, None, training=True)
     layer = BatchNorm2d(4, affine=False, track_running_stats=False)
-    errors = {}
-    for precise in (True, False):
-        with norm.statistics("batch", False, precise=precise):
-            out = layer(x.float().contiguous(memory_format=torch.channels_last))
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        errors[precise] = float((out.double() - ref).norm() / ref.norm())
+    errors, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel's error shrinks with more threads (5x at 16): measure it on one
+    try:
+        for precise in (True, False):
+            with norm.statistics("batch", False, precise=precise):
+                out = layer(x.float().contiguous(memory_format=torch.channels_last))
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            errors[precise] = float((out.double() - ref).norm() / ref.norm())
+    finally:
+        torch.set_num_threads(threads)
     assert errors[True] <= 1e-6
-    # 22-130 times further off on PyTorch 2.13 (5.1e-6 at 2 threads, 3.0e-5 at 1, against 2.3e-7)
+    # 130 times further off on PyTorch 2.13 at one thread (3.0e-5 against 2.3e-7)
     assert errors[False] > 5 * errors[True], f"PyTorch's channels-last CPU batch norm is precise now: {errors}"
 
 

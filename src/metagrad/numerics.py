@@ -28,7 +28,7 @@ def tf32(enabled: bool) -> Iterator[None]:
     PyTorch 2.13 has two ways to say this, and code that reads one after the other was set can raise. The legacy
     flag (``cudnn.allow_tf32``) is what PyTorch and most code still read, so the block sets it, unless the
     process chose the newer API (``torch.backends.fp32_precision``), whose per-backend ``"none"`` would make the
-    legacy flag inherit that choice: then it sets cuDNN's explicit ``fp32_precision`` values instead."""
+    legacy flag inherit that choice: then it sets the convolutions' explicit ``fp32_precision`` instead."""
     cudnn = torch.backends.cudnn
     saved_flag = None
     if getattr(torch.backends, "fp32_precision", "none") == "none":  # PyTorch before 2.9 has only the flag
@@ -46,10 +46,15 @@ def tf32(enabled: bool) -> Iterator[None]:
         finally:
             cudnn.allow_tf32 = saved_flag
         return
-    want = "tf32" if enabled else "ieee"
-    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
-    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = want
+    want, saved = ("tf32" if enabled else "ieee"), cudnn.conv.fp32_precision
+    if saved == want:
+        yield
+        return
+    # The getter reports an inherited value as its own: one equal to cuDNN's own setting goes back to inheriting
+    # ("none"), so that a later change of the process's choice still reaches convolutions.
+    restore = "none" if saved == cudnn.fp32_precision else saved
+    cudnn.conv.fp32_precision = want
     try:
         yield
     finally:
-        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+        cudnn.conv.fp32_precision = restore
