@@ -112,6 +112,13 @@ def test_precise_norms_give_the_cpu_kernel_nchw_inputs_and_keep_the_layout(monke
         out = layer(x)
     assert layouts[-1] == "nchw" and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, fused(x, None, None, training=True))
+    # A user's 3-D network in channels_last_3d: the same, back in its own layout.
+    layer3d = norm.BatchNorm3d(3, affine=False, track_running_stats=False)
+    x3d = torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    with norm.statistics("batch", False, precise=True):
+        out3d = layer3d(x3d)
+    assert layouts[-1] == "nchw" and out3d.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out3d, fused(x3d, None, None, training=True))
 
 
 def test_precise_batch_norm_on_channels_last_is_float32_precise_and_pytorchs_kernel_is_not() -> None:
