@@ -23,7 +23,7 @@ tasks one after another), ``loop`` (``vectorize=False``), ``vmap`` (all 32 tasks
 (``vmap`` over K tasks at a time), ``compiled`` (``auto`` plus ``learner.compile()``; its first call, the
 compilation, is ``first_s``), ``vmap-compiled`` (``vmap`` plus ``learner.compile()``: what a GPU runs),
 ``imprecise-norms`` (``auto`` with ``learner.precise_norms = False``: PyTorch's
-channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._precise).
+channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._PreciseBatchNorm).
 
 The floor: ``torch.utils.flop_counter`` counts the floating-point operations of one meta-iteration's
 convolutions and matrix products (the exact second-order computation; element-wise work is left out, so the

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     # float32-imprecise-norms: learner.precise_norms = False (PyTorch's channels-last CPU batch norm: see
-    # metagrad.models.norm._precise); on a GPU the TF32 that PyTorch's cuDNN convolutions use by default.
+    # metagrad.models.norm._PreciseBatchNorm); on a GPU the TF32 that PyTorch's cuDNN convolutions use by default.
     modes = ["float32", "bfloat16"] + (["tf32", "float16"] if device.type == "cuda" else ["float32-imprecise-norms"])
     images, source = omniglot_batch(args.meta_batch, 5, 1, 15, args.data)
     waves = Sinusoid().sample(25, 10, 10, torch.Generator().manual_seed(0))

@@ -89,42 +89,72 @@ def _learner(vectorize: bool, first_order: bool = False) -> MAML:
     return MAML(model, inner_lr=0.4, inner_steps=1, loss="cross_entropy", vectorize=vectorize, first_order=first_order)
 
 
-def test_precise_norms_give_the_cpu_kernel_nchw_inputs_and_keep_the_layout(monkeypatch) -> None:
-    layouts = []
-    fused = F.batch_norm
+def test_precise_norms_take_the_precise_function_on_channels_last_and_keep_the_layout(monkeypatch) -> None:
+    calls = {"precise": 0, "fused": []}
+    fused, precise = F.batch_norm, norm._PreciseBatchNorm.apply
 
-    def recording(x, *args, **kwargs):
-        layouts.append("nchw" if x.is_contiguous() else "channels_last")
+    def recording_fused(x, *args, **kwargs):
+        calls["fused"].append("nchw" if x.is_contiguous() else "channels_last")
         return fused(x, *args, **kwargs)
 
-    monkeypatch.setattr(norm.F, "batch_norm", recording)
+    def recording_precise(*args):
+        calls["precise"] += 1
+        return precise(*args)
+
+    monkeypatch.setattr(norm.F, "batch_norm", recording_fused)
+    monkeypatch.setattr(norm._PreciseBatchNorm, "apply", recording_precise)
     learner, batch = _learner(False), _episodes()
     learner.meta_gradient(batch)
-    assert layouts and set(layouts) == {"nchw"}
-    layouts.clear()
+    # Conv-4's activations are channels-last (for its pooling): every batch norm took the precise function,
+    # whose normalisation is PyTorch's eval-mode kernel on the same layout, with no copy.
+    assert calls["precise"] > 0 and set(calls["fused"]) == {"channels_last"}
+    calls["precise"], calls["fused"] = 0, []
     learner.precise_norms = False
     learner.meta_gradient(batch)
-    assert layouts and set(layouts) == {"channels_last"}  # Conv-4's own layout, for its pooling
+    assert calls["precise"] == 0 and set(calls["fused"]) == {"channels_last"}  # PyTorch's own kernel
     assert norm._MODE.precise is False, "the choice must not leak out of the learner's calls"
-    layer = BatchNorm2d(3, affine=False, track_running_stats=False)
-    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    for layer, layout, shape in (
+        (BatchNorm2d(3), torch.channels_last, (2, 3, 4, 4)),
+        (norm.BatchNorm3d(3, affine=False, track_running_stats=False), torch.channels_last_3d, (2, 3, 4, 4, 4)),
+    ):
+        x = torch.randn(*shape).contiguous(memory_format=layout)
+        calls["precise"] = 0
+        with norm.statistics("batch", False, precise=True):
+            out = layer(x)
+        assert calls["precise"] == 1 and out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out, fused(x, None, None, layer.weight, layer.bias, training=True))
+    calls["precise"] = 0
     with norm.statistics("batch", False, precise=True):
-        out = layer(x)
-    assert layouts[-1] == "nchw" and out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, fused(x, None, None, training=True))
-    # A user's 3-D network in channels_last_3d: the same, back in its own layout.
-    layer3d = norm.BatchNorm3d(3, affine=False, track_running_stats=False)
-    x3d = torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
-    with norm.statistics("batch", False, precise=True):
-        out3d = layer3d(x3d)
-    assert layouts[-1] == "nchw" and out3d.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(out3d, fused(x3d, None, None, training=True))
+        BatchNorm2d(3)(torch.randn(2, 3, 4, 4))  # NCHW: PyTorch's kernel is precise there
+    assert calls["precise"] == 0
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dims", [4, 5])
+def test_precise_batch_norm_function_is_exact_first_and_second_order(affine: bool, dims: int) -> None:
+    """float64 central differences (gradcheck, gradgradcheck) of the precise function's value, gradient and the
+    gradient's derivative, on channels-last input: its backward is PyTorch's, given the precise statistics."""
+    g = torch.Generator().manual_seed(0)
+    layout = torch.channels_last if dims == 4 else torch.channels_last_3d
+    shape = (3, 2, 3, 4) if dims == 4 else (3, 2, 2, 3, 2)
+    x = (1.5 + torch.randn(*shape, generator=g, dtype=torch.float64)).contiguous(memory_format=layout)
+    x.requires_grad_(True)
+    w = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).requires_grad_(affine)
+    b = torch.randn(2, generator=g, dtype=torch.float64).requires_grad_(affine)
+    inputs = (x, w, b) if affine else (x,)
+
+    def bn(x, w=None, b=None):
+        return norm._PreciseBatchNorm.apply(x, w, b, 1e-5)[0]
+
+    torch.testing.assert_close(bn(*inputs), F.batch_norm(*(x, None, None, *inputs[1:]), training=True))
+    assert torch.autograd.gradcheck(bn, inputs)
+    assert torch.autograd.gradgradcheck(bn, inputs)
 
 
 def test_precise_batch_norm_on_channels_last_is_float32_precise_and_pytorchs_kernel_is_not() -> None:
     """58,800 values a channel (a Conv-4's first layer on 75 Omniglot images), channels-last: within float32
     rounding of float64 when precise. The second half is a canary: the day PyTorch's channels-last CPU kernel
-    accumulates precisely it fails, and ``precise_norms`` can go (its copies cost a third of Conv-4's step)."""
+    accumulates precisely it fails, and ``precise_norms`` can go."""
     g = torch.Generator().manual_seed(0)
     means = torch.tensor([0.3, -0.7, 1.3, 2.9], dtype=torch.float64)[:, None, None]
     x = means + 0.2 * torch.randn(75, 4, 28, 28, generator=g, dtype=torch.float64)

@@ -81,7 +81,7 @@ class TrainConfig(_Checked):
     # moves 200 times further from float64's than in float32 (docs/results.md); matrix products follow PyTorch
     tf32: bool = False
     # Float32-precise batch statistics on the CPU (PyTorch's channels-last kernel, which Conv-4 would use, moves
-    # its meta-gradient by 1e-2); false: Conv-4's CPU step takes about a third less time, less precise. Per-step
+    # its meta-gradient by 1e-2); false: PyTorch's kernel, Conv-4's CPU step a little faster, less precise. Per-step
     # batch norm (model.bn = "per_step") computes its own statistics and is precise either way.
     precise_norms: bool = True
     threads: int = 0
