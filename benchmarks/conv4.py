@@ -5,6 +5,7 @@ Run from the repository root (learn2learn's virtual environment from ``bash ../s
     python benchmarks/conv4.py                                  # 5-way 1-shot, 1 and 5 steps, 1 and 2 threads
     python benchmarks/conv4.py --steps 1 --threads 1 --iters 3  # one setting, quicker
     python benchmarks/conv4.py --ways 20 --paths auto --no-peer # 20-way (the peer's script is 5-way only)
+    python benchmarks/conv4.py --ways 5 20                      # both (learn2learn beside the 5-way rows)
     python benchmarks/conv4.py --paths auto vmap chunk:8 compiled --json docs/data/conv4_cpu.json
 
 Protocol (``../shared/peers/common_conv4.py``, the peer scripts' own): Omniglot-sized 1x28x28 standard-normal
@@ -186,7 +187,7 @@ def run_peer(args: argparse.Namespace, steps: int, threads: int) -> dict[str, An
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--ways", type=int, nargs="+", default=[5], help="classes per task (learn2learn: 5 only)")
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--paths", nargs="+", default=["auto", "vmap"])
@@ -202,35 +203,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    peer = not args.no_peer and args.ways == 5
-    if peer and not (args.peer_python.exists() and (PEERS / "bench_conv4_l2l.py").exists()):
-        print(f"learn2learn not found ({args.peer_python}): run `bash ../shared/peers/setup.sh` or pass --no-peer")
-        return 2
+def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[str, Any]]:
+    """Every (steps, threads) setting of one ``ways``-way protocol, printed as it goes; its rows."""
     rows: list[dict[str, Any]] = []
-    print(f"Conv-4 {args.ways}-way {SHOTS}-shot, {QUERIES} queries/class, meta-batch {args.meta_batch}; "
+    print(f"Conv-4 {ways}-way {SHOTS}-shot, {QUERIES} queries/class, meta-batch {args.meta_batch}; "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     for steps in args.steps:
-        flops = count_flops(args.ways, steps, args.meta_batch)
+        flops = count_flops(ways, steps, args.meta_batch)
         for threads in args.threads:
             rate = peak_rate(threads)
             floor_s = flops / rate
             for rnd in range(args.rounds):
                 base = run_peer(args, steps, threads) if peer else None
                 if base is not None:
-                    rows.append({"impl": "learn2learn", "steps": steps, "threads": threads, "round": rnd, **base})
+                    rows.append({"impl": "learn2learn", "ways": ways, "steps": steps, "threads": threads,
+                                 "round": rnd, **base})  # fmt: skip
                 for path in args.paths:
-                    spec = {"path": path, "ways": args.ways, "steps": steps, "threads": threads,
+                    spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
                             "meta_batch": args.meta_batch, "warmup": args.warmup, "iters": args.iters,
                             "diagnostics": args.diagnostics}  # fmt: skip
                     got = run_metagrad(spec)
                     if got is None:
                         continue
-                    row = {"impl": f"metagrad {path}", "steps": steps, "threads": threads, "round": rnd, **got}
+                    row = {"impl": f"metagrad {path}", "ways": ways, "steps": steps, "threads": threads,
+                           "round": rnd, **got}  # fmt: skip
                     if base is not None:
                         row["vs_l2l"] = got["it_per_s"] / base["it_per_s"]
                     row["vs_floor"] = floor_s * got["it_per_s"]
@@ -247,9 +243,25 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
                     r.update(gflop=flops / 1e9, peak_gflops=rate / 1e9, floor_s=floor_s)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    peer_found = args.peer_python.exists() and (PEERS / "bench_conv4_l2l.py").exists()
+    if not args.no_peer and 5 in args.ways and not peer_found:
+        print(f"learn2learn not found ({args.peer_python}): run `bash ../shared/peers/setup.sh` or pass --no-peer")
+        return 2
+    rows: list[dict[str, Any]] = []
+    for ways in args.ways:
+        rows += run_protocol(args, ways, peer=not args.no_peer and ways == 5)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"protocol": f"conv4-{args.ways}w1s-q15-mb{args.meta_batch}", "cpu": os.cpu_count(),
+        ways = "+".join(str(w) for w in args.ways)
+        payload = {"protocol": f"conv4-{ways}w1s-q15-mb{args.meta_batch}", "cpu": os.cpu_count(),
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0

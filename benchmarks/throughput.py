@@ -6,6 +6,11 @@ Run from the repository root::
     python benchmarks/throughput.py --quick               # loop and vmap, 1 thread, 0.5 s each (< 1 min)
     python benchmarks/throughput.py --algorithms maml fomaml --steps 5 --paths vmap compiled --threads all
     python benchmarks/throughput.py --device cuda --threads all --json results/throughput_cuda.json
+    python benchmarks/throughput.py --protocol conv4 --ways 5 20 --steps 1 5   # Conv-4 on image episodes
+
+``--protocol conv4`` runs ``benchmarks/conv4.py`` with the options that follow (see its docstring): Omniglot-
+sized 5-way and/or 20-way 1-shot episodes, meta-batch 32, Conv-4-64, beside learn2learn's per-task loop in the
+same run (5-way), and the arithmetic floor. What follows is the default protocol, the MAML sinusoid's.
 
 One meta-iteration is one call of ``learner.meta_gradient(batch, iteration, generator)`` on a fixed batch of
 the MAML sinusoid protocol (meta-batch 25 tasks, K = 10 support and 10 query points, 1-40-40-1 ReLU MLP):
@@ -93,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Meta-iterations per second of meta_gradient (MAML sinusoid protocol).",
         epilog="See the module docstring (top of benchmarks/throughput.py) for what the columns mean.",
     )
+    p.add_argument("--protocol", choices=("sinusoid", "conv4"), default="sinusoid",
+                   help="conv4: Conv-4 on image episodes beside learn2learn (benchmarks/conv4.py and its options)")
     p.add_argument(
         "--algorithms",
         nargs="+",
@@ -424,7 +431,14 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    protocol = argparse.ArgumentParser(add_help=False)
+    protocol.add_argument("--protocol", choices=("sinusoid", "conv4"), default="sinusoid")
+    chosen, rest = protocol.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if chosen.protocol == "conv4":  # the image protocol, beside learn2learn: benchmarks/conv4.py, its options
+        import conv4
+
+        return conv4.main(rest)
+    args = parse_args(rest)
     args.device = resolve_device(args.device)
     info = machine_info(args.device)
     load = info["load_average_start"]
