@@ -136,6 +136,8 @@ def test_precise_norms_take_the_precise_function_on_channels_last_and_keep_the_l
     calls["precise"] = 0
     with norm.statistics("batch", False, precise=True):
         BatchNorm2d(3)(torch.randn(2, 3, 4, 4))  # NCHW: PyTorch's kernel is precise there
+        # Half precision: PyTorch's kernel, which accumulates in float32 and accepts float32 parameters.
+        BatchNorm2d(3)(torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).bfloat16())
     assert calls["precise"] == 0
 
 
@@ -159,6 +161,16 @@ def test_precise_batch_norm_function_is_exact_first_and_second_order(affine: boo
     torch.testing.assert_close(bn(*inputs), F.batch_norm(*(x, None, None, *inputs[1:]), training=True))
     assert torch.autograd.gradcheck(bn, inputs)
     assert torch.autograd.gradgradcheck(bn, inputs)
+    # An incoming gradient in another layout (NCHW) than the output's: the same first and second derivatives as
+    # PyTorch's kernel (exact to second order where no vmap is active).
+    c = torch.randn(*shape, generator=g, dtype=torch.float64)
+    derivatives = []
+    for f in (bn, lambda *t: F.batch_norm(*(t[0], None, None, *t[1:]), training=True)):
+        first = torch.autograd.grad((f(*inputs) * c).sum(), inputs, create_graph=True)
+        second = torch.autograd.grad(sum((d * d).sum() for d in first), inputs, materialize_grads=True)
+        derivatives.append(first + second)
+    for got, want in zip(*derivatives, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_precise_batch_norm_on_channels_last_is_float32_precise_and_pytorchs_kernel_is_not() -> None:

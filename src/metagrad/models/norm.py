@@ -5,8 +5,10 @@ second-order derivatives under ``vmap``: the gradient of a vmapped gradient thro
 a meta-gradient's largest entry, silently (the plain loop is right; ``F.group_norm`` and eval-mode batch norm are
 right). Second-order MAML through them is therefore wrong. Under ``vmap`` (and ``torch.compile``) the layers here
 compute the same functions from ``mean``, ``var`` and ``rsqrt``, whose derivatives ``torch.func`` batches
-correctly; everywhere else they call PyTorch's fused kernel, which is exact there and faster (on the CPU, in NCHW
-with precise float32 statistics when the learner asks for them: see ``_PreciseBatchNorm``).
+correctly; everywhere else they call PyTorch's fused kernels, which are exact there to second order, all that
+meta-learning needs, and faster (on channels-last CPU input, with precise float32 statistics when the learner asks
+for them: see ``_PreciseBatchNorm``). A third derivative through PyTorch's training-mode ``F.batch_norm`` is wrong
+even without ``vmap`` (a float64 ``gradgradcheck`` of its gradient fails; the composite form passes).
 ``tests/test_norm.py`` checks both against float64 central differences and holds a canary that fails the day
 PyTorch's own kernels are fixed.
 
@@ -104,7 +106,11 @@ class _PreciseBatchNorm(torch.autograd.Function):
     Here the statistics are two passes of PyTorch's cascaded sums over the channels-last memory seen as a
     (values, channels) matrix, without a copy, and the normalisation is PyTorch's eval-mode kernel given them.
     The backward pass is PyTorch's training-mode one (``native_batch_norm_backward``) given the same
-    statistics; its own derivative, PyTorch's double backward of batch norm, makes every higher order exact.
+    statistics, and its derivative is PyTorch's double backward of batch norm: exact to second order, which is
+    what MAML needs; a third order is as wrong as PyTorch's own batch norm's, and forward-mode AD (``jvp``) is
+    not implemented (the fused kernel, ``learner.precise_norms = False``, has both as PyTorch does). As with
+    ``F.batch_norm``, a bias without a weight (never the case in ``nn.BatchNorm*d``) loses one second-order
+    term.
     The meta-gradient above comes within 2.5e-4 of float64's, a GPU's float32 figure; what is left is the
     backward kernel's own imprecise sums on channels-last input (7e-6 with NCHW copies in the backward pass, at
     a fifth of Conv-4's step). Giving PyTorch's kernel NCHW copies throughout (1.05e-4) cost a third."""
@@ -141,14 +147,11 @@ def _batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: floa
     """PyTorch's training-mode batch norm, with precise statistics on channels-last CPU input when the learner
     asks for them (``_MODE.precise``; see :class:`_PreciseBatchNorm`). Plain PyTorch use of these layers keeps
     PyTorch's kernel."""
-    if _MODE.precise and x.device.type == "cpu" and _channels_last(x):
-        if not torch.compiler.is_compiling():
-            return _PreciseBatchNorm.apply(x, weight, bias, eps)[0]
-        # Traced by torch.compile: the NCHW form, as before this function (Inductor computes its own statistics),
-        # given back in the layout the next layers expect.
-        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        out = F.batch_norm(x.contiguous(), None, None, weight, bias, True, 0.0, eps)
-        return out.contiguous(memory_format=layout)
+    # Never reached under torch.compile, which takes the composite form (metagrad.transforms.under_vmap). Half
+    # precision keeps PyTorch's kernel, which accumulates in float32 (its statistics here would round).
+    precise = _MODE.precise and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if precise and _channels_last(x):
+        return _PreciseBatchNorm.apply(x, weight, bias, eps)[0]
     return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
 
 
