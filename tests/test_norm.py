@@ -77,6 +77,29 @@ def test_canary_pytorch_norm_kernels_are_still_wrong_under_vmap_of_grad_of_grad(
     assert wrong > 1e-3, f"PyTorch's {kind} is now right under vmap of grad of grad: drop the workaround"
 
 
+def test_canary_pytorch_batch_norm_third_derivative_is_still_wrong_without_vmap():
+    """metagrad's layers run PyTorch's training-mode kernel where no vmap is active: exact to second order, all
+    that its algorithms differentiate. The third derivative (a float64 gradgradcheck of the gradient) is wrong in
+    PyTorch 2.13, where the composite form's is right. Fails the day PyTorch fixes it (then say so in
+    models/norm.py's docstring)."""
+    g = torch.Generator().manual_seed(0)
+    x = (1.5 + torch.randn(3, 2, 3, 4, generator=g, dtype=F64)).requires_grad_(True)
+    c = torch.randn(3, 2, 3, 4, generator=g, dtype=F64)
+
+    def composite(x):
+        mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), keepdim=True, correction=0)
+        return (x - mean) * torch.rsqrt(var + 1e-5)
+
+    def gradient(layer):
+        return lambda x: torch.autograd.grad((layer(x) * c).sum(), x, create_graph=True)[0]
+
+    fused = gradient(lambda x: F.batch_norm(x, None, None, training=True))
+    assert torch.autograd.gradgradcheck(gradient(composite), (x,))
+    assert not torch.autograd.gradgradcheck(fused, (x,), raise_exception=False), (
+        "PyTorch's F.batch_norm now has a right third derivative"
+    )
+
+
 @pytest.mark.parametrize("kind", list(PYTORCH_LAYERS))
 def test_exact_layers_are_right_under_vmap_of_grad_of_grad(kind):
     f_vmap, a = _second_order(_exact_layer(kind), True)
