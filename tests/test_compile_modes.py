@@ -73,3 +73,24 @@ def test_compile_mode_is_a_checked_train_key() -> None:
     assert load_config(None, ["train.compile_mode=reduce-overhead"]).train.compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="compile_mode"):
         load_config(None, ["train.compile_mode=fastest"])
+
+
+def test_compile_on_the_cpu_defaults_to_inductors_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
+    """Inductor's C++ wrapper on the CPU (faster to compile and to run on the sinusoid step, docs/results.md),
+    unless the caller chose a mode, options or another backend."""
+    seen: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    learner = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
+    for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"options": {"max_autotune": True}},
+                   {"backend": "aot_eager"}):  # fmt: skip
+        learner.compile(**kwargs)
+    assert seen == [
+        {"options": {"cpp_wrapper": True}},
+        {"fullgraph": True, "options": {"cpp_wrapper": True}},
+        {"mode": "reduce-overhead"},
+        {"options": {"max_autotune": True}},
+        {"backend": "aot_eager"},
+    ]
+    learner.to("meta")  # any device other than the CPU: PyTorch's defaults
+    learner.compile()
+    assert seen[-1] == {}
