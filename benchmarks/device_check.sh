@@ -21,8 +21,9 @@
 #      graphs for as long as its limit allows (eagerly, if compiling fails): iterations per second, the projected
 #      time of 60,000 iterations (target <= 15 minutes), and the last checkpoint's error on Lake's 20 runs.
 #      The last session found no iteration logged within 200 s compiled, and 4.5 it/s eagerly; compiling
-#      this step takes 328 s on one CPU core (benchmarks/conv4.py --paths vmap-compiled, docs/results.md), of
-#      which the GPU's Triton kernels replace the C++ compilation (184 s), hence 270 s here.
+#      this step took 328 s on one CPU core (benchmarks/conv4.py --paths vmap-compiled, docs/results.md; 206 s
+#      with the C++ wrapper metagrad now gives Inductor on the CPU), of which the GPU's Triton kernels replace
+#      the C++ compilation (184 s), hence 270 s here.
 set -u
 OUT=${1:-${OUT:-results/device}}
 PY=${PYTHON:-python3}
