@@ -15,6 +15,7 @@ from metagrad.config import load_config
 from metagrad.models import Conv4
 from metagrad.models.norm import BatchNorm2d
 from metagrad.tasks import TaskBatch
+from metagrad.transforms import in_inner_pass
 
 _TF32_PROBE = """
 import sys, torch
@@ -104,7 +105,8 @@ def test_precise_norms_take_the_precise_function_on_channels_last_and_keep_the_l
     fused, precise = F.batch_norm, norm._PreciseBatchNorm.apply
 
     def recording_fused(x, *args, **kwargs):
-        calls["fused"].append("nchw" if x.is_contiguous() else "channels_last")
+        if kwargs.get("training", args[4] if len(args) > 4 else False):  # PyTorch's own statistics
+            calls["fused"].append("nchw" if x.is_contiguous() else "channels_last")
         return fused(x, *args, **kwargs)
 
     def recording_precise(*args):
@@ -115,14 +117,16 @@ def test_precise_norms_take_the_precise_function_on_channels_last_and_keep_the_l
     monkeypatch.setattr(norm._PreciseBatchNorm, "apply", recording_precise)
     learner, batch = _learner(False), _episodes()
     learner.meta_gradient(batch)
-    # Conv-4's activations are channels-last (for its pooling): every batch norm took the precise function,
-    # whose normalisation is PyTorch's eval-mode kernel on the same layout, with no copy.
-    assert calls["precise"] > 0 and set(calls["fused"]) == {"channels_last"}
+    # Conv-4's query passes are channels-last (for its pooling): their batch norms took the precise function,
+    # whose normalisation is PyTorch's eval-mode kernel on the same layout, with no copy. Its inner-loop
+    # (support) passes run NCHW on the CPU, where PyTorch's training-mode kernel is precise.
+    assert calls["precise"] > 0 and set(calls["fused"]) == {"nchw"}
     calls["precise"], calls["fused"] = 0, []
     learner.precise_norms = False
     learner.meta_gradient(batch)
-    assert calls["precise"] == 0 and set(calls["fused"]) == {"channels_last"}  # PyTorch's own kernel
+    assert calls["precise"] == 0 and set(calls["fused"]) == {"channels_last", "nchw"}  # PyTorch's own kernel
     assert norm._MODE.precise is False, "the choice must not leak out of the learner's calls"
+    assert not in_inner_pass(), "nor the inner pass"
     for layer, layout, shape in (
         (BatchNorm2d(3), torch.channels_last, (2, 3, 4, 4)),
         (norm.BatchNorm3d(3, affine=False, track_running_stats=False), torch.channels_last_3d, (2, 3, 4, 4, 4)),

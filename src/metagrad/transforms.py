@@ -1,14 +1,20 @@
-"""What ``torch.func`` transforms are active around the running code.
+"""What ``torch.func`` transforms are active around the running code, and which pass of the learner it is.
 
 Some of PyTorch's kernels are wrong (batch norm) or unsupported (memory-format queries) under ``vmap`` but exact
-and fastest everywhere else, so layers choose per call.
+and fastest everywhere else, so layers choose per call. A network may also choose its memory layout by the kind
+of pass (:func:`in_inner_pass`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["under_vmap"]
+__all__ = ["in_inner_pass", "inner_pass", "under_vmap"]
+
+_INNER = [False]
 
 _VMAP = torch._C._functorch.TransformType.Vmap
 
@@ -20,3 +26,20 @@ def under_vmap() -> bool:
         return True
     stack = torch._C._functorch.get_interpreter_stack()
     return bool(stack) and any(level.key() == _VMAP for level in stack)
+
+
+@contextlib.contextmanager
+def inner_pass() -> Iterator[None]:
+    """Within the block the learner runs an inner-loop pass: a support-set forward pass whose gradient the inner
+    step takes (and, second order, the meta-gradient differentiates again)."""
+    saved, _INNER[0] = _INNER[0], True
+    try:
+        yield
+    finally:
+        _INNER[0] = saved
+
+
+def in_inner_pass() -> bool:
+    """Whether the running forward pass is an inner-loop pass (:func:`inner_pass`). Conv-4 runs such passes in
+    NCHW on the CPU and query passes channels-last, each the faster there."""
+    return _INNER[0]

@@ -33,6 +33,7 @@ from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, ParameterIndex, TensorView
 from metagrad.numerics import tf32 as tf32_numerics
 from metagrad.tasks.base import TaskBatch, shard_weight
+from metagrad.transforms import inner_pass
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
 
@@ -364,7 +365,9 @@ class MetaLearner(nn.Module):
         def objective(adapted: Params) -> Tensor:
             return self.inner_objective(params, adapted, x, y, step, anchor)
 
-        g = grad(objective)({k: params[k] for k in fast})
+        # Traced by torch.compile, no hint: compiled networks take one layout (see transforms.under_vmap).
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else inner_pass():
+            g = grad(objective)({k: params[k] for k in fast})
         if first_order:
             # First-order MAML: the adapted weights depend on θ only through the identity path.
             g = _detach(g)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from metagrad.models.norm import BatchNorm2d, _full_precision
 from metagrad.registry import register_model
-from metagrad.transforms import under_vmap
+from metagrad.transforms import in_inner_pass, under_vmap
 
 __all__ = [
     "Conv4",
@@ -167,7 +167,10 @@ class Conv4(nn.Module):
             raise ValueError("running statistics need per-step batch norm (Conv4(bn='per_step'))")
         # Channels-last activations: PyTorch's CPU max-pooling is an order of magnitude faster on them than on
         # NCHW, and oneDNN's convolutions and batch norm take them natively (vmap cannot change memory formats).
-        if not under_vmap():
+        # Except the learner's inner-loop (support) passes on the CPU: NCHW ran them faster, by 5-11 % of a
+        # 1-step and 11-24 % of a 5-step MAML iteration (benchmarks/conv4.py, docs/results.md), while the query
+        # passes, even of 25 images, ran 13 % slower in NCHW.
+        if not under_vmap() and not _nchw_pass(x):
             x = x.contiguous(memory_format=torch.channels_last)
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = conv(x)
@@ -178,18 +181,24 @@ class Conv4(nn.Module):
         return self.head(x.flatten(1))
 
 
+def _nchw_pass(x: Tensor) -> bool:
+    """Whether Conv-4 runs this pass in NCHW: a learner's inner-loop pass on the CPU (outside ``vmap``)."""
+    return x.device.type == "cpu" and in_inner_pass() and not under_vmap()
+
+
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters, ``state_dict`` and hooks) whose forward pass on an
     input with few channels (Omniglot's one) is one matrix product over 3x3 patches: oneDNN's convolution runs
     such an input at a few percent of the machine's speed and returns NCHW, the product is several times faster
-    and its result is channels-last already."""
+    and its result is channels-last already. A learner's inner-loop passes on the CPU, which Conv-4 runs in
+    NCHW, take oneDNN's convolution: on their few support images it was faster than the product and a copy."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        if c * 9 > 64:
+        if c * 9 > 64 or _nchw_pass(x):  # an inner pass: oneDNN's NCHW convolution beat the product + a copy
             return super().forward(x)
         patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * h * w, c * 9)
         weight = self.weight.reshape(self.out_channels, c * 9).t()
