@@ -80,8 +80,8 @@ class TrainConfig(_Checked):
     # Whether the GPU's cuDNN convolutions may use TF32 (PyTorch's default): faster, but a Conv-4 meta-gradient
     # moves 200 times further from float64's than in float32 (docs/results.md); matrix products follow PyTorch
     tf32: bool = False
-    # Float32-precise batch statistics on the CPU (PyTorch's channels-last kernel, which Conv-4 would use, moves
-    # its meta-gradient by 1e-2); false: PyTorch's kernel, Conv-4's CPU step a little faster, less precise. Per-step
+    # Float32-precise batch statistics on the CPU for channels-last activations (Conv-4's query passes): a Conv-4
+    # meta-gradient 2.5e-4 from float64 against 5.7e-4 with PyTorch's kernel (false: a little faster). Per-step
     # batch norm (model.bn = "per_step") computes its own statistics and is precise either way.
     precise_norms: bool = True
     threads: int = 0

@@ -168,8 +168,8 @@ class Conv4(nn.Module):
         # Channels-last activations: PyTorch's CPU max-pooling is an order of magnitude faster on them than on
         # NCHW, and oneDNN's convolutions and batch norm take them natively (vmap cannot change memory formats).
         # Except the learner's inner-loop (support) passes on the CPU: NCHW ran them faster, by 5-11 % of a
-        # 1-step and 11-24 % of a 5-step MAML iteration (benchmarks/conv4.py, docs/results.md), while the query
-        # passes, even of 25 images, ran 13 % slower in NCHW.
+        # 1-step and 8-24 % of a 5-step MAML iteration (A/B runs by hand, docs/results.md), while the query
+        # passes, even of 25 images, ran 14-15 % slower in NCHW.
         if not under_vmap() and not _nchw_pass(x):
             x = x.contiguous(memory_format=torch.channels_last)
         for conv, norm in zip(self.convs, self.norms, strict=True):

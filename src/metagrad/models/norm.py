@@ -100,8 +100,9 @@ class _PreciseBatchNorm(torch.autograd.Function):
     PyTorch 2.13's CPU batch norm on a channels-last float32 input (Conv-4's activations, for its pooling's
     sake) accumulates its statistics imprecisely: over the first layer on 75 Omniglot images (58,800 values a
     channel) its mean is off by up to 9e-4 standard deviations and its 1/std by 1e-4 relative, where the NCHW
-    kernel is right to 2e-7 on the same tensor; a second-order MAML meta-gradient is 1.25e-2 off float64's with
-    it (``benchmarks/precision.py``).
+    kernel is right to 2e-7 on the same tensor; a second-order MAML meta-gradient was 1.25e-2 off float64's
+    with it when every pass was channels-last, and is 5.7e-4 off now that Conv-4's inner-loop passes run NCHW
+    (``benchmarks/precision.py``).
 
     Here the statistics are two passes of PyTorch's cascaded sums over the channels-last memory seen as a
     (values, channels) matrix, without a copy, and the normalisation is PyTorch's eval-mode kernel given them.
