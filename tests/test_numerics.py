@@ -238,3 +238,30 @@ def test_learner_calls_run_without_tf32_on_cuda_unless_asked() -> None:
     learner.meta_gradient(batch)
     assert seen and all(seen)
     assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_inner_pass_hint_is_per_thread_and_restored_after_an_error() -> None:
+    """The layout hint Conv-4 reads (metagrad.transforms.inner_pass): another thread's passes never see it, and
+    an exception inside the inner step leaves it off."""
+    import threading
+
+    from metagrad.transforms import inner_pass
+
+    seen = []
+    with inner_pass():
+        worker = threading.Thread(target=lambda: seen.append(in_inner_pass()))
+        worker.start()
+        worker.join()
+        seen.append(in_inner_pass())
+    assert seen == [False, True] and not in_inner_pass()
+    learner = _learner(False)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(in_inner_pass())
+        raise RuntimeError("boom")
+
+    learner.inner_objective = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        learner.meta_gradient(_episodes())
+    assert calls == [True] and not in_inner_pass()

@@ -8,13 +8,15 @@ of pass (:func:`in_inner_pass`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
 
 __all__ = ["in_inner_pass", "inner_pass", "under_vmap"]
 
-_INNER = [False]
+# Per thread and per asynchronous task, as a hint must not reach another thread's passes.
+_INNER: contextvars.ContextVar[bool] = contextvars.ContextVar("metagrad_inner_pass", default=False)
 
 _VMAP = torch._C._functorch.TransformType.Vmap
 
@@ -32,14 +34,14 @@ def under_vmap() -> bool:
 def inner_pass() -> Iterator[None]:
     """Within the block the learner runs an inner-loop pass: a support-set forward pass whose gradient the inner
     step takes (and, second order, the meta-gradient differentiates again)."""
-    saved, _INNER[0] = _INNER[0], True
+    token = _INNER.set(True)
     try:
         yield
     finally:
-        _INNER[0] = saved
+        _INNER.reset(token)
 
 
 def in_inner_pass() -> bool:
     """Whether the running forward pass is an inner-loop pass (:func:`inner_pass`). Conv-4 runs such passes in
     NCHW on the CPU and query passes channels-last, each the faster there."""
-    return _INNER[0]
+    return _INNER.get()

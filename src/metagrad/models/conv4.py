@@ -183,7 +183,7 @@ class Conv4(nn.Module):
 
 def _nchw_pass(x: Tensor) -> bool:
     """Whether Conv-4 runs this pass in NCHW: a learner's inner-loop pass on the CPU (outside ``vmap``)."""
-    return x.device.type == "cpu" and in_inner_pass() and not under_vmap()
+    return not under_vmap() and x.device.type == "cpu" and in_inner_pass()  # no hint read while compiling
 
 
 class Conv3x3(nn.Conv2d):
