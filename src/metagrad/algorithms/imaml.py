@@ -215,7 +215,8 @@ class IMAML(MetaLearner):
             return self.loss({**rest, **w, **f}, qx, qy, self.inner_steps)
 
         def support_grad(f: Params, w: Params) -> Params:
-            return grad(lambda f_: self.loss({**rest, **w, **f_}, sx, sy))(f)
+            with self._inner_pass():  # a support pass differentiated again, as an inner step's
+                return grad(lambda f_: self.loss({**rest, **w, **f_}, sx, sy))(f)
 
         f0, w0 = {k: phi[k] for k in fast}, {k: phi[k] for k in slow}
         (g_fast, g_slow), post = grad_and_value(query, argnums=(0, 1))(f0, w0)
