@@ -235,6 +235,9 @@ MODELS = {
     "conv4_transductive": (lambda: Conv4(ways=2, hidden=3, image_size=16), lambda: _image_batch(side=16)),
     "conv4_per_step": (_per_step_conv4, lambda: _image_batch(side=16)),
     "user_cnn_batchnorm_instancenorm": (_user_cnn, _image_batch),
+    # The same network in channels-last memory (its activations follow the weights'): on the CPU its batch norms
+    # take the precise-statistics path (models/norm.py, _PreciseBatchNorm) where no vmap is active.
+    "user_cnn_channels_last": (lambda: _user_cnn().to(memory_format=torch.channels_last), _image_batch),
     "user_mlp_layernorm_batchnorm1d": (_user_mlp, _vector_batch),
 }
 ALGORITHMS = {
@@ -257,12 +260,16 @@ def _learner(model_name: str, algorithm: str, vectorize: bool):
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(model_name, algorithm):
+def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(model_name, algorithm, monkeypatch):
     """The regression test for PyTorch's norm kernels under vmap: every model and BN mode, exact to 1e-6."""
     vec, batch = _learner(model_name, algorithm, True)
     loop, _ = _learner(model_name, algorithm, False)
     gp_v, gm_v, m_v = vec.meta_gradient(batch, 0)
+    precise, apply = [], norm._PreciseBatchNorm.apply
+    monkeypatch.setattr(norm._PreciseBatchNorm, "apply", lambda *a: precise.append(1) or apply(*a))
     gp_l, gm_l, m_l = loop.meta_gradient(batch, 0)
+    if model_name in ("conv4_transductive", "user_cnn_channels_last"):  # channels-last batch norms (query passes)
+        assert precise, "the precise-statistics path was not taken"
     grads_v = {**gp_v, **gm_v}
     # Every entry, relative to the largest one (the defect moved entries by up to 0.9 %).
     scale = assert_vmap_equals_loop(grads_v, {**gp_l, **gm_l})

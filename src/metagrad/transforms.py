@@ -30,10 +30,15 @@ def under_vmap() -> bool:
     return bool(stack) and any(level.key() == _VMAP for level in stack)
 
 
-@contextlib.contextmanager
-def inner_pass() -> Iterator[None]:
+def inner_pass() -> contextlib.AbstractContextManager[None]:
     """Within the block the learner runs an inner-loop pass: a support-set forward pass whose gradient the inner
-    step takes (and, second order, the meta-gradient differentiates again)."""
+    step takes (and, second order, the meta-gradient differentiates again). Traced by ``torch.compile`` it sets
+    nothing: compiled networks take one layout (see :func:`under_vmap`)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _hint()
+
+
+@contextlib.contextmanager
+def _hint() -> Iterator[None]:
     token = _INNER.set(True)
     try:
         yield

@@ -365,19 +365,13 @@ class MetaLearner(nn.Module):
         def objective(adapted: Params) -> Tensor:
             return self.inner_objective(params, adapted, x, y, step, anchor)
 
-        with self._inner_pass():
+        with inner_pass():
             g = grad(objective)({k: params[k] for k in fast})
         if first_order:
             # First-order MAML: the adapted weights depend on θ only through the identity path.
             g = _detach(g)
         update, state = rule.update_with_state(g, state, meta, step)
         return {**params, **{k: params[k] - update[k] for k in fast}}, state
-
-    @staticmethod
-    def _inner_pass() -> contextlib.AbstractContextManager[None]:
-        """The hint that a support-set pass follows whose gradient is taken (metagrad.transforms.inner_pass);
-        none when traced by torch.compile, whose networks take one layout (see transforms.under_vmap)."""
-        return contextlib.nullcontext() if torch.compiler.is_compiling() else inner_pass()
 
     def inner_objective(
         self, params: Params, adapted: Params, x: Tensor, y: Tensor, step: int, anchor: Params | None = None

@@ -32,6 +32,7 @@ from metagrad.inner.adam import Adam
 from metagrad.inner.base import InnerRule
 from metagrad.inner.sgd import SGD
 from metagrad.registry import register_algorithm
+from metagrad.transforms import inner_pass
 
 __all__ = ["IMAML", "IMAMLConfig", "conjugate_gradient", "INNER_OPTIMIZERS"]
 
@@ -215,7 +216,7 @@ class IMAML(MetaLearner):
             return self.loss({**rest, **w, **f}, qx, qy, self.inner_steps)
 
         def support_grad(f: Params, w: Params) -> Params:
-            with self._inner_pass():  # a support pass differentiated again, as an inner step's
+            with inner_pass():  # a support pass differentiated again, as an inner step's
                 return grad(lambda f_: self.loss({**rest, **w, **f_}, sx, sy))(f)
 
         f0, w0 = {k: phi[k] for k in fast}, {k: phi[k] for k in slow}
