@@ -10,6 +10,7 @@ import torch
 from metagrad import MAML, MLP, Reptile, Sinusoid
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
+from metagrad.matmul_orientation import BatchedMatmulOrientation
 
 
 def _batch(tasks: int = 5):
@@ -75,15 +76,19 @@ def test_compile_mode_is_a_checked_train_key() -> None:
         load_config(None, ["train.compile_mode=fastest"])
 
 
-def test_compile_on_the_cpu_defaults_to_inductors_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
-    """Inductor's C++ wrapper on the CPU (faster to compile and to run on the sinusoid step, docs/results.md),
-    unless the caller chose a mode, options or another backend."""
+def test_compile_on_the_cpu_defaults_to_cpp_wrapper_and_bmm_pass_and_keeps_every_explicit_choice(monkeypatch) -> None:
+    """Inductor's C++ wrapper and the narrow-bmm pass on the CPU (faster to compile and to run on the sinusoid
+    step, docs/results.md), unless the caller chose a mode, options or another backend."""
     seen: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     learner = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
     for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"options": {"max_autotune": True}},
                    {"backend": "aot_eager"}):  # fmt: skip
         learner.compile(**kwargs)
+    for default in seen[:2]:  # the C++ wrapper and the narrow-bmm pass, as one fresh options dict each
+        assert set(default["options"]) == {"cpp_wrapper", "post_grad_custom_post_pass"}
+        assert default["options"]["cpp_wrapper"] is True
+        assert isinstance(default["options"].pop("post_grad_custom_post_pass"), BatchedMatmulOrientation)
     assert seen == [
         {"options": {"cpp_wrapper": True}},
         {"fullgraph": True, "options": {"cpp_wrapper": True}},
