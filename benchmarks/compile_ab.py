@@ -1,0 +1,103 @@
+"""Paired A/B of ``torch.compile`` options on the sinusoid training iteration, in one process.
+
+Run from the repository root (one core)::
+
+    taskset -c 0 python benchmarks/compile_ab.py --steps 1 5 [--rounds 10] [--json docs/data/compile_ab_cpu.json]
+
+Separate benchmark processes on a shared machine differ by ±10 % or more from run to run. Here each variant is a
+``Trainer`` on ``configs/sinusoid/maml.toml`` (one thread) whose learner is compiled its own way, all built in one
+process. After a warm-up, the variants take turns: each round runs ``--calls`` of ``Trainer.step()`` on every
+variant, one variant after the other. The medians over the rounds are printed, with each variant's time relative
+to ``default``. Variants:
+
+- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper and
+  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation`);
+- ``no-bmm-pass``: the C++ wrapper only, ``compile(options={"cpp_wrapper": True})``;
+- ``python-wrapper``: PyTorch's defaults, ``compile(options={})``.
+
+The first call of each variant (its compile) is timed too, but the variants share one process and its warm
+imports, so only ``benchmarks/iteration.py`` gives a cold-compile figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from metagrad import Trainer
+from metagrad.presets import preset
+
+VARIANTS = {
+    "default": None,
+    "no-bmm-pass": {"cpp_wrapper": True},
+    "python-wrapper": {},
+}
+
+
+def build(steps: int, variant: str, root: Path) -> tuple[Trainer, float]:
+    cfg = preset("maml")
+    cfg.algorithm.inner_steps = steps
+    cfg.train.compile, cfg.train.threads, cfg.train.iterations = False, 1, 10**9
+    cfg.train.val_every = cfg.train.checkpoint_every = 10**9
+    trainer = Trainer(cfg, root / f"{variant}-{steps}")
+    options = VARIANTS[variant]
+    trainer.learner.compile(**({} if options is None else {"options": dict(options)}))
+    t0 = time.perf_counter()
+    trainer.step()
+    return trainer, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 5], help="inner steps")
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=300, help="Trainer.step calls per variant per round")
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if "default" not in args.variants:
+        args.variants = ["default", *args.variants]
+    torch.set_num_threads(1)
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for steps in args.steps:
+            trainers, first = {}, {}
+            for v in args.variants:
+                trainers[v], first[v] = build(steps, v, Path(d))
+            for t in trainers.values():
+                for _ in range(args.warmup):
+                    t.step()
+            times: dict[str, list[float]] = {v: [] for v in trainers}
+            for _ in range(args.rounds):
+                for v, t in trainers.items():
+                    t0 = time.perf_counter()
+                    for _ in range(args.calls):
+                        t.step()
+                    times[v].append((time.perf_counter() - t0) / args.calls * 1e6)
+            base = statistics.median(times["default"])
+            print(f"sinusoid MAML, {steps} inner step(s), one thread: median µs per Trainer.step over "
+                  f"{args.rounds} rounds of {args.calls}")  # fmt: skip
+            for v, ts in times.items():
+                med = statistics.median(ts)
+                print(f"  {v:<16} {med:8.0f} µs  {med / base:5.2f}× default  (rounds {min(ts):.0f}-{max(ts):.0f}; "
+                      f"first call {first[v]:.1f} s)")  # fmt: skip
+                results.append({"steps": steps, "variant": v, "median_us": med, "rounds_us": ts,
+                                "first_call_s": first[v], "vs_default": med / base})  # fmt: skip
+            for t in trainers.values():
+                t.close()
+    if args.json:
+        info = {"torch": torch.__version__, "threads": 1, "rounds": args.rounds, "calls": args.calls}
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
