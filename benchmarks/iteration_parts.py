@@ -1,12 +1,15 @@
-"""Where one sinusoid training iteration's time goes: each part of :meth:`metagrad.Trainer.step` timed alone.
+"""Where one sinusoid training iteration's time goes: each part of :meth:`metagrad.Trainer.step` timed alone, then
+in sequence.
 
 Run from the repository root (one core)::
 
     taskset -c 0 python benchmarks/iteration_parts.py --steps 1
 
 The protocol of ``benchmarks/iteration.py`` (``configs/sinusoid/maml.toml``, compiled, one thread): after a
-warm-up, each part runs ``--calls`` times in a loop and its mean is printed in microseconds, then
-``torch.profiler`` lists the busiest operators of the compiled meta-step (``meta_gradient``) over 100 calls.
+warm-up, each part runs ``--calls`` times in a loop and its mean is printed in microseconds. Then the same parts
+are timed where they run, inside ``--calls`` real ``Trainer.step`` calls (the trainer's collaborators wrapped in
+timers): there each part also pays for the caches that the others evicted. Last, ``torch.profiler`` lists the
+busiest operators of the compiled meta-step (``meta_gradient``) over 100 calls.
 The parts overlap a little (``backward`` includes the meta-step); the Adam step runs at learning rate 0 so that
 the weights stay where training left them.
 """
@@ -24,6 +27,47 @@ import torch
 from metagrad import Trainer
 from metagrad.distributed import average_meta_step
 from metagrad.presets import preset
+
+
+def in_sequence(trainer: Trainer, calls: int) -> None:
+    """Time the parts where they run: the trainer's own collaborators wrapped in timers for ``calls`` steps. Alone
+    in a loop a part keeps its code and data in cache; in sequence the other parts have evicted them."""
+    spent: dict[str, float] = {}
+
+    def timer(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def timed(*args: object, **kwargs: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+    parts = {
+        "task sampling": (trainer.tasks, "sample"),
+        "learner.backward (the meta-step, writing .grad)": (trainer.learner, "backward"),
+        "guard and norm, one host copy of the metrics": (trainer, "_check_and_clip"),
+        "optimizer.step (fused Adam)": (trainer.optimizer, "step"),
+        "scheduler.step": (trainer.scheduler, "step"),
+    }
+    saved = {name: owner.__dict__.get(attr) for name, (owner, attr) in parts.items()}
+    for name, (owner, attr) in parts.items():
+        setattr(owner, attr, timer(name, getattr(owner, attr)))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        trainer.step()
+    total = time.perf_counter() - t0
+    for name, (owner, attr) in parts.items():  # as they were (the scheduler wraps optimizer.step itself)
+        if saved[name] is None:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, saved[name])
+    print(f"  {'Trainer.step (the whole iteration)':<48} {total / calls * 1e6:8.1f} µs")
+    for name, t in spent.items():
+        print(f"  {name:<48} {t / calls * 1e6:8.1f} µs")
+    rest = (total - sum(spent.values())) / calls * 1e6
+    print(f"  {'the rest (Python around the parts, logging)':<48} {rest:8.1f} µs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         timed("learner.zero_grad", learner.zero_grad)
         timed("scheduler.step", trainer.scheduler.step)
         timed("distributed average (one process)", lambda: average_meta_step(learner, metrics, trainer.world))
+        print(f"the same parts in sequence, inside {args.calls} real Trainer.step calls (each wrapped in a timer)")
+        in_sequence(trainer, args.calls)
         with torch.profiler.profile() as prof:
             for _ in range(100):
                 learner.meta_gradient(batch, 100)

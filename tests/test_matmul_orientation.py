@@ -30,6 +30,9 @@ def test_only_products_with_narrow_rows_and_wide_columns_are_turned_around() -> 
     assert not turns_around(torch.empty(40, 40), torch.empty(40, 10))  # mm, not bmm
     on_meta = torch.empty(3, 40, 40, device="meta"), torch.empty(3, 40, 10, device="meta")
     assert not turns_around(*on_meta)  # not the CPU: oneMKL's quirk only
+    half = torch.empty(3, 40, 40, dtype=torch.bfloat16), torch.empty(3, 40, 10, dtype=torch.bfloat16)
+    assert not turns_around(*half)  # not measured: oneDNN's kernels
+    assert turns_around(torch.empty(3, 40, 40, dtype=F64), torch.empty(3, 40, 10, dtype=F64))
 
 
 def _bmm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -4,13 +4,15 @@
 Under ``vmap`` every per-task linear layer becomes a batched product (``bmm``), and the second-order meta-gradient
 differentiates each one twice more. Some of the products that autograd writes are tall and narrow, such as
 ``[tasks, 40, 40] @ [tasks, 40, 10]`` on the sinusoid MLP with 10 points per task. PyTorch's CPU ``bmm``
-(oneMKL) computes such a product 2-9× slower than the same numbers transposed, ``[tasks, 10, 40] @ [tasks, 40, 40]``,
-whose output rows are 40 wide. The sweep in ``benchmarks/bmm_orientation.py`` measures this.
+(oneMKL) computes such a product 1.6-8.6× slower than the same numbers transposed,
+``[tasks, 10, 40] @ [tasks, 40, 40]``, whose output rows are 40 wide (``benchmarks/bmm_orientation.py``, float32, one
+core; float64 gains less, up to 4.3×).
 
-The pass rewrites only ``aten.bmm`` on CPU tensors of static shape where ``N < 16 <= M`` for a
-``[B, M, K] @ [B, K, N]`` product. It changes no value beyond float rounding: the same sums of the same products,
-in another memory order. Inductor reads the transposed result through a strided view, so no copy is added. On the
-sinusoid MAML step it took 10-30 % off a training iteration (``docs/results.md``).
+The pass rewrites only ``aten.bmm`` on float32 and float64 CPU tensors of static shape where ``N < 16 <= M``
+for a ``[B, M, K] @ [B, K, N]`` product. It changes no value beyond float rounding: the same sums of the same
+products, in another memory order. The result is read through a transposed view; Inductor copies it only where a
+consumer needs the other layout. On the sinusoid MAML step it took 10-30 % off a training iteration
+(``benchmarks/compile_ab.py``, ``docs/results.md``).
 
 :meth:`metagrad.MetaLearner.compile` adds it on the CPU by default. To keep it with options of your own, pass
 ``options={"post_grad_custom_post_pass": BatchedMatmulOrientation(), ...}``.
@@ -30,11 +32,15 @@ NARROW = 16
 around. Float64 shows the same pattern (``benchmarks/bmm_orientation.py``)."""
 
 _aten = torch.ops.aten
+_MEASURED = (torch.float32, torch.float64)
 
 
 def turns_around(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the pass computes ``bmm(a, b)`` as ``bmm(bᵀ, aᵀ)ᵀ``: CPU tensors, static shapes, ``N < 16 <= M``."""
+    """Whether the pass computes ``bmm(a, b)`` as ``bmm(bᵀ, aᵀ)ᵀ``: float32 or float64 CPU tensors (the measured
+    cases; half precision takes oneDNN's kernels), static shapes, ``N < 16 <= M``."""
     if a.dim() != 3 or b.dim() != 3 or a.device.type != "cpu" or b.device.type != "cpu":
+        return False
+    if a.dtype not in _MEASURED or b.dtype != a.dtype:
         return False
     m, n = a.shape[1], b.shape[2]
     if not (isinstance(m, int) and isinstance(n, int)):  # symbolic sizes (dynamic shapes): left alone
