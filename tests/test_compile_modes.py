@@ -76,26 +76,31 @@ def test_compile_mode_is_a_checked_train_key() -> None:
         load_config(None, ["train.compile_mode=fastest"])
 
 
-def test_compile_on_the_cpu_defaults_to_cpp_wrapper_and_bmm_pass_and_keeps_every_explicit_choice(monkeypatch) -> None:
-    """Inductor's C++ wrapper and the narrow-bmm pass on the CPU (faster to compile and to run on the sinusoid
-    step, docs/results.md), unless the caller chose a mode, options or another backend."""
+def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
+    """On the CPU the narrow-bmm pass joins every Inductor compile without options of the caller's (a mode as the
+    options it stands for), and the C++ wrapper the default one (faster to compile and to run on the sinusoid
+    step, docs/results.md). Options, another backend or another device keep PyTorch's behaviour."""
     seen: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     learner = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
-    for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"options": {"max_autotune": True}},
-                   {"backend": "aot_eager"}):  # fmt: skip
+    for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"mode": "max-autotune-no-cudagraphs"},
+                   {"options": {"max_autotune": True}}, {"backend": "aot_eager"}):  # fmt: skip
         learner.compile(**kwargs)
-    for default in seen[:2]:  # the C++ wrapper and the narrow-bmm pass, as one fresh options dict each
-        assert set(default["options"]) == {"cpp_wrapper", "post_grad_custom_post_pass"}
-        assert default["options"]["cpp_wrapper"] is True
-        assert isinstance(default["options"].pop("post_grad_custom_post_pass"), BatchedMatmulOrientation)
+    for added in seen[:4]:  # one fresh pass in each
+        assert isinstance(added["options"].pop("post_grad_custom_post_pass"), BatchedMatmulOrientation)
     assert seen == [
         {"options": {"cpp_wrapper": True}},
         {"fullgraph": True, "options": {"cpp_wrapper": True}},
-        {"mode": "reduce-overhead"},
+        {"options": torch._inductor.list_mode_options("reduce-overhead")},
+        {"options": torch._inductor.list_mode_options("max-autotune-no-cudagraphs")},
         {"options": {"max_autotune": True}},
         {"backend": "aot_eager"},
     ]
+    assert learner._cuda_graphs is False  # the last call's; a CUDA-graph mode is still recognised:
+    learner.compile(mode="reduce-overhead")
+    assert learner._cuda_graphs is True
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults
     learner.compile()
     assert seen[-1] == {}
+    learner.compile(mode="max-autotune")
+    assert seen[-1] == {"mode": "max-autotune"} and learner._cuda_graphs

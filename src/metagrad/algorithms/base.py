@@ -537,26 +537,31 @@ class MetaLearner(nn.Module):
         """Run the meta-gradient through ``torch.compile`` from now on (``nn.Module.compile`` would compile
         ``forward``, the plain network, which is not what training runs). ``options`` go to ``torch.compile``.
 
-        On the CPU, with Inductor and neither ``mode`` nor ``options`` given, two Inductor options are set
-        (``docs/results.md``):
+        On the CPU, with Inductor and no ``options`` of the caller's (``docs/results.md``):
 
-        - ``cpp_wrapper``: Inductor writes the code that calls its kernels in C++. On the sinusoid MAML step that
-          compiled 30-45 % faster from cold (fewer C++ builds) and ran a few percent faster.
         - ``post_grad_custom_post_pass``: :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation`, which
           computes the narrow batched products of per-task layers transposed, where oneMKL is several times
-          faster.
+          faster. A ``mode`` is passed on as the options it stands for (``torch._inductor.list_mode_options``,
+          as ``torch.compile`` itself does) plus this pass.
+        - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
+          C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
+          percent faster.
 
         Call it after moving the learner to its device."""
         backend = options.get("backend", "inductor")
         on_cpu = all(p.device.type == "cpu" for p in self.parameters())
-        if on_cpu and backend == "inductor" and "mode" not in options and "options" not in options:
-            from metagrad.matmul_orientation import BatchedMatmulOrientation  # imports Inductor: only when used
+        mode = options.get("mode")
+        if on_cpu and backend == "inductor" and "options" not in options:
+            from torch._inductor import list_mode_options  # imports Inductor: only when used
 
-            inductor = {"cpp_wrapper": True, "post_grad_custom_post_pass": BatchedMatmulOrientation()}
-            options = {**options, "options": inductor}
+            from metagrad.matmul_orientation import BatchedMatmulOrientation
+
+            inductor = {"cpp_wrapper": True} if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
+            inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
+            options = {k: v for k, v in options.items() if k != "mode"} | {"options": inductor}
         self._compiled = torch.compile(self._compile_target(), **options)
         inductor = options.get("options") or {}
-        self._cuda_graphs = options.get("mode") in CUDA_GRAPH_MODES or bool(inductor.get("triton.cudagraphs"))
+        self._cuda_graphs = mode in CUDA_GRAPH_MODES or bool(inductor.get("triton.cudagraphs"))
 
     @staticmethod
     def _on_cuda(params: Mapping[str, Tensor]) -> bool:
