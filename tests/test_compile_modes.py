@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metagrad import MAML, MLP, Reptile, Sinusoid
+from metagrad import MAML, MLP, Reptile, Sinusoid, matmul_orientation
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
 from metagrad.matmul_orientation import BatchedMatmulOrientation
@@ -82,12 +82,15 @@ def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_ex
     step, docs/results.md). Options, another backend or another device keep PyTorch's behaviour."""
     seen: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", None)  # TORCHINDUCTOR_VEC_ISA_OK unset
+    monkeypatch.setattr(matmul_orientation, "measured_here", lambda: True)  # x86 with MKL, as on CI
     learner = MAML(MLP(1, [8], 1), inner_lr=0.1, inner_steps=1)
     for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"mode": "max-autotune-no-cudagraphs"},
                    {"options": {"max_autotune": True}}, {"backend": "aot_eager"}):  # fmt: skip
         learner.compile(**kwargs)
-    for added in seen[:4]:  # one fresh pass in each
+    for added in seen[:4]:  # one fresh pass in each, and no instruction-set probes
         assert isinstance(added["options"].pop("post_grad_custom_post_pass"), BatchedMatmulOrientation)
+        assert added["options"].pop("cpp.vec_isa_ok") is True
     assert seen == [
         {"options": {"cpp_wrapper": True}},
         {"fullgraph": True, "options": {"cpp_wrapper": True}},
@@ -99,8 +102,31 @@ def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_ex
     assert learner._cuda_graphs is False  # the last call's; a CUDA-graph mode is still recognised:
     learner.compile(mode="reduce-overhead")
     assert learner._cuda_graphs is True
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)  # the user's own choice is kept
+    learner.compile()
+    assert "cpp.vec_isa_ok" not in seen[-1]["options"]
+    monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no pass
+    learner.compile()
+    assert seen[-1] == {"options": {"cpp_wrapper": True}}
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults
     learner.compile()
     assert seen[-1] == {}
     learner.compile(mode="max-autotune")
     assert seen[-1] == {"mode": "max-autotune"} and learner._cuda_graphs
+
+
+def test_every_compiled_learner_in_a_process_gets_its_own_graph_beyond_dynamos_recompile_limit() -> None:
+    """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a learner's compile() runs a copy of the
+    meta-step's code, so the ninth and later learners in a process (a sweep) are compiled too, not run eagerly."""
+    from torch._dynamo.utils import counters
+
+    batch = _batch(3)
+    limit = torch._dynamo.config.recompile_limit
+    graphs = []
+    for _ in range(limit + 2):
+        learner = MAML(MLP(1, [4], 1), inner_lr=0.1, inner_steps=1)
+        learner.compile(backend="eager")
+        before = counters["stats"]["unique_graphs"]
+        learner.meta_gradient(batch)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1] * (limit + 2)

@@ -58,9 +58,22 @@ def test_the_pass_rewrites_narrow_products_and_keeps_their_values(a_transposed: 
     gm.recompile()
     after = _bmm_nodes(gm)
     assert len(after) == 2 and not any(turns_around(*(a.meta["val"] for a in n.args)) for n in after)
-    for n in gm.graph.nodes:  # every new node has a fake value of the right shape for Inductor's lowering
+    real = {}  # every node's real value, to check that each fake "val" has its shape (Inductor's lowering reads it)
+    interpreter = torch.fx.Interpreter(gm)
+    original_run_node = interpreter.run_node
+
+    def run_node(n: torch.fx.Node) -> object:
+        real[n] = original_run_node(n)
+        return real[n]
+
+    interpreter.run_node = run_node  # type: ignore[method-assign]
+    interpreter.run(x, y, w)
+    for n in gm.graph.nodes:
         if n.op == "call_function":
             assert isinstance(n.meta.get("val"), torch.Tensor), n
+            assert n.meta["val"].shape == real[n].shape, n
+            assert "tensor_meta" not in n.meta or n.meta["tensor_meta"].shape == real[n].shape, n
+    assert BatchedMatmulOrientation().uuid()  # Inductor caches compiled graphs under it (None: no caching)
     got, expected = gm(x, y, w), f(x, y, w)
     for a, b in zip(got, expected, strict=True):
         assert a.shape == b.shape

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -91,6 +92,21 @@ _TRANSFORM_FAILURES = {
     "vmap": "vmap cannot batch it: pass vectorize=False",
     "During a grad": "torch.func.grad cannot differentiate it: see the message above",
 }
+
+
+def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a function or a bound method) running a copy of its code object. Dynamo keeps compiled graphs on the
+    code object, at most ``torch._dynamo.config.recompile_limit`` (8) for one code. Every learner's :meth:`compile`
+    would share the code of ``MetaLearner._chunk_gradient``, so from the ninth compiled learner in a process on (a
+    sweep in a notebook), the meta-step would run uncompiled, with only a log line to say so. A copy per
+    :meth:`compile` gives each learner its own cache."""
+    bound = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", fn)
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)  # fmt: skip
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
+    copy.__dict__.update(func.__dict__)
+    return types.MethodType(copy, bound) if bound is not None else copy
 
 
 class MetaLearner(nn.Module):
@@ -541,27 +557,36 @@ class MetaLearner(nn.Module):
 
         - ``post_grad_custom_post_pass``: :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation`, which
           computes the narrow batched products of per-task layers transposed, where oneMKL is several times
-          faster. A ``mode`` is passed on as the options it stands for (``torch._inductor.list_mode_options``,
-          as ``torch.compile`` itself does) plus this pass.
+          faster (on x86 with MKL, where it was measured). A ``mode`` is passed on as the options it stands for
+          (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
           percent faster.
+        - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
+          instruction sets that ``/proc/cpuinfo`` lists instead of compiling and loading a probe library for each,
+          which took 8.7-9.4 s of a 16-20 s cold compile (1.6 s on every later start). It still probes the
+          extensions it would use (AVX-512 BF16, VNNI, AMX). A compiler too old for the CPU (GCC < 8 on an
+          AVX-512 VNNI machine) then fails at the first compile instead of falling back to AVX2.
 
         Call it after moving the learner to its device."""
         backend = options.get("backend", "inductor")
         on_cpu = all(p.device.type == "cpu" for p in self.parameters())
         mode = options.get("mode")
         if on_cpu and backend == "inductor" and "options" not in options:
-            from torch._inductor import list_mode_options  # imports Inductor: only when used
+            from torch._inductor import config as inductor_config  # imports Inductor: only when used
+            from torch._inductor import list_mode_options
 
-            from metagrad.matmul_orientation import BatchedMatmulOrientation
+            from metagrad.matmul_orientation import BatchedMatmulOrientation, measured_here
 
             inductor = {"cpp_wrapper": True} if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
-            inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
+            if measured_here():
+                inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
+            if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
+                inductor["cpp.vec_isa_ok"] = True
             options = {k: v for k, v in options.items() if k != "mode"} | {"options": inductor}
-        self._compiled = torch.compile(self._compile_target(), **options)
-        inductor = options.get("options") or {}
-        self._cuda_graphs = mode in CUDA_GRAPH_MODES or bool(inductor.get("triton.cudagraphs"))
+        self._compiled = torch.compile(_with_own_code(self._compile_target()), **options)
+        chosen = options.get("options") or {}
+        self._cuda_graphs = mode in CUDA_GRAPH_MODES or bool(chosen.get("triton.cudagraphs"))
 
     @staticmethod
     def _on_cuda(params: Mapping[str, Tensor]) -> bool:
