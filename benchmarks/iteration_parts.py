@@ -17,6 +17,7 @@ the weights stay where training left them.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from metagrad.distributed import average_meta_step
 from metagrad.presets import preset
 
 
-def in_sequence(trainer: Trainer, calls: int) -> None:
+def in_sequence(trainer: Trainer, calls: int) -> dict[str, float]:
     """Time the parts where they run: the trainer's own collaborators wrapped in timers for ``calls`` steps. Alone
     in a loop a part keeps its code and data in cache; in sequence the other parts have evicted them."""
     spent: dict[str, float] = {}
@@ -63,17 +64,19 @@ def in_sequence(trainer: Trainer, calls: int) -> None:
             delattr(owner, attr)
         else:
             setattr(owner, attr, saved[name])
-    print(f"  {'Trainer.step (the whole iteration)':<48} {total / calls * 1e6:8.1f} µs")
-    for name, t in spent.items():
-        print(f"  {name:<48} {t / calls * 1e6:8.1f} µs")
-    rest = (total - sum(spent.values())) / calls * 1e6
-    print(f"  {'the rest (Python around the parts, logging)':<48} {rest:8.1f} µs")
+    out = {"Trainer.step (the whole iteration)": total / calls * 1e6}
+    out |= {name: t / calls * 1e6 for name, t in spent.items()}
+    out["the rest (Python around the parts, logging)"] = (total - sum(spent.values())) / calls * 1e6
+    for name, us in out.items():
+        print(f"  {name:<48} {us:8.1f} µs")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1, help="inner steps")
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--json", help="write both tables and the profiler's top rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = preset("maml")
@@ -86,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(300):
             trainer.step()
 
+        alone: dict[str, float] = {}
+
         def timed(name: str, fn: Callable[[], object]) -> None:
             fn()
             t0 = time.perf_counter()
             for _ in range(args.calls):
                 fn()
-            print(f"  {name:<44} {(time.perf_counter() - t0) / args.calls * 1e6:8.1f} µs")
+            alone[name] = (time.perf_counter() - t0) / args.calls * 1e6
+            print(f"  {name:<44} {alone[name]:8.1f} µs")
 
         batch = trainer.tasks.sample(cfg.train.meta_batch, cfg.task.shots, cfg.task.queries, trainer.generator)
         print(f"sinusoid MAML, {args.steps} inner step(s), one thread, mean of {args.calls} calls")
@@ -117,11 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         timed("scheduler.step", trainer.scheduler.step)
         timed("distributed average (one process)", lambda: average_meta_step(learner, metrics, trainer.world))
         print(f"the same parts in sequence, inside {args.calls} real Trainer.step calls (each wrapped in a timer)")
-        in_sequence(trainer, args.calls)
+        sequence = in_sequence(trainer, args.calls)
         with torch.profiler.profile() as prof:
             for _ in range(100):
                 learner.meta_gradient(batch, 100)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        if args.json:
+            total = sum(e.self_cpu_time_total for e in events)
+            top = [{"name": e.key, "self_percent": 100 * e.self_cpu_time_total / total, "calls": e.count}
+                   for e in events[:12]]  # fmt: skip
+            info = {"torch": torch.__version__, "steps": args.steps, "calls": args.calls, "threads": 1}
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "alone_us": alone, "in_sequence_us": sequence, "profile_top": top}, f,
+                          indent=1)  # fmt: skip
         trainer.close()
     return 0
 
