@@ -11,7 +11,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from metagrad import MAML, MLP, Sinusoid
-from metagrad.matmul_orientation import NARROW, BatchedMatmulOrientation, turns_around
+from metagrad.matmul_orientation import NARROW, BatchedMatmulOrientation, measured_here, turns_around
 
 F64 = torch.float64
 
@@ -80,6 +80,7 @@ def test_the_pass_rewrites_narrow_products_and_keeps_their_values(a_transposed: 
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.skipif(not measured_here(), reason="compile() adds the pass on x86 with MKL only")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_second_order_meta_gradient_with_the_pass_equals_eager(monkeypatch) -> None:
     """The default ``compile()`` on the CPU: MAML's float64 meta-gradient on a 20-wide MLP (5 support points per

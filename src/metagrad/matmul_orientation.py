@@ -43,7 +43,7 @@ def measured_here() -> bool:
 
 def turns_around(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the pass computes ``bmm(a, b)`` as ``bmm(bᵀ, aᵀ)ᵀ``: float32 or float64 CPU tensors (the measured
-    cases; half precision takes oneDNN's kernels), static shapes, ``N < 16 <= M``."""
+    cases; half precision takes oneDNN's kernels), M and N static, ``N < 16 <= M``."""
     if a.dim() != 3 or b.dim() != 3 or a.device.type != "cpu" or b.device.type != "cpu":
         return False
     if a.dtype not in _MEASURED or b.dtype != a.dtype:
