@@ -130,3 +130,22 @@ def test_every_compiled_learner_in_a_process_gets_its_own_graph_beyond_dynamos_r
         learner.meta_gradient(batch)
         graphs.append(counters["stats"]["unique_graphs"] - before)
     assert graphs == [1] * (limit + 2)
+
+
+def test_a_deep_copy_of_a_compiled_learner_compiles_its_own_step_and_reads_its_own_settings() -> None:
+    import copy
+
+    batch = _batch(3)
+    learner = MAML(MLP(1, [4], 1), inner_lr=0.1, inner_steps=1)
+    learner.compile(backend="eager")
+    twin = copy.deepcopy(learner)
+    assert twin._compiled is not None and twin._compiled is not learner._compiled
+    assert twin._compile_options == {"backend": "eager"}
+    twin.inner_steps = 3  # the copy's own setting, which a step bound to the original would not see
+    eager = copy.deepcopy(twin)
+    eager._compiled = None
+    got, expected = twin.meta_gradient(batch), eager.meta_gradient(batch)
+    for k in expected[0]:
+        torch.testing.assert_close(got[0][k], expected[0][k], rtol=1e-5, atol=1e-6)
+    assert learner.inner_steps == 1
+    assert all(p is not q for p, q in zip(learner.parameters(), twin.parameters(), strict=True))

@@ -17,6 +17,7 @@ module's tensors (detached aliases, never copies), so nothing goes stale.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -102,11 +103,11 @@ def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     :meth:`compile` gives each learner its own cache."""
     bound = getattr(fn, "__self__", None)
     func = getattr(fn, "__func__", fn)
-    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+    twin = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
                               func.__closure__)  # fmt: skip
-    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
-    copy.__dict__.update(func.__dict__)
-    return types.MethodType(copy, bound) if bound is not None else copy
+    twin.__kwdefaults__, twin.__qualname__ = func.__kwdefaults__, func.__qualname__
+    twin.__dict__.update(func.__dict__)
+    return types.MethodType(twin, bound) if bound is not None else twin
 
 
 class MetaLearner(nn.Module):
@@ -179,6 +180,7 @@ class MetaLearner(nn.Module):
         self.extra = NamedTensors(learned=False)  # non-learned state that must survive a checkpoint
         self.register_buffer("backward_calls", torch.zeros((), dtype=torch.int64))
         self._compiled: Callable[..., Any] | None = None
+        self._compile_options: dict[str, Any] = {}  # what compile() was given, for a deep copy to compile alike
         self._cuda_graphs = False
         self._x_ndim: int | None = None
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
@@ -570,6 +572,7 @@ class MetaLearner(nn.Module):
           compile instead of falling back to AVX2.
 
         Call it after moving the learner to its device."""
+        self._compile_options = dict(options)
         backend = options.get("backend", "inductor")
         on_cpu = all(p.device.type == "cpu" for p in self.parameters())
         mode = options.get("mode")
@@ -588,6 +591,17 @@ class MetaLearner(nn.Module):
         self._compiled = torch.compile(_with_own_code(self._compile_target()), **options)
         chosen = options.get("options") or {}
         self._cuda_graphs = mode in CUDA_GRAPH_MODES or bool(chosen.get("triton.cudagraphs"))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MetaLearner:
+        """A deep copy, compiled again with the same options if this learner is compiled: the compiled meta-step
+        is bound to this learner and would read its settings (``inner_steps``, the inner rule), not the copy's."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: (None if k == "_compiled" else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
+        new.__setstate__(state)
+        if self._compiled is not None:
+            new.compile(**self._compile_options)
+        return new
 
     @staticmethod
     def _on_cuda(params: Mapping[str, Tensor]) -> bool:
