@@ -115,13 +115,15 @@ def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_ex
     assert seen[-1] == {"mode": "max-autotune"} and learner._cuda_graphs
 
 
-def test_every_compiled_learner_in_a_process_gets_its_own_graph_beyond_dynamos_recompile_limit() -> None:
+def test_every_compiled_learner_in_a_process_gets_its_own_graph_beyond_dynamos_recompile_limit(monkeypatch) -> None:
     """Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; a learner's compile() runs a copy of the
-    meta-step's code, so the ninth and later learners in a process (a sweep) are compiled too, not run eagerly."""
+    meta-step's code, so the ninth and later learners in a process (a sweep) are compiled too, not run eagerly.
+    The limit is lowered to 2 here to keep the test short; the mechanism is the same."""
     from torch._dynamo.utils import counters
 
     batch = _batch(3)
-    limit = torch._dynamo.config.recompile_limit
+    limit = 2
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", limit)
     graphs = []
     for _ in range(limit + 2):
         learner = MAML(MLP(1, [4], 1), inner_lr=0.1, inner_steps=1)
