@@ -151,3 +151,28 @@ def test_a_deep_copy_of_a_compiled_learner_compiles_its_own_step_and_reads_its_o
         torch.testing.assert_close(got[0][k], expected[0][k], rtol=1e-5, atol=1e-6)
     assert learner.inner_steps == 1
     assert all(p is not q for p, q in zip(learner.parameters(), twin.parameters(), strict=True))
+    shallow = copy.copy(learner)  # shares the network, not the compiled step
+    assert shallow._compiled is not None and shallow._compiled is not learner._compiled
+    shallow.inner_steps = 3
+    for k, v in shallow.meta_gradient(batch)[0].items():
+        torch.testing.assert_close(v, expected[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_one_learners_shapes_do_not_make_anothers_first_graph_dynamic() -> None:
+    """Dynamo remembers which sizes changed by the code's file, line and name: each learner's copy of the
+    meta-step has a name of its own, so a new learner's first graph is static whatever others ran."""
+    dynamic: list[bool] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        dynamic.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return gm.forward
+
+    first = MAML(MLP(1, [4], 1), inner_lr=0.1, inner_steps=1)
+    first.compile(backend=backend)
+    first.meta_gradient(_batch(3))
+    first.meta_gradient(_batch(5))  # a second size: this learner's step recompiles with dynamic sizes
+    assert dynamic == [False, True]
+    second = MAML(MLP(1, [4], 1), inner_lr=0.1, inner_steps=1)
+    second.compile(backend=backend)
+    second.meta_gradient(_batch(3))
+    assert dynamic == [False, True, False]

@@ -249,6 +249,7 @@ def test_adapt_only_takes_a_module_or_a_predicate_and_tied_weights_work():
     model = MLP()
     head = MAML(model, adapt_only=model[4])
     assert head.fast == ["4.weight", "4.bias"]
+    assert copy.deepcopy(head).fast == ["4.weight", "4.bias"]  # chosen by name: a copy's parameters are new objects
     assert MAML(MLP(), adapt_only=lambda name, p: name.endswith("bias")).fast == ["0.bias", "2.bias", "4.bias"]
     tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
     tied[2].weight = tied[0].weight

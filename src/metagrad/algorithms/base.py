@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -95,16 +96,21 @@ _TRANSFORM_FAILURES = {
 }
 
 
+_COMPILED_COPIES = itertools.count()
+
+
 def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (a function or a bound method) running a copy of its code object. Dynamo keeps compiled graphs on the
     code object, at most ``torch._dynamo.config.recompile_limit`` (8) for one code. Every learner's :meth:`compile`
     would share the code of ``MetaLearner._chunk_gradient``, so from the ninth compiled learner in a process on (a
-    sweep in a notebook), the meta-step would run uncompiled, with only a log line to say so. A copy per
+    sweep in a notebook), the meta-step would run uncompiled, with only Dynamo's warning to say so. A copy per
     :meth:`compile` gives each learner its own cache."""
     bound = getattr(fn, "__self__", None)
     func = getattr(fn, "__func__", fn)
-    twin = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
-                              func.__closure__)  # fmt: skip
+    # A name of its own too: Dynamo keys its automatic-dynamic-shape memory on file, line and name, so a shared
+    # name would let one learner's shapes make another's first graph dynamic (and slower).
+    code = func.__code__.replace(co_name=f"{func.__code__.co_name}_{next(_COMPILED_COPIES)}")
+    twin = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
     twin.__kwdefaults__, twin.__qualname__ = func.__kwdefaults__, func.__qualname__
     twin.__dict__.update(func.__dict__)
     return types.MethodType(twin, bound) if bound is not None else twin
@@ -248,7 +254,9 @@ class MetaLearner(nn.Module):
             ids = {id(p) for p in adapt_only.parameters()}
             if not ids or not ids <= {id(p) for p in self.model.parameters()}:
                 raise ConfigError("adapt_only must be a submodule of the model that holds parameters")
-            return lambda name, p: id(p) in ids
+            # By name, not by object: a deep copy of the learner holds new parameter objects under the same names.
+            names = frozenset(n for n, p in self.model.named_parameters() if id(p) in ids)
+            return lambda name, p: name in names
         if isinstance(adapt_only, str | bytes) or not isinstance(adapt_only, Sequence):
             if callable(adapt_only):
                 return lambda name, p: bool(adapt_only(name, p))
@@ -592,16 +600,27 @@ class MetaLearner(nn.Module):
         chosen = options.get("options") or {}
         self._cuda_graphs = mode in CUDA_GRAPH_MODES or bool(chosen.get("triton.cudagraphs"))
 
+    def __copy__(self) -> MetaLearner:
+        """A shallow copy (shared network and tensors), compiled again if this learner is compiled (see
+        :meth:`__deepcopy__`)."""
+        new = type(self).__new__(type(self))
+        new.__setstate__({**self.__dict__, "_compiled": None, "_compile_options": dict(self._compile_options)})
+        return new._compiled_like(self)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> MetaLearner:
         """A deep copy, compiled again with the same options if this learner is compiled: the compiled meta-step
         is bound to this learner and would read its settings (``inner_steps``, the inner rule), not the copy's."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = {k: (None if k == "_compiled" else copy.deepcopy(v, memo)) for k, v in self.__dict__.items()}
+        kept = {"_compiled": None, "_compile_options": dict(self._compile_options)}  # options: the same objects
+        state = {k: kept[k] if k in kept else copy.deepcopy(v, memo) for k, v in self.__dict__.items()}
         new.__setstate__(state)
-        if self._compiled is not None:
-            new.compile(**self._compile_options)
-        return new
+        return new._compiled_like(self)
+
+    def _compiled_like(self, original: MetaLearner) -> MetaLearner:
+        if original._compiled is not None:
+            self.compile(**original._compile_options)
+        return self
 
     @staticmethod
     def _on_cuda(params: Mapping[str, Tensor]) -> bool:
