@@ -573,7 +573,7 @@ class MetaLearner(nn.Module):
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
           percent faster.
         - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
-          instruction sets that ``/proc/cpuinfo`` lists instead of compiling and loading a probe library for each
+          instruction sets that the CPU reports (CPUID) instead of compiling and loading a probe library for each
           (8.6 s on a new machine, 1.4 s on every later start): the sinusoid step's cold compile fell from 16.4 s
           to 9.2 s (``benchmarks/cold_compile.py``). It still probes the extensions it would use (AVX-512 BF16,
           VNNI, AMX). A compiler too old for the CPU (GCC < 8 on an AVX-512 VNNI machine) then fails at the first
