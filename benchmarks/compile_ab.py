@@ -11,9 +11,12 @@ variant, one variant after the other. The medians over the rounds are printed, w
 to ``default``. Variants:
 
 - ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper and
-  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation`);
-- ``no-bmm-pass``: the C++ wrapper only, ``compile(options={"cpp_wrapper": True})``;
-- ``python-wrapper``: PyTorch's defaults, ``compile(options={})``.
+  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation`), with the update fused into the compiled step
+  (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
+- ``separate-update``: the same compile, the norm, guard and Adam step run separately
+  (``train.fused_update = false``, the previous rounds' iteration);
+- ``no-bmm-pass``: the C++ wrapper only, ``compile(options={"cpp_wrapper": True})``, update fused;
+- ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
 
 The first call of each variant (its compile) is timed too, but the variants share one process and its warm
 imports, so only ``benchmarks/iteration.py`` gives a cold-compile figure.
@@ -33,10 +36,12 @@ import torch
 from metagrad import Trainer
 from metagrad.presets import preset
 
-VARIANTS = {
-    "default": None,
-    "no-bmm-pass": {"cpp_wrapper": True},
-    "python-wrapper": {},
+# Inductor options (None: compile()'s own choice) and whether the update is fused into the compiled step.
+VARIANTS: dict[str, tuple[dict | None, bool]] = {
+    "default": (None, True),
+    "separate-update": (None, False),
+    "no-bmm-pass": ({"cpp_wrapper": True}, True),
+    "python-wrapper": ({}, True),
 }
 
 
@@ -45,8 +50,8 @@ def build(steps: int, variant: str, root: Path) -> tuple[Trainer, float]:
     cfg.algorithm.inner_steps = steps
     cfg.train.compile, cfg.train.threads, cfg.train.iterations = False, 1, 10**9
     cfg.train.val_every = cfg.train.checkpoint_every = 10**9
+    options, cfg.train.fused_update = VARIANTS[variant]
     trainer = Trainer(cfg, root / f"{variant}-{steps}")
-    options = VARIANTS[variant]
     trainer.learner.compile(**({} if options is None else {"options": dict(options)}))
     t0 = time.perf_counter()
     trainer.step()

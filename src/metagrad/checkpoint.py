@@ -194,7 +194,14 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], m
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = meta["param_groups"]
+    if len(groups) == len(opt.param_groups):  # else torch's load_state_dict says what does not match
+        # JSON wrote tuples (Adam's betas) as lists: give them back their type, as the optimizer holds them.
+        groups = [
+            {k: tuple(v) if isinstance(v, list) and isinstance(now.get(k), tuple) else v for k, v in saved.items()}
+            for saved, now in zip(groups, opt.param_groups, strict=True)
+        ]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_training_state(

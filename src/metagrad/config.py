@@ -72,6 +72,9 @@ class TrainConfig(_Checked):
     # torch.compile's mode when compile is on: "reduce-overhead" captures the meta-step in CUDA graphs on a GPU
     # (no effect on the CPU), "max-autotune" also searches kernel configurations (slow to compile)
     compile_mode: str = "default"
+    # With compile on the CPU: the norm, divergence guard, clipping and the Adam or SGD update run inside the
+    # compiled meta-step, one call per iteration (metagrad.fused_update); false keeps them separate
+    fused_update: bool = True
     # true: all tasks in one vmap; false: one task after another; k: vmap k tasks at a time; "auto": vmap
     # unless the network convolves (see MetaLearner.vmapped)
     vectorize: bool | int | str = "auto"

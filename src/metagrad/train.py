@@ -49,6 +49,7 @@ from metagrad.config import Config
 from metagrad.distributed import average_meta_step, init_world, on_main, shutdown_world
 from metagrad.errors import CheckpointError, ConfigError, DivergenceError, RunError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
+from metagrad.fused_update import FusedUpdate, unfused_reason
 from metagrad.run import init_run, init_run_record, read_run_config
 
 __all__ = ["Trainer", "train", "TrainResult", "meta_lr_at", "lr_scheduler"]
@@ -162,6 +163,7 @@ class Trainer:
         self.last: dict[str, float] = {}
         self._window: list[dict[str, float]] = []
         self._opened = False
+        self._fused: FusedUpdate | None = None  # built at the first step it applies to
 
     def _build(self, progress: bool) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -305,6 +307,16 @@ class Trainer:
         t = self.cfg.train
         batch = self.tasks.sample(t.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
         batch = batch.to(self.device, self.dtype)
+        fused = self._fused_update(len(batch))
+        if fused is not None:
+            lr = self.optimizer.param_groups[0]["lr"]
+            norm, finite, values = fused(batch, self.iteration, self.generator)
+            if not finite:  # nothing was updated
+                raise self._diverged(
+                    f"at iteration {self.iteration + 1}: meta-loss {values['loss']:.4g}, meta-gradient norm {norm:.4g}"
+                )
+            self.scheduler.step()
+            return self._stepped({**values, "grad_norm": norm, "lr": lr}, start)
         # The learner's own zero_grad: the same as the optimizer's here (it holds every parameter), without the
         # optimizer's per-call profiling scope.
         self.learner.zero_grad(set_to_none=True)
@@ -324,8 +336,24 @@ class Trainer:
             ) from None
         self.scheduler.step()
         self.learner.zero_grad(set_to_none=True)
+        return self._stepped({**values, "grad_norm": norm, "lr": lr}, start)
+
+    def _fused_update(self, tasks: int) -> FusedUpdate | None:
+        """The one-call update (metagrad.fused_update) where it applies, else None (the separate parts)."""
+        t, size = self.cfg.train, self.world.size
+        if not t.fused_update:
+            return None
+        fused = self._fused
+        if fused is not None and fused.applies(self.learner, self.optimizer, t.grad_clip, tasks, size):
+            return fused
+        if unfused_reason(self.learner, self.optimizer, tasks, size) is not None:
+            return None
+        fused = self._fused = FusedUpdate(self.learner, self.optimizer, t.grad_clip)
+        return fused
+
+    def _stepped(self, out: dict[str, float], start: float) -> dict[str, float]:
+        t = self.cfg.train
         self.iteration += 1
-        out = {**values, "grad_norm": norm, "lr": lr}
         self.seconds += time.perf_counter() - start
         self._window.append(out)
         it = self.iteration

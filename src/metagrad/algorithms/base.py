@@ -187,6 +187,7 @@ class MetaLearner(nn.Module):
         self.register_buffer("backward_calls", torch.zeros((), dtype=torch.int64))
         self._compiled: Callable[..., Any] | None = None
         self._compile_options: dict[str, Any] = {}  # what compile() was given, for a deep copy to compile alike
+        self._torch_compile_options: dict[str, Any] = {}  # what torch.compile got, options resolved
         self._cuda_graphs = False
         self._x_ndim: int | None = None
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
@@ -596,6 +597,7 @@ class MetaLearner(nn.Module):
             if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
                 inductor["cpp.vec_isa_ok"] = True
             options = {k: v for k, v in options.items() if k != "mode"} | {"options": inductor}
+        self._torch_compile_options = options  # what torch.compile got (metagrad.fused_update compiles alike)
         self._compiled = torch.compile(_with_own_code(self._compile_target()), **options)
         chosen = options.get("options") or {}
         self._cuda_graphs = mode in CUDA_GRAPH_MODES or bool(chosen.get("triton.cudagraphs"))

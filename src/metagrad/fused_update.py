@@ -1,0 +1,224 @@
+"""One compiled function for a whole training update: the meta-gradient, its norm, the divergence guard, gradient
+clipping and the optimizer's step (Adam or SGD), which :class:`~metagrad.Trainer` runs on the CPU when the learner
+is compiled (``train.compile``, ``train.fused_update``).
+
+Run one after another, the compiled meta-step and the small eager parts around it (the norm and the metrics'
+host copy, the fused Adam kernel) each met caches the other had just evicted: on the sinusoid MAML step they
+took 1.6-4.1x their time alone (``benchmarks/iteration_parts.py``). Inside the meta-step's graph the update is a
+few fused loops over tensors that are still in cache, and the step is one call instead of four.
+
+The update is the optimizer's own, on its own state: ``optimizer.state`` holds the same tensors (Adam's
+``step``, ``exp_avg``, ``exp_avg_sq``, laid out as ``torch.optim.Adam(fused=True)`` lays them out), so
+``state_dict()``, checkpoints and resume work unchanged, and a run may switch between the fused and the separate
+update at any checkpoint. The arithmetic is Adam's (Kingma & Ba 2015, as ``torch.optim.Adam`` computes it), in
+another order: the two agree to rounding (tested in float64), not bit for bit. A non-finite meta-loss or
+meta-gradient leaves the weights and the optimizer's state as they were, as the separate update does, and the
+trainer then stops with its DivergenceError.
+
+What it covers (:func:`unfused_reason` says why not, otherwise): ``torch.optim.Adam`` without weight decay,
+AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight decay (the optimizers that
+``train.optimizer`` builds); one process; a learner compiled on the CPU without CUDA graphs whose tasks are
+vmapped in one chunk and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own (MAML, first-order
+MAML, Meta-SGD, MAML Enhanced, ANIL). Anything else takes the separate update, with the same results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
+
+from metagrad.algorithms.base import MetaLearner, _detach, _with_own_code
+from metagrad.tasks.base import TaskBatch
+
+__all__ = ["FusedUpdate", "unfused_reason"]
+
+_ADAM_DEFAULTS = {"weight_decay": 0, "amsgrad": False, "maximize": False, "differentiable": False}
+_SGD_DEFAULTS = {"momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False, "differentiable": False}
+
+
+def _overrides(learner: MetaLearner, name: str) -> bool:
+    return getattr(type(learner), name) is not getattr(MetaLearner, name)
+
+
+def unfused_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks: int, world_size: int) -> str | None:
+    """Why a training step of ``learner`` with ``optimizer`` on ``tasks`` tasks cannot run as one compiled
+    function, or None when it can."""
+    reason = _setting_reason(learner, optimizer, tasks, world_size)
+    if reason is not None:
+        return reason
+    if any(_overrides(learner, m) for m in ("backward", "meta_gradient", "_meta_step", "_compile_target")):
+        return f"{type(learner).__name__} has its own meta-step"
+    mine = {id(p) for p in learner._named_parameters().values()} | {id(p) for p in learner._learned_tensors().values()}
+    if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
+        return "the optimizer holds tensors that are not the learner's"
+    return None
+
+
+def _setting_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks: int, world_size: int) -> str | None:
+    """The part of :func:`unfused_reason` that settings may change between two steps (checked at every step)."""
+    if learner._compiled is None:
+        return "the learner is not compiled"
+    if learner._cuda_graphs:
+        return "the learner's compiled step captures CUDA graphs"
+    if world_size > 1:
+        return "the meta-gradient is all-reduced between the processes before the update"
+    if learner.task_chunk(tasks) != tasks:
+        return "the tasks are differentiated in chunks"
+    if next(iter(learner._named_parameters().values())).device.type != "cpu":
+        return "the learner is not on the CPU (the fused update was measured on the CPU only)"
+    if type(optimizer) is torch.optim.Adam:
+        defaults = _ADAM_DEFAULTS
+    elif type(optimizer) is torch.optim.SGD:
+        defaults = _SGD_DEFAULTS
+    else:
+        return f"{type(optimizer).__name__} is not fused (Adam and SGD are)"
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks or _global_step_hooks():
+        return "the optimizer has step hooks"
+    for group in optimizer.param_groups:
+        for key, value in defaults.items():
+            if group.get(key, value) != value:
+                return f"the optimizer's {key}={group[key]!r}"
+        if isinstance(group["lr"], Tensor):
+            return "the optimizer's learning rate is a tensor"
+        if not all(p.requires_grad for p in group["params"]):
+            return "the optimizer holds a frozen tensor (requires_grad=False)"
+    return None
+
+
+class FusedUpdate:
+    """``update(batch, iteration, generator)``: one meta-iteration of ``learner`` with ``optimizer``, as one call
+    of a compiled function (see the module docstring). Returns ``(grad_norm, finite, metrics)``: the meta-gradient's
+    global norm before clipping, whether the update was applied (the meta-loss and gradient were finite), and the
+    metrics as floats. ``clip``: the global-norm bound (``train.grad_clip``), or None."""
+
+    def __init__(self, learner: MetaLearner, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+        self.learner, self.optimizer, self.clip = learner, optimizer, clip
+        self.adam = type(optimizer) is torch.optim.Adam
+        tensors = {id(p): ("p", k) for k, p in learner._named_parameters().items()}
+        tensors |= {id(p): ("m", k) for k, p in learner._learned_tensors().items()}
+        # Which tensor each of the optimizer's parameters is, by group: fixed for this optimizer.
+        self.keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
+        self._ids = _ids(optimizer)
+        self._backward = type(learner).backward
+        self._compiled = torch.compile(_with_own_code(self._update), **learner._torch_compile_options)
+
+    def applies(self, learner: MetaLearner, optimizer: torch.optim.Optimizer, clip: float | None, tasks: int,
+                world_size: int) -> bool:  # fmt: skip
+        """Whether this update was built for these and they still allow it (the trainer builds another when one
+        is replaced, and runs the parts separately when a setting rules the fused update out)."""
+        same = learner is self.learner and optimizer is self.optimizer and clip == self.clip
+        if not (same and self._ids == _ids(optimizer) and type(learner).backward is self._backward):
+            return False
+        return _setting_reason(learner, optimizer, tasks, world_size) is None
+
+    def _state(self) -> tuple[list[Tensor], ...]:
+        """Adam's state tensors in group order (created as ``torch.optim.Adam(fused=True)`` creates them on its
+        first step), or nothing for SGD."""
+        if not self.adam:
+            return [], [], []
+        steps, avgs, squares = [], [], []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if not state:
+                    # torch.optim.Adam's own layout: float32 on the device when fused (or capturable), else on the
+                    # CPU in float64 if that is the default dtype.
+                    on_device = group["fused"] or group["capturable"]
+                    wide = torch.get_default_dtype() == torch.float64 and not group["fused"]
+                    scalar = torch.float64 if wide else torch.float32
+                    state["step"] = torch.zeros((), dtype=scalar, device=p.device if on_device else "cpu")
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                steps.append(state["step"])
+                avgs.append(state["exp_avg"])
+                squares.append(state["exp_avg_sq"])
+        return steps, avgs, squares
+
+    def __call__(self, batch: TaskBatch, iteration: int, generator: torch.Generator | None) -> tuple[float, bool, dict]:
+        learner = self.learner
+        named = learner._named_parameters()
+        learner._check_batch(batch, named)
+        weights, first_order = learner.schedule(iteration)
+        tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        params = _detach(named)
+        learned = {k: v for k, v in params.items() if named[k].requires_grad}
+        frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
+        meta = _detach(learner.meta_state)
+        groups = self.optimizer.param_groups
+        lrs = torch.tensor([g["lr"] for g in groups], dtype=torch.float64)
+        hyper = tuple((*g.get("betas", (0.0, 0.0)), g.get("eps", 0.0)) for g in groups)
+        args = (learned, frozen, meta, tasks, weights, first_order, 1.0 / len(batch), *self._state(), lrs, hyper)
+
+        def separately() -> Any:  # for a failure's explanation only: the plain meta-gradient, eagerly
+            return learner._meta_gradient(learned, frozen, meta, tasks, weights, first_order, eager=True)
+
+        with learner._explain_transform_errors(separately), torch.no_grad():
+            with learner._task_randomness(generator, batch.support_x.device):
+                out, names = self._compiled(*args)
+        norm, finite, *values = out.tolist()  # one host copy of the norm, the flag and the metrics
+        if finite:
+            self.optimizer._opt_called = True  # what optimizer.step() sets; the LR scheduler checks it
+        if learner.training and learner.tracks_statistics:
+            learner.track_statistics(batch)
+        return norm, bool(finite), dict(zip(names, values, strict=True))
+
+    def _update(
+        self,
+        learned: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        meta: dict[str, Tensor],
+        tasks: tuple[Tensor, ...],
+        weights: Tensor | None,
+        first_order: bool,
+        scale: float,
+        steps: list[Tensor],
+        avgs: list[Tensor],
+        squares: list[Tensor],
+        lrs: Tensor,
+        hyper: tuple[tuple[float, float, float], ...],
+    ) -> tuple[Tensor, tuple[str, ...]]:
+        gp, gm, metrics = self.learner._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale)
+        trees = {"p": (learned, gp), "m": (meta, gm)}
+        targets = [[trees[kind][0][k] for kind, k in keys] for keys in self.keys]
+        grads = [[trees[kind][1][k] for kind, k in keys] for keys in self.keys]
+        flat = [g for group in grads for g in group]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in flat]))
+        finite = torch.isfinite(norm) & torch.isfinite(metrics["loss"])
+        if self.clip:
+            factor = torch.where(norm > self.clip, self.clip / (norm + 1e-6), torch.ones_like(norm))
+            grads = [[g * factor for g in group] for group in grads]
+        i = 0
+        for index, (group_targets, group_grads) in enumerate(zip(targets, grads, strict=True)):
+            lr = lrs[index]
+            beta1, beta2, eps = hyper[index]
+            for p, g in zip(group_targets, group_grads, strict=True):
+                if self.adam:
+                    step, avg, square = steps[i], avgs[i], squares[i]
+                    new_step = step + 1
+                    new_avg = avg.lerp(g, 1 - beta1)
+                    new_square = square * beta2 + g * g * (1 - beta2)
+                    t = new_step.to(torch.float64)
+                    step_size = lr / (1 - beta1**t)
+                    root = torch.sqrt(1 - beta2**t)
+                    denom = new_square.sqrt() / root.to(p.dtype) + eps
+                    new_p = p - step_size.to(p.dtype) * new_avg / denom
+                    step.copy_(torch.where(finite, new_step, step))
+                    avg.copy_(torch.where(finite, new_avg, avg))
+                    square.copy_(torch.where(finite, new_square, square))
+                else:
+                    new_p = p - lr.to(p.dtype) * g
+                p.copy_(torch.where(finite, new_p, p))
+                i += 1
+        out = torch.stack([norm, finite.to(norm.dtype), *(v.to(norm.dtype).reshape(()) for v in metrics.values())])
+        return out, tuple(metrics)
+
+
+def _global_step_hooks() -> bool:
+    return bool(torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks)
+
+
+def _ids(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups)

@@ -1,0 +1,175 @@
+"""The update fused into the compiled meta-step (metagrad.fused_update): the same training as the separate
+parts (meta-gradient, guard and clip, torch.optim step), in float64 to rounding, on the optimizer's own state;
+the guard still leaves everything untouched; anything it does not cover takes the separate path."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad import Trainer
+from metagrad.config import Config, load_config
+from metagrad.errors import DivergenceError
+from metagrad.fused_update import unfused_reason
+
+TINY = [
+    "model.hidden=[8,8]",
+    "train.meta_batch=4",
+    "train.log_every=2",
+    "train.val_every=1000",
+    "train.val_tasks=4",
+    "train.checkpoint_every=1000",
+    "train.threads=1",
+    "train.dtype=float64",
+    "train.iterations=100",
+]
+
+
+def cfg_of(*overrides: str) -> Config:
+    return load_config(overrides=[*TINY, *overrides])
+
+
+def trainer_of(tmp_path: Path, name: str, overrides: list[str], fused: bool, backend: str = "aot_eager") -> Trainer:
+    cfg = cfg_of(*overrides, f"train.fused_update={str(fused).lower()}")
+    trainer = Trainer(cfg, tmp_path / name)
+    # Compiled by hand (aot_eager: no C++ build), as train.compile would with Inductor: the same fused graph.
+    trainer.learner.compile(backend=backend)
+    return trainer
+
+
+def state_of(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
+    return trainer.learner.state_dict(), trainer.optimizer.state_dict()
+
+
+def assert_close_runs(a: Trainer, b: Trainer, rtol: float = 1e-12) -> None:
+    (la, oa), (lb, ob) = state_of(a), state_of(b)
+    assert la.keys() == lb.keys()
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], rtol=rtol, atol=rtol * la[k].abs().max().item(), msg=k)
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i, state in oa["state"].items():
+        assert state.keys() == ob["state"][i].keys()
+        for name, t in state.items():
+            u = ob["state"][i][name]
+            assert (t.dtype, t.device, t.shape) == (u.dtype, u.device, u.shape), (i, name)
+            torch.testing.assert_close(t, u, rtol=rtol, atol=rtol * t.abs().max().item(), msg=f"{i} {name}")
+
+
+CASES = {
+    "maml-adam-cosine": ["algorithm.inner_steps=2", "train.lr_schedule=cosine", "train.meta_lr=0.01"],
+    # A bound every step's norm exceeds, so that the clipping acts.
+    "maml-clipped": ["train.grad_clip=1e-3", "train.meta_lr=0.01"],
+    # Learned per-step rates and curvature: a second parameter group with its own learning rate.
+    "enhanced": [
+        "algorithm.name=maml_enhanced", "algorithm.inner_steps=2", "train.meta_lr=0.01", "train.meta_state_lr=0.003",
+    ],  # fmt: skip
+    "metasgd-sgd": ["algorithm.name=metasgd", "train.optimizer=sgd", "train.meta_lr=0.01"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_fused_update_trains_as_the_separate_parts(tmp_path: Path, case: str) -> None:
+    fused = trainer_of(tmp_path, "fused", CASES[case], fused=True)
+    separate = trainer_of(tmp_path, "separate", CASES[case], fused=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. the LR scheduler's "step() before optimizer.step()"
+        for _ in range(3):
+            mf, ms = fused.step(), separate.step()
+            assert mf.keys() == ms.keys()
+            for k in mf:
+                assert math.isclose(mf[k], ms[k], rel_tol=1e-12, abs_tol=1e-300), k
+    assert fused._fused is not None and separate._fused is None
+    assert_close_runs(fused, separate)
+    if "clipped" in case:
+        assert mf["grad_norm"] > 1e-3  # the bound acted
+    fused.close()
+    separate.close()
+
+
+def test_inductor_fuses_the_update_as_the_eager_parts(tmp_path: Path) -> None:
+    """The real path (train.compile: Inductor, its in-place updates of inputs) against no compile at all."""
+    overrides = ["train.meta_lr=0.01", "train.lr_schedule=linear", "train.compile=true"]
+    cfg = cfg_of(*overrides)
+    fused = Trainer(cfg, tmp_path / "fused")
+    reference = Trainer(cfg_of(*overrides[:-1]), tmp_path / "eager")
+    for _ in range(3):
+        fused.step()
+        reference.step()
+    assert fused._fused is not None and reference._fused is None
+    assert_close_runs(fused, reference)
+
+
+def test_a_checkpoint_moves_between_the_fused_and_the_separate_update(tmp_path: Path) -> None:
+    overrides = ["train.lr_schedule=cosine", "train.meta_lr=0.01"]
+    straight = trainer_of(tmp_path, "straight", overrides, fused=True)
+    for _ in range(4):
+        straight.step()
+    first = trainer_of(tmp_path, "switch", overrides, fused=True)
+    for _ in range(2):
+        first.step()
+    first.save()
+    first.close()
+    resumed = trainer_of(tmp_path, "switch", overrides, fused=False)
+    resumed.resume()
+    for _ in range(2):
+        resumed.step()
+    assert resumed._fused is None
+    assert_close_runs(straight, resumed)
+
+
+def test_a_non_finite_step_changes_nothing(tmp_path: Path) -> None:
+    trainer = trainer_of(tmp_path, "nan", ["train.meta_lr=0.01"], fused=True)
+    trainer.step()
+    with torch.no_grad():
+        next(trainer.learner.parameters()).mul_(1e200)  # the forward pass overflows to inf
+    before = {k: v.clone() for k, v in trainer.learner.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state_dict()["state"].items()}
+    with pytest.raises(DivergenceError, match="at iteration 2: meta-loss"):
+        trainer.step()
+    assert trainer._fused is not None
+    for k, v in trainer.learner.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for i, state in trainer.optimizer.state_dict()["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, moments[i][k]), (i, k)
+    assert trainer.iteration == 1
+
+
+def test_what_is_not_fused_takes_the_separate_path(tmp_path: Path) -> None:
+    trainer = trainer_of(tmp_path, "t", ["train.meta_lr=0.01"], fused=True)
+    learner, optimizer = trainer.learner, trainer.optimizer
+    assert unfused_reason(learner, optimizer, 4, 1) is None
+    assert "all-reduced" in unfused_reason(learner, optimizer, 4, 2)
+    learner.vectorize = 2
+    assert "chunks" in unfused_reason(learner, optimizer, 4, 1)
+    learner.vectorize = True
+    optimizer.param_groups[0]["weight_decay"] = 1e-4
+    assert "weight_decay" in unfused_reason(learner, optimizer, 4, 1)
+    trainer.step()  # the separate update, which decays the weights
+    assert trainer._fused is None
+    optimizer.param_groups[0]["weight_decay"] = 0
+    trainer.step()
+    assert trainer._fused is not None
+    handle = optimizer.register_step_post_hook(lambda *a: None)
+    assert "hooks" in unfused_reason(learner, optimizer, 4, 1)
+    calls = []
+    handle.remove()
+    handle = optimizer.register_step_post_hook(lambda *a: calls.append(1))
+    trainer.step()
+    assert calls == [1]  # the user's hook ran: the separate update
+    handle.remove()
+    trainer.optimizer = torch.optim.RMSprop(learner.parameters(), lr=1e-3)
+    assert "RMSprop" in unfused_reason(learner, trainer.optimizer, 4, 1)
+    momentum = torch.optim.SGD(learner.parameters(), lr=1e-3, momentum=0.9)
+    assert "momentum" in unfused_reason(learner, momentum, 4, 1)
+    foreign = torch.optim.Adam([*learner.parameters(), torch.nn.Parameter(torch.zeros(2))])
+    assert "not the learner's" in unfused_reason(learner, foreign, 4, 1)
+    eager = Trainer(cfg_of(), tmp_path / "eager")
+    assert "not compiled" in unfused_reason(eager.learner, eager.optimizer, 4, 1)
+    eager.step()
+    assert eager._fused is None
