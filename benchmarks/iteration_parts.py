@@ -3,7 +3,8 @@ in sequence.
 
 Run from the repository root (one core)::
 
-    taskset -c 0 python benchmarks/iteration_parts.py --steps 1
+    taskset -c 0 python benchmarks/iteration_parts.py --steps 1                     # the update fused (default)
+    taskset -c 0 python benchmarks/iteration_parts.py --steps 1 --update separate   # train.fused_update = false
 
 The protocol of ``benchmarks/iteration.py`` (``configs/sinusoid/maml.toml``, compiled, one thread): after a
 warm-up, each part runs ``--calls`` times in a loop and its mean is printed in microseconds. Then the same parts
@@ -11,7 +12,8 @@ are timed where they run, inside ``--calls`` real ``Trainer.step`` calls (the tr
 timers): there each part also pays for the caches that the others evicted. Last, ``torch.profiler`` lists the
 busiest operators of the compiled meta-step (``meta_gradient``) over 100 calls.
 The parts overlap a little (``backward`` includes the meta-step); the Adam step runs at learning rate 0 so that
-the weights stay where training left them.
+the weights stay where training left them. With the fused update (:mod:`metagrad.fused_update`, the default) the
+meta-step, guard and Adam step are one compiled call, timed as one part.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def in_sequence(trainer: Trainer, calls: int) -> dict[str, float]:
         "optimizer.step (fused Adam)": (trainer.optimizer, "step"),
         "scheduler.step": (trainer.scheduler, "step"),
     }
+    if trainer._fused is not None:
+        parts = {
+            "task sampling": (trainer.tasks, "sample"),
+            "choosing the fused update (its checks)": (trainer, "_fused_update"),
+            "the compiled update: meta-step, norm, guard, Adam": (trainer._fused, "_compiled"),
+            "scheduler.step": (trainer.scheduler, "step"),
+        }
     saved = {name: owner.__dict__.get(attr) for name, (owner, attr) in parts.items()}
     for name, (owner, attr) in parts.items():
         setattr(owner, attr, timer(name, getattr(owner, attr)))
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1, help="inner steps")
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--update", choices=("fused", "separate"), default="fused", help="train.fused_update")
     ap.add_argument("--json", help="write both tables and the profiler's top rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.algorithm.inner_steps = args.steps
     cfg.train.compile, cfg.train.threads, cfg.train.iterations = True, 1, 10**9
     cfg.train.val_every = cfg.train.checkpoint_every = 10**9
+    cfg.train.fused_update = args.update == "fused"
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, Path(d) / "run")
         learner = trainer.learner
@@ -110,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             learner.backward(batch, 100)
 
         timed("zero_grad + learner.backward", backward)
+        if trainer._fused is not None:
+            lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+            for g in trainer.optimizer.param_groups:
+                g["lr"] = 0.0
+            timed("the fused update (one compiled call and its inputs)", lambda: trainer._fused(batch, 100, None))
+            for g, lr in zip(trainer.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
         metrics = learner.backward(batch, 100)
         grads = [p.grad for p in learner._named_parameters(learner).values() if p.grad is not None]
         timed("guard and norm, one host copy of the metrics", lambda: trainer._check_and_clip(grads, metrics))
@@ -133,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(e.self_cpu_time_total for e in events)
             top = [{"name": e.key, "self_percent": 100 * e.self_cpu_time_total / total, "calls": e.count}
                    for e in events[:12]]  # fmt: skip
-            info = {"torch": torch.__version__, "steps": args.steps, "calls": args.calls, "threads": 1}
+            info = {"torch": torch.__version__, "steps": args.steps, "calls": args.calls, "threads": 1,
+                    "update": args.update}  # fmt: skip
             with open(args.json, "w") as f:
                 json.dump({"info": info, "alone_us": alone, "in_sequence_us": sequence, "profile_top": top}, f,
                           indent=1)  # fmt: skip
