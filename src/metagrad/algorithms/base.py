@@ -116,6 +116,25 @@ def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.MethodType(twin, bound) if bound is not None else twin
 
 
+@dataclasses.dataclass(frozen=True)
+class _AdaptOnly:
+    """Which parameters the inner loop adapts (``adapt_only``): every one, these names, these name prefixes, or
+    those a predicate accepts. A class, not a closure, so that a learner pickles (``torch.save(learner)``)."""
+
+    names: frozenset[str] | None = None
+    prefixes: tuple[str, ...] | None = None
+    predicate: Callable[[str, Tensor], bool] | None = None
+
+    def __call__(self, name: str, p: Tensor) -> bool:
+        if self.names is not None:
+            return name in self.names
+        if self.prefixes is not None:
+            return name.startswith(self.prefixes)
+        if self.predicate is not None:
+            return bool(self.predicate(name, p))
+        return True
+
+
 class MetaLearner(nn.Module):
     """Shared machinery of every algorithm (see the module docstring).
 
@@ -250,20 +269,18 @@ class MetaLearner(nn.Module):
 
     def _selector(self, adapt_only: Any) -> Callable[[str, Tensor], bool]:
         if adapt_only is None:
-            return lambda name, p: True
+            return _AdaptOnly()
         if isinstance(adapt_only, nn.Module):
             ids = {id(p) for p in adapt_only.parameters()}
             if not ids or not ids <= {id(p) for p in self.model.parameters()}:
                 raise ConfigError("adapt_only must be a submodule of the model that holds parameters")
             # By name, not by object: a deep copy of the learner holds new parameter objects under the same names.
-            names = frozenset(n for n, p in self.model.named_parameters() if id(p) in ids)
-            return lambda name, p: name in names
+            return _AdaptOnly(names=frozenset(n for n, p in self.model.named_parameters() if id(p) in ids))
         if isinstance(adapt_only, str | bytes) or not isinstance(adapt_only, Sequence):
             if callable(adapt_only):
-                return lambda name, p: bool(adapt_only(name, p))
+                return _AdaptOnly(predicate=adapt_only)
             raise ConfigError(f"adapt_only must be a module, a predicate or name prefixes, got {adapt_only!r}")
-        prefixes = tuple(adapt_only)
-        return lambda name, p: name.startswith(prefixes)
+        return _AdaptOnly(prefixes=tuple(adapt_only))
 
     # ----- the module's tensors, as the functional core names them ---------------------------------------
     @property
@@ -618,6 +635,21 @@ class MetaLearner(nn.Module):
         state = {k: kept[k] if k in kept else copy.deepcopy(v, memo) for k, v in self.__dict__.items()}
         new.__setstate__(state)
         return new._compiled_like(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save(learner)``, multiprocessing): the compiled step is left out (a compiled function
+        does not pickle) and compiled again, with the same options, when the learner is loaded; caches of
+        parameter lookups are rebuilt."""
+        state = dict(self.__dict__)
+        state.pop("_learned_memo", None)
+        return state | {"_compiled": None, "_indexes": {}, "_pickled_compiled": self._compiled is not None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        compiled = state.pop("_pickled_compiled", False)
+        super().__setstate__(state)
+        if compiled:
+            self.compile(**self._compile_options)
 
     def _compiled_like(self, original: MetaLearner) -> MetaLearner:
         if original._compiled is not None:
