@@ -13,7 +13,8 @@ timers): there each part also pays for the caches that the others evicted. Last,
 busiest operators of the compiled meta-step (``meta_gradient``) over 100 calls.
 The parts overlap a little (``backward`` includes the meta-step); the Adam step runs at learning rate 0 so that
 the weights stay where training left them. With the fused update (:mod:`metagrad.fused_update`, the default) the
-meta-step, guard and Adam step are one compiled call, timed as one part.
+tasks' arithmetic (the sinusoid family's ``assemble``), meta-step, guard and Adam step are one compiled call,
+timed as one part; sampling in sequence is then the family's ``draw`` (its generator calls) only.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def in_sequence(trainer: Trainer, calls: int) -> dict[str, float]:
         "scheduler.step": (trainer.scheduler, "step"),
     }
     if trainer._fused is not None:
+        drawn = trainer._assembled_in_graph()
         parts = {
-            "task sampling": (trainer.tasks, "sample"),
+            # With a family that splits its sampling, only its generator calls run here (the rest is compiled).
+            "task sampling": (trainer.tasks, "draw" if drawn else "sample"),
             "choosing the fused update (its checks)": (trainer, "_fused_update"),
-            "the compiled update: meta-step, norm, guard, Adam": (trainer._fused, "_compiled"),
+            "the compiled update: tasks, meta-step, norm, guard, Adam": (trainer._fused, "_compiled"),
             "scheduler.step": (trainer.scheduler, "step"),
         }
     saved = {name: owner.__dict__.get(attr) for name, (owner, attr) in parts.items()}

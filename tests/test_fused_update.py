@@ -14,7 +14,8 @@ import torch
 from metagrad import Trainer
 from metagrad.config import Config, load_config
 from metagrad.errors import DivergenceError
-from metagrad.fused_update import unfused_reason
+from metagrad.fused_update import assembles, unfused_reason
+from metagrad.tasks import Sinusoid, TaskBatch
 
 TINY = [
     "model.hidden=[8,8]",
@@ -84,6 +85,7 @@ def test_the_fused_update_trains_as_the_separate_parts(tmp_path: Path, case: str
             for k in mf:
                 assert math.isclose(mf[k], ms[k], rel_tol=1e-12, abs_tol=1e-300), k
     assert fused._fused is not None and separate._fused is None
+    assert fused._assembled_in_graph()  # the sinusoid tasks were assembled inside the compiled update
     assert_close_runs(fused, separate)
     if "clipped" in case:
         assert mf["grad_norm"] > 1e-3  # the bound acted
@@ -173,3 +175,26 @@ def test_what_is_not_fused_takes_the_separate_path(tmp_path: Path) -> None:
     assert "not compiled" in unfused_reason(eager.learner, eager.optimizer, 4, 1)
     eager.step()
     assert eager._fused is None
+
+
+class _OwnSampling(Sinusoid):
+    """A user's family that changes `sample` and inherits `draw`/`assemble`: they no longer describe its tasks."""
+
+    def sample(self, batch_size: int, shots: int, queries: int, generator: torch.Generator, scoring: str = "paper"):
+        batch = super().sample(batch_size, shots, queries, generator, scoring)
+        return TaskBatch(batch.support_x, -batch.support_y, batch.query_x, -batch.query_y, batch.info)
+
+
+def test_only_a_family_whose_sample_is_draw_then_assemble_is_assembled_in_the_graph(tmp_path: Path) -> None:
+    assert assembles(Sinusoid()) and not assembles(_OwnSampling())
+    trainer = trainer_of(tmp_path, "own", ["train.meta_lr=0.01"], fused=True)
+    trainer.tasks = _OwnSampling()
+    assert not trainer._assembled_in_graph()
+    batches = []
+    trainer.learner._check_batch = lambda batch, named: batches.append(batch)  # sees the batch it trains on
+    state = trainer.generator.get_state()
+    trainer.step()
+    expected = _OwnSampling().sample(4, trainer.cfg.task.shots, trainer.cfg.task.queries,
+                                     torch.Generator().set_state(state))  # fmt: skip
+    assert trainer._fused is not None and len(batches) == 1
+    assert torch.equal(batches[0].support_y, expected.support_y.to(torch.float64))

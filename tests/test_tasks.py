@@ -324,3 +324,40 @@ def test_taskbatch_int_index_out_of_range_raises():
         b[len(b)]
     with pytest.raises(IndexError):
         b[-len(b) - 1]
+
+
+def _per_call_sample(fam: Sinusoid, b: int, shots: int, queries: int, g: torch.Generator) -> tuple:
+    """The sinusoid sampler as it was written before ``draw``/``assemble``: one generator call per quantity."""
+
+    def uniform(shape, r):
+        return torch.rand(shape, generator=g, dtype=torch.float64) * (r[1] - r[0]) + r[0]
+
+    def targets(x, a, p):
+        y = a[:, None, None] * torch.sin(x - p[:, None, None])
+        return y + fam.noise * torch.randn(y.shape, generator=g, dtype=y.dtype) if fam.noise > 0 else y
+
+    a, p = uniform((b,), fam.amplitude), uniform((b,), fam.phase)
+    sx = uniform((b, shots, 1), fam.x_range)
+    sy = targets(sx, a, p)
+    qx = uniform((b, queries, 1), fam.x_range)
+    qy = targets(qx, a, p)
+    return tuple(t.to(torch.get_default_dtype()) for t in (sx, sy, qx, qy, a, p))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+@pytest.mark.parametrize("sizes", [(25, 10, 10), (3, 5, 7), (1, 1, 1)])
+def test_draw_and_assemble_are_the_per_call_sampler_bit_for_bit(noise: float, sizes: tuple[int, int, int]) -> None:
+    """The fused training update assembles the tasks from `draw` inside its compiled graph: the tasks, and the
+    generator's state after them, must be exactly those of one generator call per quantity (runs, checkpoints and
+    published figures keep their tasks)."""
+    fam = Sinusoid(amplitude=(0.5, 2.0), x_range=(-3.0, 4.0), noise=noise)
+    for seed in range(3):
+        g, ref_g = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        batch = fam.sample(*sizes, g)
+        ref = _per_call_sample(fam, *sizes, ref_g)
+        got = (batch.support_x, batch.support_y, batch.query_x, batch.query_y, *batch.info.values())
+        assert all(torch.equal(x, y) for x, y in zip(got, ref, strict=True))
+        assert torch.equal(g.get_state(), ref_g.get_state())
+        draw_g = torch.Generator().manual_seed(seed)
+        again = fam.assemble(fam.draw(*sizes, draw_g), *sizes)
+        assert torch.equal(again.query_y, batch.query_y) and torch.equal(draw_g.get_state(), g.get_state())

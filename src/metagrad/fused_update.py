@@ -24,6 +24,7 @@ MAML, Meta-SGD, MAML Enhanced, ANIL). Anything else takes the separate update, w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from torch.optim import optimizer as torch_optimizer
 from metagrad.algorithms.base import MetaLearner, _detach, _with_own_code
 from metagrad.tasks.base import TaskBatch
 
-__all__ = ["FusedUpdate", "unfused_reason"]
+__all__ = ["Draws", "FusedUpdate", "assembles", "unfused_reason"]
 
 _ADAM_DEFAULTS = {"weight_decay": 0, "amsgrad": False, "maximize": False, "differentiable": False}
 _SGD_DEFAULTS = {"momentum": 0, "weight_decay": 0, "nesterov": False, "maximize": False, "differentiable": False}
@@ -103,6 +104,8 @@ class FusedUpdate:
         self.keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
         self._ids = _ids(optimizer)
         self._backward = type(learner).backward
+        self._checked: set[tuple[int, int, int, int]] = set()  # (family, tasks, shots, queries) whose draws passed
+        self._lrs: tuple[tuple[float, ...], Tensor | None] = ((), None)
         self._compiled = torch.compile(_with_own_code(self._update), **learner._torch_compile_options)
 
     def applies(self, learner: MetaLearner, optimizer: torch.optim.Optimizer, clip: float | None, tasks: int,
@@ -137,31 +140,48 @@ class FusedUpdate:
                 squares.append(state["exp_avg_sq"])
         return steps, avgs, squares
 
-    def __call__(self, batch: TaskBatch, iteration: int, generator: torch.Generator | None) -> tuple[float, bool, dict]:
+    def __call__(
+        self, batch: TaskBatch | Draws, iteration: int, generator: torch.Generator | None
+    ) -> tuple[float, bool, dict[str, float]]:
         learner = self.learner
         named = learner._named_parameters()
-        learner._check_batch(batch, named)
+        if isinstance(batch, Draws):  # the tasks are assembled inside the compiled call
+            tasks, sizes = batch.values, (batch.family, batch.batch_size, batch.shots, batch.queries)
+            key = (id(batch.family), *sizes[1:])
+            if key not in self._checked:  # the same shapes and dtypes every time: checked once, on the first
+                learner._check_batch(batch.batch().to(_device(named), _dtype(named)), named)
+                self._checked.add(key)
+            device = _device(named)
+        else:
+            learner._check_batch(batch, named)
+            tasks, sizes, device = _fields(batch), None, batch.support_x.device
         weights, first_order = learner.schedule(iteration)
-        tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         params = _detach(named)
         learned = {k: v for k, v in params.items() if named[k].requires_grad}
         frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
         meta = _detach(learner.meta_state)
         groups = self.optimizer.param_groups
-        lrs = torch.tensor([g["lr"] for g in groups], dtype=torch.float64)
+        lrs = tuple(g["lr"] for g in groups)
+        if lrs != self._lrs[0]:  # a new tensor only when a learning rate changed
+            self._lrs = (lrs, torch.tensor(lrs, dtype=torch.float64))
         hyper = tuple((*g.get("betas", (0.0, 0.0)), g.get("eps", 0.0)) for g in groups)
-        args = (learned, frozen, meta, tasks, weights, first_order, 1.0 / len(batch), *self._state(), lrs, hyper)
+        n = batch.batch_size if isinstance(batch, Draws) else len(batch)
+        args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, *self._state(), self._lrs[1], hyper)
 
         def separately() -> Any:  # for a failure's explanation only: the plain meta-gradient, eagerly
-            return learner._meta_gradient(learned, frozen, meta, tasks, weights, first_order, eager=True)
+            b = batch.batch().to(device, _dtype(named)) if isinstance(batch, Draws) else batch
+            plain = (b.support_x, b.support_y, b.query_x, b.query_y)
+            return learner._meta_gradient(learned, frozen, meta, plain, weights, first_order, eager=True)
 
         with learner._explain_transform_errors(separately), torch.no_grad():
-            with learner._task_randomness(generator, batch.support_x.device):
+            with learner._task_randomness(generator, device):
                 out, names = self._compiled(*args)
         norm, finite, *values = out.tolist()  # one host copy of the norm, the flag and the metrics
         if finite:
             self.optimizer._opt_called = True  # what optimizer.step() sets; the LR scheduler checks it
         if learner.training and learner.tracks_statistics:
+            if isinstance(batch, Draws):
+                raise RuntimeError("batch-norm running statistics need the batch: Trainer samples it eagerly")
             learner.track_statistics(batch)
         return norm, bool(finite), dict(zip(names, values, strict=True))
 
@@ -171,6 +191,7 @@ class FusedUpdate:
         frozen: dict[str, Tensor],
         meta: dict[str, Tensor],
         tasks: tuple[Tensor, ...],
+        sizes: tuple[Any, int, int, int] | None,
         weights: Tensor | None,
         first_order: bool,
         scale: float,
@@ -180,6 +201,11 @@ class FusedUpdate:
         lrs: Tensor,
         hyper: tuple[tuple[float, float, float], ...],
     ) -> tuple[Tensor, tuple[str, ...]]:
+        if sizes is not None:  # draws: the task family assembles the batch here, inside the graph
+            family, *shape = sizes
+            batch = family.assemble(tasks, *shape)
+            dtype = next(iter(learned.values())).dtype
+            tasks = tuple(t.to(dtype) if t.is_floating_point() else t for t in _fields(batch))
         gp, gm, metrics = self.learner._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale)
         trees = {"p": (learned, gp), "m": (meta, gm)}
         targets = [[trees[kind][0][k] for kind, k in keys] for keys in self.keys]
@@ -214,6 +240,45 @@ class FusedUpdate:
                 i += 1
         out = torch.stack([norm, finite.to(norm.dtype), *(v.to(norm.dtype).reshape(()) for v in metrics.values())])
         return out, tuple(metrics)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random numbers of one batch of tasks (``family.draw(...)``), which ``family.assemble`` turns into the
+    batch inside the compiled update: a family that splits its ``sample`` so (the sinusoid family) has its
+    arithmetic compiled with the step, and only the generator's calls stay eager."""
+
+    family: Any
+    values: tuple[Tensor, ...]
+    batch_size: int
+    shots: int
+    queries: int
+
+    def batch(self) -> TaskBatch:
+        """The batch, assembled eagerly (bit for bit what ``family.sample`` gives with the same generator state)."""
+        return self.family.assemble(self.values, self.batch_size, self.shots, self.queries)
+
+
+def assembles(family: Any) -> bool:
+    """Whether ``family`` splits its sampling into ``draw`` (the generator's calls) and ``assemble`` (arithmetic
+    only), which the fused update compiles with the step. Not when a subclass overrides ``sample`` but inherits
+    ``assemble``: its tasks would no longer be what ``assemble`` builds."""
+    if not (callable(getattr(family, "draw", None)) and callable(getattr(family, "assemble", None))):
+        return False
+    owners = {name: next(k for k in type(family).__mro__ if name in k.__dict__) for name in ("sample", "assemble")}
+    return issubclass(owners["assemble"], owners["sample"])
+
+
+def _device(named: dict[str, Tensor]) -> torch.device:
+    return next(iter(named.values())).device
+
+
+def _dtype(named: dict[str, Tensor]) -> torch.dtype:
+    return next(iter(named.values())).dtype
+
+
+def _fields(batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return batch.support_x, batch.support_y, batch.query_x, batch.query_y
 
 
 def _global_step_hooks() -> bool:

@@ -49,7 +49,7 @@ from metagrad.config import Config
 from metagrad.distributed import average_meta_step, init_world, on_main, shutdown_world
 from metagrad.errors import CheckpointError, ConfigError, DivergenceError, RunError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
-from metagrad.fused_update import FusedUpdate, unfused_reason
+from metagrad.fused_update import Draws, FusedUpdate, assembles, unfused_reason
 from metagrad.run import init_run, init_run_record, read_run_config
 
 __all__ = ["Trainer", "train", "TrainResult", "meta_lr_at", "lr_scheduler"]
@@ -172,6 +172,7 @@ class Trainer:
         self.progress = progress and self.world.is_main
         self.dtype = DTYPES[t.dtype]
         self.tasks = build_task(cfg, "train")
+        self._task_sizes = (cfg.task.shots, cfg.task.queries)  # read once: [task] is fixed for a run
         self.learner = build_learner(cfg).to(self.device, self.dtype)
         if cfg.eval.bn_statistics == "running" and not self.learner.tracks_statistics:
             raise ConfigError(
@@ -305,9 +306,16 @@ class Trainer:
         self._open()
         start = time.perf_counter()
         t = self.cfg.train
-        batch = self.tasks.sample(t.meta_batch, self.cfg.task.shots, self.cfg.task.queries, self.generator)
-        batch = batch.to(self.device, self.dtype)
-        fused = self._fused_update(len(batch))
+        shots, queries = self._task_sizes
+        fused = self._fused_update(t.meta_batch)
+        if fused is not None and self._assembled_in_graph():
+            # Only the generator's calls here; the task family's arithmetic runs in the compiled update.
+            batch = Draws(self.tasks, self.tasks.draw(t.meta_batch, shots, queries, self.generator), t.meta_batch,
+                          shots, queries)  # fmt: skip
+        else:
+            batch = self.tasks.sample(t.meta_batch, shots, queries, self.generator).to(self.device, self.dtype)
+            if len(batch) != t.meta_batch:
+                fused = self._fused_update(len(batch))
         if fused is not None:
             lr = self.optimizer.param_groups[0]["lr"]
             norm, finite, values = fused(batch, self.iteration, self.generator)
@@ -350,6 +358,15 @@ class Trainer:
             return None
         fused = self._fused = FusedUpdate(self.learner, self.optimizer, t.grad_clip)
         return fused
+
+    def _assembled_in_graph(self) -> bool:
+        """Whether the fused update also assembles the tasks (a family with ``draw`` and ``assemble``): not for
+        labels (their range is checked on every batch) nor when batch norms track running statistics (they are
+        updated from the batch afterwards)."""
+        learner = self.learner
+        if learner.loss_name == "cross_entropy" or (learner.training and learner.tracks_statistics):
+            return False
+        return assembles(self.tasks)
 
     def _stepped(self, out: dict[str, float], start: float) -> dict[str, float]:
         t = self.cfg.train

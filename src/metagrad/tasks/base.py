@@ -130,6 +130,11 @@ class TaskDistribution(Protocol):
       evaluator draws ``sample(n, shots, queries, generator)`` and reports the scoring as ``"query"``.
     * ``curve(x, info) -> Tensor`` and ``x_range``: a 1-D regression family's noise-free targets at points
       ``x`` [B, N, 1] of the tasks ``info`` describes; ``eval --plot`` and ``compare`` then draw example fits.
+    * ``draw(batch_size, shots, queries, generator) -> tuple[Tensor, ...]`` and ``assemble(draws, batch_size,
+      shots, queries) -> TaskBatch``: ``sample`` split into the generator's calls and tensor arithmetic on their
+      numbers, with ``sample(...) == assemble(draw(...), ...)`` bit for bit. A compiled trainer then runs
+      ``assemble`` inside its compiled update (``metagrad.fused_update``), one call fewer per iteration for
+      the eager Python around it. Regression families only (labels are range-checked on every batch, eagerly).
     """
 
     name: str

@@ -112,18 +112,55 @@ class Sinusoid:
             raise ValueError(f"batch size, shots and queries must be positive, got {batch_size}, {shots}, {queries}")
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        if scoring == "paper":
+            return self.assemble(self.draw(batch_size, shots, queries, generator), batch_size, shots, queries)
         g = generator
         a = self._uniform((batch_size,), self.amplitude, g)
         p = self._uniform((batch_size,), self.phase, g)
         sx = self._uniform((batch_size, shots, 1), self.x_range, g)
         sy = self._targets(sx, a, p, g)
-        if scoring == "dense":
-            grid = torch.linspace(*self.x_range, DENSE_POINTS, dtype=torch.float64)
-            qx = grid.expand(batch_size, DENSE_POINTS)[..., None].clone()
-            qy = self.function(qx, a, p)
+        grid = torch.linspace(*self.x_range, DENSE_POINTS, dtype=torch.float64)
+        qx = grid.expand(batch_size, DENSE_POINTS)[..., None].clone()
+        qy = self.function(qx, a, p)
+        return self._batch(sx, sy, qx, qy, a, p)
+
+    def draw(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+        """Every random number of ``sample(batch_size, shots, queries, generator)`` (training's scoring), in the
+        generator's order: uniforms in [0, 1) for the amplitudes, phases and support points, the support noise,
+        the query points' uniforms, the query noise (standard normals). Without noise, the two uniforms' calls
+        only (they then follow each other, and one call gives the same numbers)."""
+        g, b = generator, batch_size
+        if self.noise == 0:
+            return (torch.rand(b * (2 + shots + queries), generator=g, dtype=torch.float64),)
+        first = torch.rand(b * (2 + shots), generator=g, dtype=torch.float64)
+        noise_s = torch.randn(b * shots, generator=g, dtype=torch.float64)
+        query = torch.rand(b * queries, generator=g, dtype=torch.float64)
+        noise_q = torch.randn(b * queries, generator=g, dtype=torch.float64)
+        return first, noise_s, query, noise_q
+
+    def assemble(self, draws: tuple[Tensor, ...], batch_size: int, shots: int, queries: int) -> TaskBatch:
+        """The tasks that ``draws`` (from :meth:`draw`) stand for: tensor arithmetic only, no generator, so that a
+        compiled training step can run it inside its graph (``metagrad.fused_update``). Bit for bit the tasks of
+        :meth:`sample`, as one ``torch.rand`` call gives the numbers of several in a row."""
+        b = batch_size
+        if len(draws) == 1:  # no noise: one call drew the support's numbers and then the queries'
+            first, query = draws[0][: b * (2 + shots)], draws[0][b * (2 + shots) :]
         else:
-            qx = self._uniform((batch_size, queries, 1), self.x_range, g)
-            qy = self._targets(qx, a, p, g)
+            first, noise_s, query, noise_q = draws
+
+        def scaled(u: Tensor, r: tuple[float, float]) -> Tensor:
+            return u * (r[1] - r[0]) + r[0]
+
+        a, p = scaled(first[:b], self.amplitude), scaled(first[b : 2 * b], self.phase)
+        sx = scaled(first[2 * b :], self.x_range).view(b, shots, 1)
+        qx = scaled(query, self.x_range).view(b, queries, 1)
+        sy, qy = self.function(sx, a, p), self.function(qx, a, p)
+        if self.noise > 0:
+            sy = sy + self.noise * noise_s.view(b, shots, 1)
+            qy = qy + self.noise * noise_q.view(b, queries, 1)
+        return self._batch(sx, sy, qx, qy, a, p)
+
+    def _batch(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, a: Tensor, p: Tensor) -> TaskBatch:
         f = torch.get_default_dtype()
         info = {"amplitude": a.to(f), "phase": p.to(f)}
         return TaskBatch(self.inputs(sx.to(f), info), sy.to(f), self.inputs(qx.to(f), info), qy.to(f), info)
