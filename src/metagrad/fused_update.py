@@ -68,8 +68,6 @@ def _setting_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, task
         return "the meta-gradient is all-reduced between the processes before the update"
     if learner.task_chunk(tasks) != tasks:
         return "the tasks are differentiated in chunks"
-    if next(iter(learner._named_parameters().values())).device.type != "cpu":
-        return "the learner is not on the CPU (the fused update was measured on the CPU only)"
     if type(optimizer) is torch.optim.Adam:
         defaults = _ADAM_DEFAULTS
     elif type(optimizer) is torch.optim.SGD:
@@ -86,6 +84,8 @@ def _setting_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, task
             return "the optimizer's learning rate is a tensor"
         if not all(p.requires_grad for p in group["params"]):
             return "the optimizer holds a frozen tensor (requires_grad=False)"
+        if any(p.device.type != "cpu" for p in group["params"]):
+            return "the learner is not on the CPU (the fused update was measured on the CPU only)"
     return None
 
 
