@@ -198,3 +198,41 @@ def test_only_a_family_whose_sample_is_draw_then_assemble_is_assembled_in_the_gr
                                      torch.Generator().set_state(state))  # fmt: skip
     assert trainer._fused is not None and len(batches) == 1
     assert torch.equal(batches[0].support_y, expected.support_y.to(torch.float64))
+
+
+def test_an_optimizer_of_some_tensors_clips_by_the_norm_of_all(tmp_path: Path) -> None:
+    """The separate path's norm (guard, clipping, grad_norm) covers every gradient the learner writes, also those
+    of tensors the optimizer does not hold (here MAML Enhanced's learned rates, kept fixed by the user)."""
+    overrides = [*CASES["enhanced"], "train.grad_clip=1e-3"]
+    runs = []
+    for fused in (True, False):
+        trainer = trainer_of(tmp_path, f"some-{fused}", overrides, fused=fused)
+        trainer.optimizer = torch.optim.Adam(trainer.learner.model.parameters(), lr=0.01, fused=True)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
+        runs.append((trainer, [trainer.step() for _ in range(2)]))
+    (fused, mf), (separate, ms) = runs
+    assert fused._fused is not None and separate._fused is None
+    for a, b in zip(mf, ms, strict=True):
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-12)
+    assert_close_runs(fused, separate)
+
+
+def test_running_statistics_take_the_separate_path(tmp_path: Path) -> None:
+    """learner.backward folds the batch into batch-norm running statistics before the optimizer's step, with the
+    weights the meta-gradient used: such a learner keeps the separate update."""
+    runs = []
+    for fused in (True, False):
+        trainer = trainer_of(tmp_path, f"bn-{fused}", ["train.meta_lr=0.05"], fused=fused)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, 1)).double()  # fmt: skip
+        trainer.learner = type(trainer.learner)(model, inner_lr=0.01, vectorize=True)
+        trainer.learner.compile(backend="aot_eager")
+        trainer.optimizer = torch.optim.Adam(trainer.learner.parameters(), lr=0.05, fused=True)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
+        assert fused is False or "running statistics" in unfused_reason(trainer.learner, trainer.optimizer, 4, 1)
+        for _ in range(2):
+            trainer.step()
+        runs.append(trainer)
+    assert runs[0]._fused is None
+    assert_close_runs(*runs)

@@ -17,9 +17,12 @@ trainer then stops with its DivergenceError.
 
 What it covers (:func:`unfused_reason` says why not, otherwise): ``torch.optim.Adam`` without weight decay,
 AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight decay (the optimizers that
-``train.optimizer`` builds); one process; a learner compiled on the CPU without CUDA graphs whose tasks are
-vmapped in one chunk and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own (MAML, first-order
-MAML, Meta-SGD, MAML Enhanced, ANIL). Anything else takes the separate update, with the same results.
+``train.optimizer`` builds), without step hooks; one process; a learner compiled on the CPU without CUDA graphs
+whose tasks are vmapped in one chunk, without batch-norm running statistics (``learner.backward`` updates them
+between the meta-gradient and the step), and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own
+(MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL). Anything else takes the separate update, with the same
+results. As there, the norm that the guard and the clipping use is that of every gradient the learner computes,
+also where the optimizer holds only some of the tensors.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def _setting_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, task
         return "the meta-gradient is all-reduced between the processes before the update"
     if learner.task_chunk(tasks) != tasks:
         return "the tasks are differentiated in chunks"
+    if learner.training and learner.tracks_statistics:
+        # learner.backward folds the batch into them between the meta-gradient and the optimizer's step.
+        return "batch norms track running statistics"
     if type(optimizer) is torch.optim.Adam:
         defaults = _ADAM_DEFAULTS
     elif type(optimizer) is torch.optim.SGD:
@@ -166,7 +172,9 @@ class FusedUpdate:
             self._lrs = (lrs, torch.tensor(lrs, dtype=torch.float64))
         hyper = tuple((*g.get("betas", (0.0, 0.0)), g.get("eps", 0.0)) for g in groups)
         n = batch.batch_size if isinstance(batch, Draws) else len(batch)
-        args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, *self._state(), self._lrs[1], hyper)
+        norm_meta = tuple(k for k, p in learner._learned_tensors().items() if p.requires_grad)
+        args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, *self._state(), self._lrs[1], hyper,
+                norm_meta)  # fmt: skip
 
         def separately() -> Any:  # for a failure's explanation only: the plain meta-gradient, eagerly
             b = batch.batch().to(device, _dtype(named)) if isinstance(batch, Draws) else batch
@@ -179,10 +187,6 @@ class FusedUpdate:
         norm, finite, *values = out.tolist()  # one host copy of the norm, the flag and the metrics
         if finite:
             self.optimizer._opt_called = True  # what optimizer.step() sets; the LR scheduler checks it
-        if learner.training and learner.tracks_statistics:
-            if isinstance(batch, Draws):
-                raise RuntimeError("batch-norm running statistics need the batch: Trainer samples it eagerly")
-            learner.track_statistics(batch)
         return norm, bool(finite), dict(zip(names, values, strict=True))
 
     def _update(
@@ -200,6 +204,7 @@ class FusedUpdate:
         squares: list[Tensor],
         lrs: Tensor,
         hyper: tuple[tuple[float, float, float], ...],
+        norm_meta: tuple[str, ...],
     ) -> tuple[Tensor, tuple[str, ...]]:
         if sizes is not None:  # draws: the task family assembles the batch here, inside the graph
             family, *shape = sizes
@@ -210,7 +215,8 @@ class FusedUpdate:
         trees = {"p": (learned, gp), "m": (meta, gm)}
         targets = [[trees[kind][0][k] for kind, k in keys] for keys in self.keys]
         grads = [[trees[kind][1][k] for kind, k in keys] for keys in self.keys]
-        flat = [g for group in grads for g in group]
+        # The norm of every gradient learner.backward would write (the optimizer may hold only some of them).
+        flat = [*gp.values(), *(gm[k] for k in norm_meta)]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in flat]))
         finite = torch.isfinite(norm) & torch.isfinite(metrics["loss"])
         if self.clip:

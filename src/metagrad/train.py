@@ -361,12 +361,8 @@ class Trainer:
 
     def _assembled_in_graph(self) -> bool:
         """Whether the fused update also assembles the tasks (a family with ``draw`` and ``assemble``): not for
-        labels (their range is checked on every batch) nor when batch norms track running statistics (they are
-        updated from the batch afterwards)."""
-        learner = self.learner
-        if learner.loss_name == "cross_entropy" or (learner.training and learner.tracks_statistics):
-            return False
-        return assembles(self.tasks)
+        labels, whose range is checked on every batch."""
+        return self.learner.loss_name != "cross_entropy" and assembles(self.tasks)
 
     def _stepped(self, out: dict[str, float], start: float) -> dict[str, float]:
         t = self.cfg.train
