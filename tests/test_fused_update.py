@@ -124,6 +124,41 @@ def test_a_checkpoint_moves_between_the_fused_and_the_separate_update(tmp_path: 
     assert_close_runs(straight, resumed)
 
 
+def test_non_default_adam_hyper_parameters_are_honoured(tmp_path: Path) -> None:
+    runs = []
+    for fused in (True, False):
+        trainer = trainer_of(tmp_path, f"betas-{fused}", CASES["enhanced"], fused=fused)
+        trainer.optimizer.param_groups[0].update(betas=(0.5, 0.95), eps=1e-3)
+        trainer.optimizer.param_groups[1].update(betas=(0.8, 0.9), eps=1e-6)
+        for _ in range(3):
+            trainer.step()
+        runs.append(trainer)
+    assert runs[0]._fused is not None
+    assert_close_runs(*runs)
+
+
+def test_a_changed_setting_builds_a_new_fused_update(tmp_path: Path) -> None:
+    trainer = trainer_of(tmp_path, "rebuild", ["train.meta_lr=0.01"], fused=True)
+    trainer.step()
+    first = trainer._fused
+    trainer.cfg.train.grad_clip = 1e-3
+    trainer.step()
+    assert trainer._fused is not first and trainer._fused.clip == 1e-3
+    second = trainer._fused
+    trainer.learner.compile(backend="eager")  # compiled again, other options: a new update compiled like it
+    trainer.step()
+    assert trainer._fused is not second and trainer._fused._source is trainer.learner._compiled
+
+
+def test_a_non_finite_first_step_creates_no_optimizer_state(tmp_path: Path) -> None:
+    trainer = trainer_of(tmp_path, "nan-first", ["train.meta_lr=0.01"], fused=True)
+    with torch.no_grad():
+        next(trainer.learner.parameters()).mul_(1e200)
+    with pytest.raises(DivergenceError, match="at iteration 1: meta-loss"):
+        trainer.step()
+    assert trainer._fused is not None and not trainer.optimizer.state
+
+
 def test_a_non_finite_step_changes_nothing(tmp_path: Path) -> None:
     trainer = trainer_of(tmp_path, "nan", ["train.meta_lr=0.01"], fused=True)
     trainer.step()
@@ -169,6 +204,15 @@ def test_what_is_not_fused_takes_the_separate_path(tmp_path: Path) -> None:
     assert "RMSprop" in unfused_reason(learner, trainer.optimizer, 4, 1)
     momentum = torch.optim.SGD(learner.parameters(), lr=1e-3, momentum=0.9)
     assert "momentum" in unfused_reason(learner, momentum, 4, 1)
+    for key, value in (("amsgrad", True), ("maximize", True), ("capturable", True), ("lr", torch.tensor(0.1)),
+                       ("lr", math.inf)):  # fmt: skip
+        group = torch.optim.Adam(learner.parameters(), lr=1e-3)
+        group.param_groups[0][key] = value
+        assert unfused_reason(learner, group, 4, 1) is not None, key
+    frozen = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    next(learner.parameters()).requires_grad_(False)
+    assert "frozen" in unfused_reason(learner, frozen, 4, 1)
+    next(learner.parameters()).requires_grad_(True)
     foreign = torch.optim.Adam([*learner.parameters(), torch.nn.Parameter(torch.zeros(2))])
     assert "not the learner's" in unfused_reason(learner, foreign, 4, 1)
     eager = Trainer(cfg_of(), tmp_path / "eager")
@@ -185,8 +229,40 @@ class _OwnSampling(Sinusoid):
         return TaskBatch(batch.support_x, -batch.support_y, batch.query_x, -batch.query_y, batch.info)
 
 
+class _Delegating:
+    """A wrapper family that serves everything but `sample` through __getattr__."""
+
+    def __init__(self) -> None:
+        self.inner, self.name = Sinusoid(), "delegating"
+
+    def sample(self, *args, **kwargs):
+        return self.inner.sample(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+
+def test_tasks_assembled_in_the_graph_are_the_eager_tasks(tmp_path: Path) -> None:
+    """The same fused training with the tasks assembled in the graph and sampled eagerly: bit for bit under
+    aot_eager (eager kernels), in float64 where no rounding to float32 hides a difference."""
+    overrides = ["task.noise=0.1", "train.meta_lr=0.01", "algorithm.inner_steps=2"]
+    inside, outside = (trainer_of(tmp_path, name, overrides, fused=True) for name in ("inside", "outside"))
+    outside._assembled_in_graph = lambda: False
+    for _ in range(3):
+        a, b = inside.step(), outside.step()
+        assert a == b
+    assert inside._fused is not None and outside._fused is not None
+    for (k, v), w in zip(inside.learner.state_dict().items(), outside.learner.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert torch.equal(inside.generator.get_state(), outside.generator.get_state())
+
+
 def test_only_a_family_whose_sample_is_draw_then_assemble_is_assembled_in_the_graph(tmp_path: Path) -> None:
     assert assembles(Sinusoid()) and not assembles(_OwnSampling())
+    assert not assembles(_Delegating())  # draw and assemble from __getattr__: whose sample is it?
+    patched = Sinusoid()
+    patched.sample = lambda *args, **kwargs: None  # on the instance
+    assert not assembles(patched)
     trainer = trainer_of(tmp_path, "own", ["train.meta_lr=0.01"], fused=True)
     trainer.tasks = _OwnSampling()
     assert not trainer._assembled_in_graph()

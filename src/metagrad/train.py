@@ -172,7 +172,6 @@ class Trainer:
         self.progress = progress and self.world.is_main
         self.dtype = DTYPES[t.dtype]
         self.tasks = build_task(cfg, "train")
-        self._task_sizes = (cfg.task.shots, cfg.task.queries)  # read once: [task] is fixed for a run
         self.learner = build_learner(cfg).to(self.device, self.dtype)
         if cfg.eval.bn_statistics == "running" and not self.learner.tracks_statistics:
             raise ConfigError(
@@ -306,7 +305,7 @@ class Trainer:
         self._open()
         start = time.perf_counter()
         t = self.cfg.train
-        shots, queries = self._task_sizes
+        shots, queries = self.cfg.task.shots, self.cfg.task.queries
         fused = self._fused_update(t.meta_batch)
         if fused is not None and self._assembled_in_graph():
             # Only the generator's calls here; the task family's arithmetic runs in the compiled update.

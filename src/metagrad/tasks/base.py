@@ -133,8 +133,10 @@ class TaskDistribution(Protocol):
     * ``draw(batch_size, shots, queries, generator) -> tuple[Tensor, ...]`` and ``assemble(draws, batch_size,
       shots, queries) -> TaskBatch``: ``sample`` split into the generator's calls and tensor arithmetic on their
       numbers, with ``sample(...) == assemble(draw(...), ...)`` bit for bit. A compiled trainer then runs
-      ``assemble`` inside its compiled update (``metagrad.fused_update``), one call fewer per iteration for
-      the eager Python around it. Regression families only (labels are range-checked on every batch, eagerly).
+      ``assemble`` inside its compiled update (``metagrad.fused_update``), where Inductor's kernels may round a
+      float64 result differently in the last bit. Regression families only (labels are range-checked on every
+      batch, eagerly); a family whose ``sample`` is not the one that goes with its ``assemble`` (overridden in a
+      subclass or on the instance) is sampled eagerly.
     """
 
     name: str

@@ -125,7 +125,9 @@ class Sinusoid:
         return self._batch(sx, sy, qx, qy, a, p)
 
     def draw(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> tuple[Tensor, ...]:
-        """Every random number of ``sample(batch_size, shots, queries, generator)`` (training's scoring), in the
+        """Every random number of ``sample(batch_size, shots, queries, generator)`` (``"paper"`` scoring, the one
+        training uses; ``"dense"`` scoring draws apart, so a subclass that overrides this changes training tasks
+        only), in the
         generator's order: uniforms in [0, 1) for the amplitudes, phases and support points, the support noise,
         the query points' uniforms, the query noise (standard normals). Without noise, the two uniforms' calls
         only (they then follow each other, and one call gives the same numbers)."""
@@ -141,7 +143,8 @@ class Sinusoid:
     def assemble(self, draws: tuple[Tensor, ...], batch_size: int, shots: int, queries: int) -> TaskBatch:
         """The tasks that ``draws`` (from :meth:`draw`) stand for: tensor arithmetic only, no generator, so that a
         compiled training step can run it inside its graph (``metagrad.fused_update``). Bit for bit the tasks of
-        :meth:`sample`, as one ``torch.rand`` call gives the numbers of several in a row."""
+        :meth:`sample`, as one ``torch.rand`` call gives the numbers of several in a row (eagerly; in a compiled
+        graph Inductor's float64 ``sin`` may differ in the last bit)."""
         b = batch_size
         if len(draws) == 1:  # no noise: one call drew the support's numbers and then the queries'
             first, query = draws[0][: b * (2 + shots)], draws[0][b * (2 + shots) :]
