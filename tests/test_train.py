@@ -488,3 +488,20 @@ def test_resume_may_change_task_workers_only(
     capsys.readouterr()
     assert cli.main([*resumed, "task.workers=1", "task.augment=true"]) == 2  # still strict about the rest
     assert "own config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["maml", "maml_enhanced", "metasgd", "reptile", "cavia", "imaml"])
+def test_a_learner_is_built_from_the_seed_alone(name: str) -> None:
+    """Every tensor of a learner built from a config (the network's and the algorithm's own, such as CAVIA's
+    context weights) comes from train.seed, whatever the global RNG's state; the global RNG is left alone."""
+    cfg = cfg_of(f"algorithm.name={name}")
+    torch.manual_seed(1)
+    first = build_learner(cfg).state_dict()
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = build_learner(cfg).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    for k, v in first.items():
+        assert torch.equal(v, second[k]), k
+    other = build_learner(cfg_of(f"algorithm.name={name}", "train.seed=1")).state_dict()
+    assert any(not torch.equal(v, other[k]) for k, v in first.items() if v.is_floating_point())

@@ -103,7 +103,11 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
     spec = task_spec(cfg)
     model = model if model is not None else build_model(cfg, spec)
     options = cfg.algorithm.options
-    learner = cfg.algorithm.component.build(type(options)(**vars(options)), model, spec)
+    # What an algorithm draws when built (CAVIA's context weights) comes from the run's seed too, from a stream
+    # of its own (the model's initialisation drew from the seed itself).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((cfg.train.seed * 0x9E3779B97F4A7C15 + 1) % 2**63)
+        learner = cfg.algorithm.component.build(type(options)(**vars(options)), model, spec)
     if not isinstance(learner, MetaLearner):
         raise ConfigError(
             f"algorithm {cfg.algorithm.name!r} built a {type(learner).__name__}, not a metagrad.MetaLearner"
