@@ -5,7 +5,10 @@ is compiled (``train.compile``, ``train.fused_update``).
 Run one after another, the compiled meta-step and the small eager parts around it (the norm and the metrics'
 host copy, the fused Adam kernel) each met caches the other had just evicted: on the sinusoid MAML step they
 took 1.6-4.1x their time alone (``benchmarks/iteration_parts.py``). Inside the meta-step's graph the update is a
-few fused loops over tensors that are still in cache, and the step is one call instead of four.
+few fused loops over tensors that are still in cache, and the step is one call instead of four. A task family
+that splits its sampling into ``draw`` (the generator's calls) and ``assemble`` (arithmetic only), as the
+sinusoid family does, has its tasks assembled in the same call (:class:`Draws`): only the generator's calls stay
+eager, and the tasks are those ``sample`` gives (to the last bit of Inductor's float64 ``sin``).
 
 The update is the optimizer's own, on its own state: ``optimizer.state`` holds the same tensors (Adam's
 ``step``, ``exp_avg``, ``exp_avg_sq``, laid out as ``torch.optim.Adam(fused=True)`` lays them out), so
