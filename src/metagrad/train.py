@@ -299,9 +299,10 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One meta-iteration: sample a meta-batch, meta-gradient, (all-reduce), guard and clip, optimizer and
-        scheduler step. Returns its metrics (``loss``, ``pre_loss``, ... , ``grad_norm``, ``lr``). A training line
-        goes to metrics.jsonl every ``train.log_every`` iterations, at each ``train.checkpoint_every`` and at
-        ``train.iterations``."""
+        scheduler step. With a compiled learner on the CPU all but the scheduler's step run as one compiled call
+        (:mod:`metagrad.fused_update`; ``train.fused_update = false`` keeps them apart). Returns its metrics
+        (``loss``, ``pre_loss``, ... , ``grad_norm``, ``lr``). A training line goes to metrics.jsonl every
+        ``train.log_every`` iterations, at each ``train.checkpoint_every`` and at ``train.iterations``."""
         self._open()
         start = time.perf_counter()
         t = self.cfg.train
