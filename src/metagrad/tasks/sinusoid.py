@@ -125,12 +125,11 @@ class Sinusoid:
         return self._batch(sx, sy, qx, qy, a, p)
 
     def draw(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> tuple[Tensor, ...]:
-        """Every random number of ``sample(batch_size, shots, queries, generator)`` (``"paper"`` scoring, the one
-        training uses; ``"dense"`` scoring draws apart, so a subclass that overrides this changes training tasks
-        only), in the
-        generator's order: uniforms in [0, 1) for the amplitudes, phases and support points, the support noise,
-        the query points' uniforms, the query noise (standard normals). Without noise, the two uniforms' calls
-        only (they then follow each other, and one call gives the same numbers)."""
+        """Every random number of ``sample(batch_size, shots, queries, generator)``, in the generator's order:
+        uniforms in [0, 1) for the amplitudes, phases and support points, the support noise, the query points'
+        uniforms, the query noise (standard normals). Without noise, the two uniforms' calls only (they then follow
+        each other, and one call gives the same numbers). For ``"paper"`` scoring, the one training uses:
+        ``"dense"`` scoring draws apart, so a subclass that overrides this changes the training tasks only."""
         g, b = generator, batch_size
         if self.noise == 0:
             return (torch.rand(b * (2 + shots + queries), generator=g, dtype=torch.float64),)
