@@ -284,19 +284,41 @@ def test_an_optimizer_of_some_tensors_clips_by_the_norm_of_all(tmp_path: Path) -
     assert_close_runs(fused, separate)
 
 
+def _with_model(trainer: Trainer, model: torch.nn.Module) -> Trainer:
+    """``trainer`` training MAML on a user's own network (float64, compiled with aot_eager)."""
+    trainer.learner = type(trainer.learner)(model.double(), inner_lr=0.01, vectorize=True)
+    trainer.learner.compile(backend="aot_eager")
+    trainer.optimizer = torch.optim.Adam(trainer.learner.parameters(), lr=0.05, fused=True)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
+    return trainer
+
+
+def test_a_users_module_with_dropout_and_layer_norm_trains_as_the_separate_parts(tmp_path: Path) -> None:
+    """A user's nn.Module through the fused update: layer norm (swapped for metagrad's exact one) and dropout (a
+    mask per task, seeded from the trainer's generator after the task draws), as the separate path trains it."""
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
+                                    torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))  # fmt: skip
+        trainer = _with_model(trainer_of(tmp_path, f"user-{fused}", [], fused=fused), model)
+        runs.append((trainer, [trainer.step() for _ in range(3)]))
+    (fused, mf), (separate, ms) = runs
+    assert fused._fused is not None and separate._fused is None and fused.learner.random
+    for a, b in zip(mf, ms, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-12)
+    assert_close_runs(fused, separate)
+
+
 def test_running_statistics_take_the_separate_path(tmp_path: Path) -> None:
     """learner.backward folds the batch into batch-norm running statistics before the optimizer's step, with the
     weights the meta-gradient used: such a learner keeps the separate update."""
     runs = []
     for fused in (True, False):
-        trainer = trainer_of(tmp_path, f"bn-{fused}", ["train.meta_lr=0.05"], fused=fused)
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
-                                    torch.nn.Linear(8, 1)).double()  # fmt: skip
-        trainer.learner = type(trainer.learner)(model, inner_lr=0.01, vectorize=True)
-        trainer.learner.compile(backend="aot_eager")
-        trainer.optimizer = torch.optim.Adam(trainer.learner.parameters(), lr=0.05, fused=True)
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
+                                    torch.nn.Linear(8, 1))  # fmt: skip
+        trainer = _with_model(trainer_of(tmp_path, f"bn-{fused}", [], fused=fused), model)
         assert fused is False or "running statistics" in unfused_reason(trainer.learner, trainer.optimizer, 4, 1)
         for _ in range(2):
             trainer.step()

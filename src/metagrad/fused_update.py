@@ -274,8 +274,8 @@ class Draws:
 
     def batch(self) -> TaskBatch:
         """The batch, assembled eagerly: bit for bit what ``family.sample`` gives with the same generator state.
-        (Inside the compiled update Inductor's float64 ``sin`` may differ from eager's in the last bit for about 2 %
-        of the points, which rounding to float32 hides; in float64 training that is a 1e-16 relative difference.)"""
+        (Inside the compiled update Inductor's float64 ``sin`` may differ from eager's in the last bit for some
+        points, which rounding to float32 hides; in float64 training that is a 1e-16 relative difference.)"""
         return self.family.assemble(self.values, self.batch_size, self.shots, self.queries)
 
 

@@ -623,26 +623,28 @@ class MetaLearner(nn.Module):
         """A shallow copy (shared network and tensors), compiled again if this learner is compiled (see
         :meth:`__deepcopy__`)."""
         new = type(self).__new__(type(self))
-        new.__setstate__({**self.__dict__, "_compiled": None, "_compile_options": dict(self._compile_options)})
-        return new._compiled_like(self)
+        new.__setstate__(self.__getstate__())
+        return new
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MetaLearner:
         """A deep copy, compiled again with the same options if this learner is compiled: the compiled meta-step
         is bound to this learner and would read its settings (``inner_steps``, the inner rule), not the copy's."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        kept = {"_compiled": None, "_compile_options": dict(self._compile_options)}  # options: the same objects
-        state = {k: kept[k] if k in kept else copy.deepcopy(v, memo) for k, v in self.__dict__.items()}
-        new.__setstate__(state)
-        return new._compiled_like(self)
+        state = self.__getstate__()
+        # The compile options as they are (the same objects: an Inductor pass instance, a user's backend).
+        new.__setstate__({k: v if k == "_compile_options" else copy.deepcopy(v, memo) for k, v in state.items()})
+        return new
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickling (``torch.save(learner)``, multiprocessing): the compiled step is left out (a compiled function
-        does not pickle) and compiled again, with the same options, when the learner is loaded; caches of
-        parameter lookups are rebuilt."""
+        """What a copy or a pickle (``torch.save(learner)``, multiprocessing) holds: not the compiled step (bound to
+        this learner, and a compiled function does not pickle), which :meth:`__setstate__` compiles again with the
+        same options, nor the caches of parameter lookups, which are rebuilt."""
         state = dict(self.__dict__)
         state.pop("_learned_memo", None)
-        return state | {"_compiled": None, "_indexes": {}, "_pickled_compiled": self._compiled is not None}
+        compiled = self._compiled is not None
+        return state | {"_compiled": None, "_indexes": {}, "_compile_options": dict(self._compile_options),
+                        "_pickled_compiled": compiled}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -650,11 +652,6 @@ class MetaLearner(nn.Module):
         super().__setstate__(state)
         if compiled:
             self.compile(**self._compile_options)
-
-    def _compiled_like(self, original: MetaLearner) -> MetaLearner:
-        if original._compiled is not None:
-            self.compile(**original._compile_options)
-        return self
 
     @staticmethod
     def _on_cuda(params: Mapping[str, Tensor]) -> bool:
