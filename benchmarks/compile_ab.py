@@ -10,12 +10,15 @@ process. After a warm-up, the variants take turns: each round runs ``--calls`` o
 variant, one variant after the other. The medians over the rounds are printed, with each variant's time relative
 to ``default``. Variants:
 
-- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper and
-  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation`), with the update fused into the compiled step
-  (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
+- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper,
+  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation` and :class:`metagrad.outer_products.OuterProducts`),
+  with the update fused into the compiled step (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
 - ``separate-update``: the same compile, the norm, guard and Adam step run separately
   (``train.fused_update = false``, the previous rounds' iteration);
-- ``no-bmm-pass``: the C++ wrapper only, ``compile(options={"cpp_wrapper": True})``, update fused;
+- ``no-outer-pass``: the default without :class:`metagrad.outer_products.OuterProducts` (products over a shared
+  index of size 1 left to oneMKL), update fused;
+- ``no-bmm-pass``: the default without ``BatchedMatmulOrientation`` (the C++ wrapper and ``OuterProducts``),
+  update fused;
 - ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
 
 The first call of each variant (its compile) is timed too, but the variants share one process and its warm
@@ -34,13 +37,16 @@ from pathlib import Path
 import torch
 
 from metagrad import Trainer
+from metagrad.matmul_orientation import BatchedMatmulOrientation
+from metagrad.outer_products import OuterProducts
 from metagrad.presets import preset
 
 # Inductor options (None: compile()'s own choice) and whether the update is fused into the compiled step.
 VARIANTS: dict[str, tuple[dict | None, bool]] = {
     "default": (None, True),
     "separate-update": (None, False),
-    "no-bmm-pass": ({"cpp_wrapper": True}, True),
+    "no-outer-pass": ({"cpp_wrapper": True, "post_grad_custom_post_pass": BatchedMatmulOrientation()}, True),
+    "no-bmm-pass": ({"cpp_wrapper": True, "post_grad_custom_pre_pass": OuterProducts()}, True),
     "python-wrapper": ({}, True),
 }
 

@@ -587,6 +587,8 @@ class MetaLearner(nn.Module):
           computes the narrow batched products of per-task layers transposed, where oneMKL is several times
           faster (on x86 with MKL, where it was measured). A ``mode`` is passed on as the options it stands for
           (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
+        - ``post_grad_custom_pre_pass``: :class:`~metagrad.outer_products.OuterProducts`, which computes the
+          products over a shared index of size 1 (one-wide inputs and outputs) as element-wise products, exactly.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
           percent faster.
@@ -607,8 +609,10 @@ class MetaLearner(nn.Module):
             from torch._inductor import list_mode_options
 
             from metagrad.matmul_orientation import BatchedMatmulOrientation, measured_here
+            from metagrad.outer_products import OuterProducts
 
             inductor = {"cpp_wrapper": True} if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
+            inductor["post_grad_custom_pre_pass"] = OuterProducts()
             if measured_here():
                 inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
             if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
