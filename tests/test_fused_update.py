@@ -254,6 +254,13 @@ def test_only_a_family_whose_sample_is_draw_then_assemble_is_assembled_in_the_gr
     patched = Sinusoid()
     patched.sample = lambda *args, **kwargs: None  # on the instance
     assert not assembles(patched)
+
+    class Later(Sinusoid):
+        pass
+
+    assert assembles(Later())  # (the answer for the class is now cached)
+    Later.sample = lambda self, *args, **kwargs: None  # replaced on the class afterwards: no longer assembled
+    assert not assembles(Later())
     trainer = trainer_of(tmp_path, "own", ["train.meta_lr=0.01"], fused=True)
     trainer.tasks = _OwnSampling()
     assert not trainer._assembled_in_graph()

@@ -144,10 +144,10 @@ class Section:
         if key == "name":
             return object.__getattribute__(self, "_name_value")
         options = object.__getattribute__(self, "_options")
-        names = [f.name for f in fields(options)]
+        names = _field_names(type(options))
         if key in names:
             return getattr(options, key)
-        raise UnknownKeyError(f"{self._describe()} has no key {key!r}{_suggest(key, names)}")
+        raise UnknownKeyError(f"{self._describe()} has no key {key!r}{_suggest(key, list(names))}")
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key == "name":
@@ -206,6 +206,12 @@ class Section:
     def __repr__(self) -> str:
         values = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self._options).items())
         return f"Section({self._kind}: {self.name!r}, {values})"
+
+
+@functools.cache
+def _field_names(options: type) -> tuple[str, ...]:
+    # Read at every training step (cfg.task.shots): the dataclass's fields, found once per options class.
+    return tuple(f.name for f in fields(options))
 
 
 def _section_from(kind: str, name: str, values: dict[str, Any]) -> Section:

@@ -30,6 +30,7 @@ also where the optimizer holds only some of the tensors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +65,15 @@ def unfused_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks
     return None
 
 
-def _setting_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks: int, world_size: int) -> str | None:
-    """The part of :func:`unfused_reason` that settings may change between two steps (checked at every step)."""
+def _setting_reason(
+    learner: MetaLearner,
+    optimizer: torch.optim.Optimizer,
+    tasks: int,
+    world_size: int,
+    ids: tuple[tuple[int, ...], ...] | None = None,
+) -> str | None:
+    """The part of :func:`unfused_reason` that settings may change between two steps (checked at every step).
+    ``ids``: the optimizer's parameters (by ``id``, per group) that a fused update was built for, if any."""
     if learner._compiled is None:
         return "the learner is not compiled"
     if learner._cuda_graphs:
@@ -85,19 +93,31 @@ def _setting_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, task
         return f"{type(optimizer).__name__} is not fused (Adam and SGD are)"
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks or _global_step_hooks():
         return "the optimizer has step hooks"
-    for group in optimizer.param_groups:
+    groups = optimizer.param_groups
+    if ids is not None and len(ids) != len(groups):
+        return "the optimizer's parameter groups changed"
+    for index, group in enumerate(groups):
         for key, value in defaults.items():
             if group.get(key, value) != value:
                 return f"the optimizer's {key}={group[key]!r}"
-        if isinstance(group["lr"], Tensor):
+        params, lr = group["params"], group["lr"]
+        if isinstance(lr, Tensor):
             return "the optimizer's learning rate is a tensor"
-        if group["params"] and abs(group["lr"]) > torch.finfo(group["params"][0].dtype).max:
+        if params and abs(lr) > _largest(params[0].dtype):
             return "the learning rate does not fit the weights' dtype"  # optimizer.step() says so
-        if not all(p.requires_grad for p in group["params"]):
-            return "the optimizer holds a frozen tensor (requires_grad=False)"
-        if any(p.device.type != "cpu" for p in group["params"]):
-            return "the learner is not on the CPU (the fused update was measured on the CPU only)"
+        if ids is not None and tuple(map(id, params)) != ids[index]:
+            return "the optimizer's parameters changed"
+        for p in params:
+            if not p.requires_grad:
+                return "the optimizer holds a frozen tensor (requires_grad=False)"
+            if not p.is_cpu:
+                return "the learner is not on the CPU (the fused update was measured on the CPU only)"
     return None
+
+
+@functools.cache
+def _largest(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
 
 
 class FusedUpdate:
@@ -125,10 +145,9 @@ class FusedUpdate:
         """Whether this update was built for these and they still allow it (the trainer builds another when one
         is replaced, and runs the parts separately when a setting rules the fused update out)."""
         same = learner is self.learner and optimizer is self.optimizer and clip == self.clip
-        same = same and learner._compiled is self._source
-        if not (same and self._ids == _ids(optimizer) and type(learner).backward is self._backward):
+        if not (same and learner._compiled is self._source and type(learner).backward is self._backward):
             return False
-        return _setting_reason(learner, optimizer, tasks, world_size) is None
+        return _setting_reason(learner, optimizer, tasks, world_size, self._ids) is None
 
     def _state(self) -> tuple[list[Tensor], ...]:
         """Adam's state tensors in group order (created as ``torch.optim.Adam(fused=True)`` creates them on its
@@ -174,14 +193,15 @@ class FusedUpdate:
         params = _detach(named)
         learned = {k: v for k, v in params.items() if named[k].requires_grad}
         frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
-        meta = _detach(learner.meta_state)
+        rule_tensors = learner._learned_tensors()  # learner.meta_state's tensors, from the learner's cached index
+        meta = _detach(rule_tensors)
         groups = self.optimizer.param_groups
         lrs = tuple(g["lr"] for g in groups)
         if lrs != self._lrs[0]:  # a new tensor only when a learning rate changed
             self._lrs = (lrs, torch.tensor(lrs, dtype=torch.float64))
         hyper = tuple((*g.get("betas", (0.0, 0.0)), g.get("eps", 0.0)) for g in groups)
         n = batch.batch_size if isinstance(batch, Draws) else len(batch)
-        norm_meta = tuple(k for k, p in learner._learned_tensors().items() if p.requires_grad)
+        norm_meta = tuple(k for k, p in rule_tensors.items() if p.requires_grad)
         args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, *self._state(), self._lrs[1], hyper,
                 norm_meta)  # fmt: skip
 
@@ -190,9 +210,14 @@ class FusedUpdate:
             plain = (b.support_x, b.support_y, b.query_x, b.query_y)
             return learner._meta_gradient(learned, frozen, meta, plain, weights, first_order, eager=True)
 
-        with learner._explain_transform_errors(separately), torch.no_grad():
-            with learner._task_randomness(generator, device):
+        try:
+            with torch.no_grad(), learner._task_randomness(generator, device):
                 out, names = self._compiled(*args)
+        except RuntimeError as e:  # (a try block costs nothing on the way through; a context manager would)
+            explained = learner._transform_error(e, separately)
+            if explained is None:
+                raise
+            raise explained from None
         norm, finite, *values = out.tolist()  # one host copy of the norm, the flag and the metrics
         if finite:
             self.optimizer._opt_called = True  # what optimizer.step() sets; the LR scheduler checks it
@@ -288,7 +313,14 @@ def assembles(family: Any) -> bool:
         return False
     if any(name in getattr(family, "__dict__", {}) for name in names):  # set on the instance: the class's may not
         return False
-    owners = [next((k for k in type(family).__mro__ if name in vars(k)), None) for name in ("sample", "assemble")]
+    cls = type(family)
+    return _assembling_class(cls, getattr(cls, "sample", None), getattr(cls, "assemble", None))  # (replaced: new key)
+
+
+@functools.lru_cache(maxsize=64)
+def _assembling_class(family: type, sample: Any, assemble: Any) -> bool:
+    # Which classes define the methods: read at every training step, found once per class and methods.
+    owners = [next((k for k in family.__mro__ if name in vars(k)), None) for name in ("sample", "assemble")]
     return None not in owners and issubclass(owners[1], owners[0])  # (None: served by __getattr__)
 
 

@@ -72,6 +72,9 @@ def _name_of(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", type(fn).__name__).strip("_<>") or "loss"
 
 
+_NO_RANDOMNESS = contextlib.nullcontext()
+
+
 def _has_running_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules())
 
@@ -676,17 +679,19 @@ class MetaLearner(nn.Module):
         torch.compiler.cudagraph_mark_step_begin()
         return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, fn(*args))
 
-    @contextlib.contextmanager
     def _task_randomness(
         self, generator: torch.Generator | None, device: torch.device, rank: int = 0
-    ) -> Iterator[None]:
+    ) -> contextlib.AbstractContextManager[None]:
         """Random layers draw from a seed taken from ``generator`` (the trainer's, checkpointed), so that a resumed
         run stays bit-identical; each distributed rank offsets it by its rank, so that shards draw different masks
         (the masks then differ from one process's: dropout runs are reproducible per world size). The global RNG,
         CPU and CUDA, is left as it was."""
         if not (self.random and self.model.training and generator is not None):
-            yield
-            return
+            return _NO_RANDOMNESS  # every training step passes here: no generator-based context to build
+        return self._seeded_randomness(generator, rank)
+
+    @contextlib.contextmanager
+    def _seeded_randomness(self, generator: torch.Generator, rank: int) -> Iterator[None]:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator)) + int(rank)
         # torch.manual_seed seeds every CUDA device too: fork them all, not only the one in use.
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -749,15 +754,21 @@ class MetaLearner(nn.Module):
         try:
             yield
         except RuntimeError as e:
-            text = str(e)
-            advice = next((v for k, v in _TRANSFORM_FAILURES.items() if k in text), None)
-            if advice is None:
+            explained = self._transform_error(e, rerun)
+            if explained is None:
                 raise
-            where = self._failing_module(rerun)
-            first = text.strip().splitlines()[0][:300]
-            raise ModelError(
-                f"{where} cannot run under metagrad's torch.func transforms: {advice} (torch: {first})"
-            ) from None
+            raise explained from None
+
+    def _transform_error(self, error: RuntimeError, rerun: Callable[[], Any]) -> ModelError | None:
+        """The ModelError that explains torch.func's ``error`` (see :meth:`_explain_transform_errors`), or None
+        where it is not one of the known failures."""
+        text = str(error)
+        advice = next((v for k, v in _TRANSFORM_FAILURES.items() if k in text), None)
+        if advice is None:
+            return None
+        where = self._failing_module(rerun)
+        first = text.strip().splitlines()[0][:300]
+        return ModelError(f"{where} cannot run under metagrad's torch.func transforms: {advice} (torch: {first})")
 
     def _failing_module(self, rerun: Callable[[], Any]) -> str:
         """Re-run the failing call eagerly with hooks that record the innermost module still running."""
