@@ -1,8 +1,10 @@
-"""Cold compile of the sinusoid training step, and what Inductor's instruction-set probes cost in it.
+"""Cold compile of the sinusoid training step, and what Inductor's instruction-set probes and one build of the C++
+wrapper with the kernels cost in it.
 
 Run from the repository root (one core)::
 
-    taskset -c 0 python benchmarks/cold_compile.py --steps 1 5 [--rounds 2] [--json docs/data/cold_compile_cpu.json]
+    taskset -c 0 python benchmarks/cold_compile.py --steps 1 5 [--rounds 2] [--variants default together]
+        [--no-probes] [--json docs/data/cold_compile_cpu.json]
 
 Every measurement runs in a fresh Python process with an empty Inductor cache folder (``TORCHINDUCTOR_CACHE_DIR``),
 as a first run on a new machine does:
@@ -11,7 +13,13 @@ as a first run on a new machine does:
   loads a probe library for each instruction set), then again in a second process on the now-filled cache;
 - ``default``: the first ``Trainer.step()`` on ``configs/sinusoid/maml.toml`` compiled by ``learner.compile()``,
   which on the CPU sets ``cpp.vec_isa_ok`` (no probes for the base instruction sets);
-- ``probing``: the same with the same options except ``cpp.vec_isa_ok`` (Inductor's own probing).
+- ``probing``: the same with the same options except ``cpp.vec_isa_ok`` (Inductor's own probing);
+- ``together``: the same options except ``cpp_wrapper_build_separate`` (the C++ wrapper and the kernels built as
+  one file at -O3, as before that option was chosen).
+
+Inductor keeps its precompiled C++ headers in its default folder (``/tmp/torchinductor_$USER/precompiled_headers``),
+which ``TORCHINDUCTOR_CACHE_DIR`` does not move: they are built once per machine and set of compiler flags and
+reused by every run here, so the first round of a variant may include their build (about 140 MB each).
 
 Variants take turns in each round; the medians over the rounds are printed. The step time after the compile
 (the mean of 300 steps) shows that both variants pick the same code.
@@ -38,7 +46,6 @@ if what == "probes":
     print(json.dumps({"seconds": time.perf_counter() - t0, "isas": [str(i) for i in found]}))
     sys.exit(0)
 from metagrad import Trainer
-from metagrad.matmul_orientation import BatchedMatmulOrientation
 from metagrad.presets import preset
 torch.set_num_threads(1)
 cfg = preset("maml")
@@ -46,10 +53,14 @@ cfg.algorithm.inner_steps = steps
 cfg.train.compile, cfg.train.threads, cfg.train.iterations = False, 1, 10**9
 cfg.train.val_every = cfg.train.checkpoint_every = 10**9
 trainer = Trainer(cfg, sys.argv[3])
-if what == "default":
-    trainer.learner.compile()
-else:
-    trainer.learner.compile(options={"cpp_wrapper": True, "post_grad_custom_post_pass": BatchedMatmulOrientation()})
+trainer.learner.compile()
+own = dict(trainer.learner._torch_compile_options["options"])  # what compile() chose on this CPU
+if what == "probing":
+    del own["cpp.vec_isa_ok"]
+elif what == "together":
+    own["cpp_wrapper_build_separate"] = False
+if what != "default":
+    trainer.learner.compile(options=own)
 t0 = time.perf_counter()
 trainer.step()
 first = time.perf_counter() - t0
@@ -74,21 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5], help="inner steps")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", choices=("default", "probing", "together"),
+                    default=["default", "probing", "together"])  # fmt: skip
+    ap.add_argument("--no-probes", action="store_true", help="skip timing the instruction-set probes alone")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     results: dict = {"probes": {"cold": [], "warm": []}, "compile": []}
     with tempfile.TemporaryDirectory() as d:
-        for r in range(args.rounds):
+        for r in range(0 if args.no_probes else args.rounds):
             cache = os.path.join(d, f"probe-cache-{r}")
             cold, warm = (child("probes", 0, cache, d) for _ in range(2))
             results["probes"]["cold"].append(cold["seconds"])
             results["probes"]["warm"].append(warm["seconds"])
             results["probes"]["isas"] = cold["isas"]
         probes = results["probes"]
-        print(f"instruction-set probes: {statistics.median(probes['cold']):.2f} s on an empty cache, "
-              f"{statistics.median(probes['warm']):.2f} s on a filled one; found {probes['isas']}")  # fmt: skip
+        if probes["cold"]:
+            print(f"instruction-set probes: {statistics.median(probes['cold']):.2f} s on an empty cache, "
+                  f"{statistics.median(probes['warm']):.2f} s on a filled one; found {probes['isas']}")  # fmt: skip
         for steps in args.steps:
-            rows: dict[str, list[dict]] = {"default": [], "probing": []}
+            rows: dict[str, list[dict]] = {v: [] for v in args.variants}
             for r in range(args.rounds):
                 for variant, got in rows.items():
                     cache = os.path.join(d, f"cache-{steps}-{variant}-{r}")

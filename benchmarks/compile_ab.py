@@ -19,6 +19,8 @@ to ``default``. Variants:
   index of size 1 left to oneMKL), update fused;
 - ``no-bmm-pass``: the default without ``BatchedMatmulOrientation`` (the C++ wrapper and ``OuterProducts``),
   update fused;
+- ``build-separate``: the default with Inductor's ``cpp_wrapper_build_separate`` (the C++ wrapper built at -O1
+  apart from the kernels at -O3: a shorter cold compile), update fused;
 - ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
 
 The first call of each variant (its compile) is timed too, but the variants share one process and its warm
@@ -47,6 +49,11 @@ VARIANTS: dict[str, tuple[dict | None, bool]] = {
     "separate-update": (None, False),
     "no-outer-pass": ({"cpp_wrapper": True, "post_grad_custom_post_pass": BatchedMatmulOrientation()}, True),
     "no-bmm-pass": ({"cpp_wrapper": True, "post_grad_custom_pre_pass": OuterProducts()}, True),
+    "build-separate": (
+        {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "post_grad_custom_pre_pass": OuterProducts(),
+         "post_grad_custom_post_pass": BatchedMatmulOrientation()},
+        True,
+    ),  # fmt: skip
     "python-wrapper": ({}, True),
 }
 

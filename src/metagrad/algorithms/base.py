@@ -72,6 +72,9 @@ def _name_of(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", type(fn).__name__).strip("_<>") or "loss"
 
 
+# compile()'s Inductor options on the CPU when the caller names no mode (see MetaLearner.compile).
+_CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+
 _NO_RANDOMNESS = contextlib.nullcontext()
 
 
@@ -594,7 +597,9 @@ class MetaLearner(nn.Module):
           products over a shared index of size 1 (one-wide inputs and outputs) as element-wise products, exactly.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
-          percent faster.
+          percent faster. With ``cpp_wrapper_build_separate``, that code is built at -O1 apart from the kernels
+          (at -O3): the sinusoid step's cold compile is about 1 s shorter (4-7 %), its speed the same
+          (``benchmarks/cold_compile.py``, ``benchmarks/compile_ab.py``).
         - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
           instruction sets that the CPU reports (CPUID) instead of compiling and loading a probe library for each
           (8.6 s on a new machine, 1.4 s on every later start): the sinusoid step's cold compile fell from 16.4 s
@@ -614,7 +619,7 @@ class MetaLearner(nn.Module):
             from metagrad.matmul_orientation import BatchedMatmulOrientation, measured_here
             from metagrad.outer_products import OuterProducts
 
-            inductor = {"cpp_wrapper": True} if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
+            inductor = dict(_CPP_WRAPPER) if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
             inductor["post_grad_custom_pre_pass"] = OuterProducts()
             if measured_here():
                 inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
