@@ -14,7 +14,9 @@ busiest operators of the compiled meta-step (``meta_gradient``) over 100 calls.
 The parts overlap a little (``backward`` includes the meta-step); the Adam step runs at learning rate 0 so that
 the weights stay where training left them. With the fused update (:mod:`metagrad.fused_update`, the default) the
 tasks' arithmetic (the sinusoid family's ``assemble``), meta-step, guard and Adam step are one compiled call,
-timed as one part; sampling in sequence is then the family's ``draw`` (its generator calls) only.
+timed as one part; sampling in sequence is then the family's ``draw`` (its generator calls) only. Then also
+timed: whole ``Trainer.step`` calls whose compiled call is replaced by one returning its last outputs, which is
+the Python the trainer runs around that call.
 """
 
 from __future__ import annotations
@@ -125,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
         timed("zero_grad + learner.backward", backward)
         if trainer._fused is not None:
+            # What the trainer spends around the compiled call: whole steps with the call replaced by one that
+            # returns its last outputs (the weights stay where they are).
+            fused, compiled = trainer._fused, trainer._fused._compiled
+            outputs: list[object] = []
+            fused._compiled = lambda *a: outputs.append(compiled(*a)) or outputs[-1]
+            trainer.step()
+            fused._compiled = lambda *a: outputs[-1]
+            timed("Trainer.step without the compiled call (its Python)", trainer.step)
+            fused._compiled = compiled
             lrs = [g["lr"] for g in trainer.optimizer.param_groups]
             for g in trainer.optimizer.param_groups:
                 g["lr"] = 0.0
