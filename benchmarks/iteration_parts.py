@@ -61,7 +61,8 @@ def in_sequence(trainer: Trainer, calls: int) -> dict[str, float]:
         drawn = trainer._assembled_in_graph()
         parts = {
             # With a family that splits its sampling, only its generator calls run here (the rest is compiled).
-            "task sampling": (trainer.tasks, "draw" if drawn else "sample"),
+            # Its draw is timed on the class: a method set on the instance makes the trainer sample eagerly.
+            "task sampling": (type(trainer.tasks), "draw") if drawn else (trainer.tasks, "sample"),
             "choosing the fused update (its checks)": (trainer, "_fused_update"),
             "the compiled update: tasks, meta-step, norm, guard, Adam": (trainer._fused, "_compiled"),
             "scheduler.step": (trainer.scheduler, "step"),
