@@ -10,18 +10,20 @@ process. After a warm-up, the variants take turns: each round runs ``--calls`` o
 variant, one variant after the other. The medians over the rounds are printed, with each variant's time relative
 to ``default``. Variants:
 
-- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper,
-  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation` and :class:`metagrad.outer_products.OuterProducts`),
-  with the update fused into the compiled step (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
+- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper built
+  apart from its kernels, :class:`metagrad.matmul_orientation.BatchedMatmulOrientation` and
+  :class:`metagrad.outer_products.OuterProducts`), with the update fused into the compiled step
+  (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
 - ``separate-update``: the same compile, the norm, guard and Adam step run separately
   (``train.fused_update = false``, the previous rounds' iteration);
 - ``no-outer-pass``: the default without :class:`metagrad.outer_products.OuterProducts` (products over a shared
   index of size 1 left to oneMKL), update fused;
-- ``no-bmm-pass``: the default without ``BatchedMatmulOrientation`` (the C++ wrapper and ``OuterProducts``),
-  update fused;
-- ``build-separate``: the default with Inductor's ``cpp_wrapper_build_separate`` (the C++ wrapper built at -O1
-  apart from the kernels at -O3: a shorter cold compile), update fused;
+- ``no-bmm-pass``: the default without ``BatchedMatmulOrientation``, update fused;
+- ``together``: the default without ``cpp_wrapper_build_separate`` (the C++ wrapper built with the kernels, as one
+  file at -O3), update fused;
 - ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
+
+Every variant but ``python-wrapper`` compiles with ``compile()``'s own options on this CPU, with at most one change.
 
 The first call of each variant (its compile) is timed too, but the variants share one process and its warm
 imports, so only ``benchmarks/iteration.py`` gives a cold-compile figure.
@@ -35,26 +37,24 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from metagrad import Trainer
-from metagrad.matmul_orientation import BatchedMatmulOrientation
-from metagrad.outer_products import OuterProducts
 from metagrad.presets import preset
 
-# Inductor options (None: compile()'s own choice) and whether the update is fused into the compiled step.
-VARIANTS: dict[str, tuple[dict | None, bool]] = {
-    "default": (None, True),
-    "separate-update": (None, False),
-    "no-outer-pass": ({"cpp_wrapper": True, "post_grad_custom_post_pass": BatchedMatmulOrientation()}, True),
-    "no-bmm-pass": ({"cpp_wrapper": True, "post_grad_custom_pre_pass": OuterProducts()}, True),
-    "build-separate": (
-        {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "post_grad_custom_pre_pass": OuterProducts(),
-         "post_grad_custom_post_pass": BatchedMatmulOrientation()},
-        True,
-    ),  # fmt: skip
-    "python-wrapper": ({}, True),
+_DROP = object()  # an option that a variant leaves out
+
+# How each variant changes compile()'s own Inductor options (None: PyTorch's defaults, no options), and whether
+# the update is fused into the compiled step.
+VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
+    "default": ({}, True),
+    "separate-update": ({}, False),
+    "no-outer-pass": ({"post_grad_custom_pre_pass": _DROP}, True),
+    "no-bmm-pass": ({"post_grad_custom_post_pass": _DROP}, True),
+    "together": ({"cpp_wrapper_build_separate": False}, True),
+    "python-wrapper": (None, True),
 }
 
 
@@ -63,9 +63,15 @@ def build(steps: int, variant: str, root: Path) -> tuple[Trainer, float]:
     cfg.algorithm.inner_steps = steps
     cfg.train.compile, cfg.train.threads, cfg.train.iterations = False, 1, 10**9
     cfg.train.val_every = cfg.train.checkpoint_every = 10**9
-    options, cfg.train.fused_update = VARIANTS[variant]
+    changes, cfg.train.fused_update = VARIANTS[variant]
     trainer = Trainer(cfg, root / f"{variant}-{steps}")
-    trainer.learner.compile(**({} if options is None else {"options": dict(options)}))
+    trainer.learner.compile()
+    if changes is None:
+        trainer.learner.compile(options={})
+    elif changes:
+        own = dict(trainer.learner._torch_compile_options["options"])  # what compile() chose on this CPU
+        own |= {k: v for k, v in changes.items() if v is not _DROP}
+        trainer.learner.compile(options={k: v for k, v in own.items() if changes.get(k) is not _DROP})
     t0 = time.perf_counter()
     trainer.step()
     return trainer, time.perf_counter() - t0

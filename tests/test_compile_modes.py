@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metagrad import MAML, MLP, Reptile, Sinusoid, matmul_orientation
+from metagrad.algorithms import base
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
 from metagrad.matmul_orientation import BatchedMatmulOrientation
@@ -113,7 +114,7 @@ def test_compile_on_the_cpu_adds_the_passes_and_cpp_wrapper_and_keeps_every_expl
     learner.compile()
     assert isinstance(seen[-1]["options"].pop("post_grad_custom_pre_pass"), OuterProducts)  # exact anywhere
     assert seen[-1] == {"options": wrapper}
-    assert wrapper == {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}  # compile() copied its defaults
+    assert base._CPP_WRAPPER == {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}  # copied, not mutated
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults
     learner.compile()
     assert seen[-1] == {}

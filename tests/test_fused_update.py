@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,14 @@ def test_only_a_family_whose_sample_is_draw_then_assemble_is_assembled_in_the_gr
 
     assert assembles(Later())  # (the answer for the class is now cached)
     Later.sample = lambda self, *args, **kwargs: None  # replaced on the class afterwards: no longer assembled
+    assert not assembles(Later())
+
+    @dataclass
+    class Unhashable:  # a callable object as the method (a dataclass with eq: not hashable)
+        def __call__(self, *args, **kwargs):
+            return None
+
+    Later.sample = Unhashable()
     assert not assembles(Later())
     trainer = trainer_of(tmp_path, "own", ["train.meta_lr=0.01"], fused=True)
     trainer.tasks = _OwnSampling()

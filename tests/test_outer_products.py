@@ -1,6 +1,6 @@
 """``OuterProducts``, the Inductor pass that computes CPU ``mm``/``bmm`` products over a shared index of size 1 as
-element-wise products: which products it rewrites, and that the rewritten graph gives the same values to the bit
-(each output element is one multiplication)."""
+element-wise products: which products it rewrites, and that the rewritten graph gives the same bits (each output
+element is one multiplication)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,23 @@ def test_the_pass_rewrites_outer_products_and_keeps_every_bit(dtype: torch.dtype
     got, expected = gm(x, w, v, bias), f(x, w, v, bias)
     for a, b in zip(got, expected, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
-        assert torch.equal(a, b)  # to the bit: one multiplication per element either way
+        assert torch.equal(_bits(a), _bits(b))  # one multiplication per element either way
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_rewritten_mm_keeps_signed_zeros_infinities_and_nans(dtype: torch.dtype) -> None:
+    """``torch.equal`` would let -0.0 pass for +0.0: the bits are compared, on the values where they differ."""
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 1e-310, -3.5], dtype=dtype)
+    x, w = special.view(-1, 1), special.view(1, -1)
+    gm = make_fx(torch.mm, tracing_mode="fake")(x, w)
+    OuterProducts()(gm.graph)
+    gm.recompile()
+    assert not _products(gm)
+    assert torch.equal(_bits(gm(x, w)), _bits(torch.mm(x, w)))
 
 
 def test_a_compiled_function_with_the_pass_equals_eager_to_the_bit() -> None:
@@ -69,12 +85,13 @@ def test_a_compiled_function_with_the_pass_equals_eager_to_the_bit() -> None:
     def layer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.relu(x @ w.t())
 
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     original = OuterProducts.__call__
 
     def counting(self: OuterProducts, graph: torch.fx.Graph) -> None:
+        before = sum(n.target is _aten.mm.default for n in graph.nodes)
         original(self, graph)
-        seen.append(sum(n.target is _aten.mm.default for n in graph.nodes))
+        seen.append((before, sum(n.target is _aten.mm.default for n in graph.nodes)))
 
     OuterProducts.__call__ = counting  # type: ignore[method-assign]
     try:
@@ -84,5 +101,5 @@ def test_a_compiled_function_with_the_pass_equals_eager_to_the_bit() -> None:
     finally:
         OuterProducts.__call__ = original  # type: ignore[method-assign]
         torch._dynamo.reset()
-    assert seen == [0]  # the pass ran and left no mm
-    assert torch.equal(got, layer(x, w))
+    assert seen == [(1, 0)]  # the pass ran and rewrote the mm (Inductor's decompositions leave this size to it)
+    assert torch.equal(_bits(got), _bits(layer(x, w)))

@@ -314,7 +314,11 @@ def assembles(family: Any) -> bool:
     if any(name in getattr(family, "__dict__", {}) for name in names):  # set on the instance: the class's may not
         return False
     cls = type(family)
-    return _assembling_class(cls, getattr(cls, "sample", None), getattr(cls, "assemble", None))  # (replaced: new key)
+    methods = (getattr(cls, "sample", None), getattr(cls, "assemble", None))
+    try:
+        return _assembling_class(cls, *methods)  # (a method replaced on the class is a new key)
+    except TypeError:  # an unhashable callable as a method: not cached
+        return _assembling_class.__wrapped__(cls, *methods)
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,11 +8,16 @@ gives such products under ``vmap`` and autograd: the first layer's forward pass 
 where an element-wise product takes a fraction of that and fuses with its neighbours (the bias and the
 activation). On the sinusoid MAML step that is four calls per iteration.
 
-Every output element of such a product is one multiplication, so the rewrite is exact: the same values to the
-bit (tested). The pass rewrites ``aten.mm`` and ``aten.bmm`` on float32 and float64 CPU tensors whose shared
-index has static size 1, and nothing else (not ``addmm``, whose added bias ``gemm`` may round together with the
-product). :meth:`metagrad.MetaLearner.compile` adds it on the CPU as Inductor's ``post_grad_custom_pre_pass``; to
-keep it with options of your own, pass ``options={"post_grad_custom_pre_pass": OuterProducts(), ...}``.
+Every output element of such a product is one multiplication, so the rewrite is exact: for ``mm``, the same
+bits as oneMKL's, signed zeros, infinities and NaNs included (tested). The pass rewrites ``aten.mm`` and
+``aten.bmm`` on float32 and float64 CPU tensors whose shared index has static size 1, and nothing else (not
+``addmm``, whose added bias ``gemm`` may round together with the product). Inductor's own decompositions already
+turn such ``bmm`` products, and ``mm`` products of at most 32 elements in all, into the same multiplication before
+this pass runs, so in practice it rewrites the larger ``mm`` products. (Eager ``bmm`` gives +0.0 where the product
+is -0.0, for example 0 times a negative number; the multiplication, Inductor's and this pass's, gives -0.0.)
+
+:meth:`metagrad.MetaLearner.compile` adds it on the CPU as Inductor's ``post_grad_custom_pre_pass``; to keep it
+with options of your own, pass ``options={"post_grad_custom_pre_pass": OuterProducts(), ...}``.
 """
 
 from __future__ import annotations
