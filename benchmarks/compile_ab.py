@@ -11,17 +11,14 @@ variant, one variant after the other, in an order that rotates every round. The 
 printed, with each variant's time relative to ``default`` (the ratio of medians, and the median of the rounds'
 ratios, each round's variant against that round's ``default``). Variants:
 
-- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper built
-  apart from its kernels, :class:`metagrad.matmul_orientation.BatchedMatmulOrientation` and
-  :class:`metagrad.outer_products.OuterProducts`), with the update fused into the compiled step
+- ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper and
+  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation`), with the update fused into the compiled step
   (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
 - ``separate-update``: the same compile, the norm, guard and Adam step run separately
   (``train.fused_update = false``, the previous rounds' iteration);
-- ``no-outer-pass``: the default without :class:`metagrad.outer_products.OuterProducts` (products over a shared
-  index of size 1 left to oneMKL), update fused;
 - ``no-bmm-pass``: the default without ``BatchedMatmulOrientation``, update fused;
-- ``together``: the default without ``cpp_wrapper_build_separate`` (the C++ wrapper built with the kernels, as one
-  file at -O3), update fused;
+- ``build-separate``: the default with Inductor's ``cpp_wrapper_build_separate`` (the C++ wrapper built at -O1
+  apart from the kernels at -O3: a shorter cold compile), update fused;
 - ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
 
 Every variant but ``python-wrapper`` compiles with ``compile()``'s own options on this CPU, with at most one change.
@@ -52,9 +49,8 @@ _DROP = object()  # an option that a variant leaves out
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "default": ({}, True),
     "separate-update": ({}, False),
-    "no-outer-pass": ({"post_grad_custom_pre_pass": _DROP}, True),
     "no-bmm-pass": ({"post_grad_custom_post_pass": _DROP}, True),
-    "together": ({"cpp_wrapper_build_separate": False}, True),
+    "build-separate": ({"cpp_wrapper_build_separate": True}, True),
     "python-wrapper": (None, True),
 }
 

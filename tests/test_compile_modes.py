@@ -12,7 +12,6 @@ from metagrad.algorithms import base
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
 from metagrad.matmul_orientation import BatchedMatmulOrientation
-from metagrad.outer_products import OuterProducts
 
 
 def _batch(tasks: int = 5):
@@ -78,11 +77,10 @@ def test_compile_mode_is_a_checked_train_key() -> None:
         load_config(None, ["train.compile_mode=fastest"])
 
 
-def test_compile_on_the_cpu_adds_the_passes_and_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
-    """On the CPU the narrow-bmm and outer-product passes join every Inductor compile without options of the
-    caller's (a mode as the options it stands for), and the C++ wrapper, built apart from the kernels, the default
-    one (faster to compile and to run on the sinusoid step, docs/results.md). Options, another backend or another
-    device keep PyTorch's behaviour."""
+def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
+    """On the CPU the narrow-bmm pass joins every Inductor compile without options of the caller's (a mode as the
+    options it stands for), and the C++ wrapper the default one (faster to compile and to run on the sinusoid
+    step, docs/results.md). Options, another backend or another device keep PyTorch's behaviour."""
     seen: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", None)  # TORCHINDUCTOR_VEC_ISA_OK unset
@@ -91,11 +89,10 @@ def test_compile_on_the_cpu_adds_the_passes_and_cpp_wrapper_and_keeps_every_expl
     for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"mode": "max-autotune-no-cudagraphs"},
                    {"options": {"max_autotune": True}}, {"backend": "aot_eager"}):  # fmt: skip
         learner.compile(**kwargs)
-    for added in seen[:4]:  # fresh passes in each, and no instruction-set probes
+    for added in seen[:4]:  # one fresh pass in each, and no instruction-set probes
         assert isinstance(added["options"].pop("post_grad_custom_post_pass"), BatchedMatmulOrientation)
-        assert isinstance(added["options"].pop("post_grad_custom_pre_pass"), OuterProducts)
         assert added["options"].pop("cpp.vec_isa_ok") is True
-    wrapper = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+    wrapper = {"cpp_wrapper": True}
     assert seen == [
         {"options": wrapper},
         {"fullgraph": True, "options": wrapper},
@@ -110,11 +107,10 @@ def test_compile_on_the_cpu_adds_the_passes_and_cpp_wrapper_and_keeps_every_expl
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)  # the user's own choice is kept
     learner.compile()
     assert "cpp.vec_isa_ok" not in seen[-1]["options"]
-    monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no bmm pass
+    monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no pass
     learner.compile()
-    assert isinstance(seen[-1]["options"].pop("post_grad_custom_pre_pass"), OuterProducts)  # exact anywhere
     assert seen[-1] == {"options": wrapper}
-    assert base._CPP_WRAPPER == {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}  # copied, not mutated
+    assert base._CPP_WRAPPER == {"cpp_wrapper": True}  # copied, not mutated by the options added to it
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults
     learner.compile()
     assert seen[-1] == {}

@@ -73,7 +73,7 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 # compile()'s Inductor options on the CPU when the caller names no mode (see MetaLearner.compile).
-_CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+_CPP_WRAPPER = {"cpp_wrapper": True}
 
 _NO_RANDOMNESS = contextlib.nullcontext()
 
@@ -593,13 +593,10 @@ class MetaLearner(nn.Module):
           computes the narrow batched products of per-task layers transposed, where oneMKL is several times
           faster (on x86 with MKL, where it was measured). A ``mode`` is passed on as the options it stands for
           (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
-        - ``post_grad_custom_pre_pass``: :class:`~metagrad.outer_products.OuterProducts`, which computes the
-          products over a shared index of size 1 (one-wide inputs and outputs) as element-wise products, exactly.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
-          percent faster. With ``cpp_wrapper_build_separate``, that code is built at -O1 apart from the kernels
-          (at -O3): the sinusoid step's cold compile is about 1 s shorter (4-7 %), its speed the same
-          (``benchmarks/cold_compile.py``, ``benchmarks/compile_ab.py``).
+          percent faster. (Built apart from the kernels, ``cpp_wrapper_build_separate``, it compiled 0.7 s and
+          3.2 s faster from cold but ran 3 % and 1 % slower: not chosen, ``docs/results.md``.)
         - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
           instruction sets that the CPU reports (CPUID) instead of compiling and loading a probe library for each
           (8.6 s on a new machine, 1.4 s on every later start): the sinusoid step's cold compile fell from 16.4 s
@@ -617,10 +614,8 @@ class MetaLearner(nn.Module):
             from torch._inductor import list_mode_options
 
             from metagrad.matmul_orientation import BatchedMatmulOrientation, measured_here
-            from metagrad.outer_products import OuterProducts
 
             inductor = dict(_CPP_WRAPPER) if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
-            inductor["post_grad_custom_pre_pass"] = OuterProducts()
             if measured_here():
                 inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
             if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
