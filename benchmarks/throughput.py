@@ -146,6 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile mode of the compiled path (reduce-overhead: CUDA graphs on a GPU)",
     )
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration (default: 25)")
+    p.add_argument("--iteration", type=int, default=0,
+                   help="the training iteration every call passes, which sets the learner's schedule (default: 0, "
+                        "where MAML Enhanced's multi-step loss is on; from 5000 on, after its 10 epochs of 500, "
+                        "the last step's loss alone)")  # fmt: skip
     p.add_argument(
         "--seconds",
         type=float,
@@ -298,17 +302,17 @@ def run_config(
         "threads": threads,
         "device": str(device),
         "meta_batch": args.meta_batch,
+        "iteration": args.iteration,
         **({"compile_mode": args.compile_mode} if path == "compiled" else {}),
     }
     learner = make_learner(algorithm, steps, vectorize=path != "loop").to(device)
     batch = make_batch(args.meta_batch, device)
     generator = torch.Generator().manual_seed(1)  # Reptile's mini-batch indices are drawn on the CPU
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)  # only its zero_grad is timed
-    iteration = 0
+    iteration = args.iteration  # fixed: one point of the learner's schedule, so one compiled graph
 
     def make_step(entry: str) -> Callable[[], Any]:
         def step() -> Any:
-            nonlocal iteration
             if entry == "backward":
                 learner.zero_grad(set_to_none=True)
                 out = learner.backward(batch, iteration, generator)
@@ -325,7 +329,6 @@ def run_config(
                         named[k].grad = g
             else:
                 out = learner.meta_gradient(batch, iteration, generator)
-            iteration += 1
             return out
 
         return step
@@ -337,9 +340,9 @@ def run_config(
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
 
-        learner.meta_gradient(batch, 0, torch.Generator().manual_seed(1))  # the first call also checks shapes
+        learner.meta_gradient(batch, iteration, torch.Generator().manual_seed(1))  # the first call also checks shapes
         with FlopCounterMode(display=False) as counter:
-            learner.meta_gradient(batch, 0, torch.Generator().manual_seed(1))
+            learner.meta_gradient(batch, iteration, torch.Generator().manual_seed(1))
         base["mflop_per_it"] = counter.get_total_flops() / 1e6
     rows = [{**base, "entry": e} for e in entries]
     cold = path == "compiled" and not args.reuse_compile_cache

@@ -477,8 +477,20 @@ def test_maml_multi_step_loss_uses_weighted_per_step_losses():
     ref = dict(zip(theta, torch.autograd.grad(total, list(theta.values())), strict=True))
     assert_trees_close(gp, ref, rtol=1e-10, atol=1e-12)
     # A different epoch changes the weights and so the loss.
+    _, _, other = learner.meta_gradient(batch, 5)
+    assert other["loss"].item() != pytest.approx(metrics["loss"].item(), rel=1e-6)
+    # After its msl_epochs the last step's loss alone trains, as in MAML++'s code.
     _, _, late = learner.meta_gradient(batch, 1000)
-    assert late["loss"].item() != pytest.approx(metrics["loss"].item(), rel=1e-6)
+    assert late["loss"].item() == pytest.approx(post, rel=1e-12)
+
+
+def test_the_multi_step_loss_ends_after_its_epochs():
+    learner = MAML(tiny_mlp(21), inner_steps=3, multi_step_loss=True, msl_epochs=4, epoch_iterations=10)
+    assert learner.schedule(39)[0] is not None  # epoch 3 of 4
+    last = torch.tensor(multi_step_weights(3, 3, 4), dtype=F64)
+    torch.testing.assert_close(learner.schedule(39)[0], last)
+    assert learner.schedule(40)[0] is None and learner.schedule(10**6)[0] is None
+    assert MAML(tiny_mlp(21), inner_steps=3, multi_step_loss=True, msl_epochs=0).schedule(0)[0] is None
 
 
 def test_multi_step_loss_off_for_a_single_step():

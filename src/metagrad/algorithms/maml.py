@@ -136,10 +136,15 @@ class MAML(MetaLearner):
         )
 
     def schedule(self, iteration: int) -> tuple[Tensor | None, bool]:
+        """The multi-step loss weights for ``iteration`` (None: the last step's loss alone) and whether its
+        meta-gradient is first order. The multi-step loss lasts ``msl_epochs`` epochs of ``epoch_iterations``;
+        after them the last step's loss alone trains, as in MAML++'s own code (Antoniou et al. 2019), which also
+        spares the query passes of the other steps."""
         first_order = self.first_order or iteration < self.first_order_iterations
-        if not (self.multi_step_loss and self.inner_steps > 1):
+        epoch = iteration // self.epoch_iterations
+        if not (self.multi_step_loss and self.inner_steps > 1 and epoch < self.msl_epochs):
             return None, first_order
-        w = multi_step_weights(self.inner_steps, iteration // self.epoch_iterations, self.msl_epochs)
+        w = multi_step_weights(self.inner_steps, epoch, self.msl_epochs)
         ref = next(iter(self._named_parameters().values()))
         return torch.tensor(w, dtype=ref.dtype, device=ref.device), first_order
 
