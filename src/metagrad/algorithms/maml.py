@@ -2,8 +2,8 @@
 
 The whole update rule: adapt with the inner rule on the support set, score the adapted weights on the query
 set. Second order unless ``first_order``. MAML++ (Antoniou et al., ICLR 2019): ``multi_step_loss`` scores
-every inner step with weights that anneal towards the last one; ``first_order_iterations`` trains first order
-before switching to second order.
+every inner step with weights that anneal towards the last one for ``msl_epochs`` epochs, then the last step
+alone, as in MAML++'s code; ``first_order_iterations`` trains first order before switching to second order.
 """
 
 from __future__ import annotations
