@@ -63,9 +63,10 @@ def assert_close_runs(a: Trainer, b: Trainer, rtol: float = 1e-12) -> None:
 
 
 CASES = {
-    "maml-adam-cosine": ["algorithm.inner_steps=2", "train.lr_schedule=cosine", "train.meta_lr=0.01"],
-    # A bound every step's norm exceeds, so that the clipping acts.
-    "maml-clipped": ["train.grad_clip=1e-3", "train.meta_lr=0.01"],
+    # With a bound every step's norm exceeds, so that the clipping acts.
+    "maml-adam-cosine-clipped": [
+        "algorithm.inner_steps=2", "train.lr_schedule=cosine", "train.meta_lr=0.01", "train.grad_clip=1e-3",
+    ],  # fmt: skip
     # Learned per-step rates and curvature: a second parameter group with its own learning rate.
     "enhanced": [
         "algorithm.name=maml_enhanced", "algorithm.inner_steps=2", "train.meta_lr=0.01", "train.meta_state_lr=0.003",
@@ -243,6 +244,44 @@ def test_tasks_assembled_in_the_graph_are_the_eager_tasks(tmp_path: Path) -> Non
     for _ in range(3):
         a, b = inside.step(), outside.step()
         assert a == b
+    assert inside._fused is not None and outside._fused is not None
+    for (k, v), w in zip(inside.learner.state_dict().items(), outside.learner.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert torch.equal(inside.generator.get_state(), outside.generator.get_state())
+
+
+class _Lines:
+    """A user's own regression family (not the sinusoid's) offering the optional draw/assemble pair."""
+
+    name = "lines"
+
+    def draw(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> tuple[torch.Tensor]:
+        return (torch.rand(batch_size * (2 + shots + queries), generator=generator, dtype=torch.float64),)
+
+    def assemble(self, draws: tuple[torch.Tensor], batch_size: int, shots: int, queries: int) -> TaskBatch:
+        (u,) = draws
+        b, dtype = batch_size, torch.get_default_dtype()
+        slope, offset = (u[:b] * 4 - 2)[:, None, None], (u[b : 2 * b] * 2 - 1)[:, None, None]
+        x = (u[2 * b :] * 10 - 5).view(b, shots + queries, 1)
+        y = slope * x + offset
+        info = {"slope": slope.flatten().to(dtype)}
+        sx, qx, sy, qy = x[:, :shots], x[:, shots:], y[:, :shots], y[:, shots:]
+        return TaskBatch(sx.to(dtype), sy.to(dtype), qx.to(dtype), qy.to(dtype), info)
+
+    def sample(self, batch_size: int, shots: int, queries: int, generator: torch.Generator) -> TaskBatch:
+        return self.assemble(self.draw(batch_size, shots, queries, generator), batch_size, shots, queries)
+
+
+def test_a_users_family_with_draw_and_assemble_trains_in_the_graph_as_sampled_eagerly(tmp_path: Path) -> None:
+    """docs/extending.md's optional pair on a family of the user's: assembled inside the compiled update, it
+    trains bit for bit as the same family sampled eagerly (float64, aot_eager)."""
+    inside, outside = (trainer_of(tmp_path, name, ["train.meta_lr=0.01"], fused=True) for name in ("in", "out"))
+    for trainer in (inside, outside):
+        trainer.tasks = _Lines()
+    outside._assembled_in_graph = lambda: False
+    assert assembles(inside.tasks) and inside._assembled_in_graph()
+    for _ in range(3):
+        assert inside.step() == outside.step()
     assert inside._fused is not None and outside._fused is not None
     for (k, v), w in zip(inside.learner.state_dict().items(), outside.learner.state_dict().values(), strict=True):
         assert torch.equal(v, w), k

@@ -25,6 +25,11 @@ def _check_range(name: str, r: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
+def _scaled(u: Tensor, r: tuple[float, float]) -> Tensor:
+    """Uniforms in [0, 1) mapped onto ``r`` (the same arithmetic for ``sample`` and ``assemble``: bit for bit)."""
+    return u * (r[1] - r[0]) + r[0]
+
+
 @dataclass
 class SinusoidConfig:
     """``[task]`` options of the sinusoid family (``name = "sinusoid"``)."""
@@ -76,7 +81,7 @@ class Sinusoid:
             raise ValueError(f"noise must be a finite standard deviation >= 0, got {self.noise}")
 
     def _uniform(self, shape: tuple[int, ...], r: tuple[float, float], g: torch.Generator) -> Tensor:
-        return torch.rand(shape, generator=g, dtype=torch.float64) * (r[1] - r[0]) + r[0]
+        return _scaled(torch.rand(shape, generator=g, dtype=torch.float64), r)
 
     def function(self, x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
         """The noise-free curves: ``x`` [B, N, 1], ``amplitude`` and ``phase`` [B]."""
@@ -150,12 +155,9 @@ class Sinusoid:
         else:
             first, noise_s, query, noise_q = draws
 
-        def scaled(u: Tensor, r: tuple[float, float]) -> Tensor:
-            return u * (r[1] - r[0]) + r[0]
-
-        a, p = scaled(first[:b], self.amplitude), scaled(first[b : 2 * b], self.phase)
-        sx = scaled(first[2 * b :], self.x_range).view(b, shots, 1)
-        qx = scaled(query, self.x_range).view(b, queries, 1)
+        a, p = _scaled(first[:b], self.amplitude), _scaled(first[b : 2 * b], self.phase)
+        sx = _scaled(first[2 * b :], self.x_range).view(b, shots, 1)
+        qx = _scaled(query, self.x_range).view(b, queries, 1)
         sy, qy = self.function(sx, a, p), self.function(qx, a, p)
         if self.noise > 0:
             sy = sy + self.noise * noise_s.view(b, shots, 1)
