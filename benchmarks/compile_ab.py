@@ -12,16 +12,21 @@ printed, with each variant's time relative to ``default`` (the ratio of medians,
 ratios, each round's variant against that round's ``default``). Variants:
 
 - ``default``: ``learner.compile()`` as ``metagrad train`` calls it (on the CPU: Inductor's C++ wrapper and
-  :class:`metagrad.matmul_orientation.BatchedMatmulOrientation`), with the update fused into the compiled step
+  :func:`metagrad.graph_passes.cpu_passes`), with the update fused into the compiled step
   (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
 - ``separate-update``: the same compile, the norm, guard and Adam step run separately
   (``train.fused_update = false``, the previous rounds' iteration);
 - ``no-bmm-pass``: the default without ``BatchedMatmulOrientation``, update fused;
+- ``no-permuted-sum``: the default without :class:`metagrad.permuted_reduction.PermutedReduction`, update fused;
 - ``build-separate``: the default with Inductor's ``cpp_wrapper_build_separate`` (the C++ wrapper built at -O1
   apart from the kernels at -O3: a shorter cold compile), update fused;
 - ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
 
 Every variant but ``python-wrapper`` compiles with ``compile()``'s own options on this CPU, with at most one change.
+
+Every variant trains the same run for the same number of steps, so the script also prints how far each one's
+weights ended from ``default``'s: 0 where a variant changes no value (the graph passes, the C++ wrapper), rounding
+where it computes in another order (the separate update's Adam).
 
 The first call of each variant (its compile) is timed too, but the variants share one process and its warm
 imports, so only ``benchmarks/iteration.py`` gives a cold-compile figure.
@@ -40,16 +45,18 @@ from typing import Any
 import torch
 
 from metagrad import Trainer
+from metagrad.graph_passes import GraphPasses
+from metagrad.matmul_orientation import BatchedMatmulOrientation
+from metagrad.permuted_reduction import PermutedReduction
 from metagrad.presets import preset
-
-_DROP = object()  # an option that a variant leaves out
 
 # How each variant changes compile()'s own Inductor options (None: PyTorch's defaults, no options), and whether
 # the update is fused into the compiled step.
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "default": ({}, True),
     "separate-update": ({}, False),
-    "no-bmm-pass": ({"post_grad_custom_post_pass": _DROP}, True),
+    "no-bmm-pass": ({"post_grad_custom_post_pass": GraphPasses(PermutedReduction())}, True),
+    "no-permuted-sum": ({"post_grad_custom_post_pass": GraphPasses(BatchedMatmulOrientation())}, True),
     "build-separate": ({"cpp_wrapper_build_separate": True}, True),
     "python-wrapper": (None, True),
 }
@@ -67,8 +74,7 @@ def build(steps: int, variant: str, root: Path) -> tuple[Trainer, float]:
         trainer.learner.compile(options={})
     elif changes:
         own = dict(trainer.learner._torch_compile_options["options"])  # what compile() chose on this CPU
-        own |= {k: v for k, v in changes.items() if v is not _DROP}
-        trainer.learner.compile(options={k: v for k, v in own.items() if changes.get(k) is not _DROP})
+        trainer.learner.compile(options=own | changes)
     t0 = time.perf_counter()
     trainer.step()
     return trainer, time.perf_counter() - t0
@@ -116,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"steps": steps, "variant": v, "median_us": med, "rounds_us": ts,
                                 "first_call_s": first[v], "vs_default": med / base,
                                 "paired_vs_default": paired})  # fmt: skip
+            ref = dict(trainers["default"].learner.named_parameters())
+            for v, t in trainers.items():
+                gap = max((p - ref[k]).abs().max().item() for k, p in t.learner.named_parameters())
+                print(f"  {v:<16} weights after {t.iteration} steps: largest difference from default {gap:.3g}")
+                results.append({"steps": steps, "variant": v, "iterations": t.iteration, "max_weight_gap": gap})
             for t in trainers.values():
                 t.close()
     if args.json:

@@ -11,7 +11,9 @@ from metagrad import MAML, MLP, Reptile, Sinusoid, matmul_orientation
 from metagrad.algorithms import base
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
+from metagrad.graph_passes import GraphPasses
 from metagrad.matmul_orientation import BatchedMatmulOrientation
+from metagrad.permuted_reduction import PermutedReduction
 
 
 def _batch(tasks: int = 5):
@@ -77,10 +79,11 @@ def test_compile_mode_is_a_checked_train_key() -> None:
         load_config(None, ["train.compile_mode=fastest"])
 
 
-def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
-    """On the CPU the narrow-bmm pass joins every Inductor compile without options of the caller's (a mode as the
-    options it stands for), and the C++ wrapper the default one (faster to compile and to run on the sinusoid
-    step, docs/results.md). Options, another backend or another device keep PyTorch's behaviour."""
+def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_every_explicit_choice(monkeypatch) -> None:
+    """On the CPU the graph passes (the narrow-bmm pass where measured, the permuted sum) join every Inductor
+    compile without options of the caller's (a mode as the options it stands for), and the C++ wrapper the default
+    one (faster to compile and to run on the sinusoid step, docs/results.md). Options, another backend or another
+    device keep PyTorch's behaviour."""
     seen: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", None)  # TORCHINDUCTOR_VEC_ISA_OK unset
@@ -89,8 +92,10 @@ def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_ex
     for kwargs in ({}, {"fullgraph": True}, {"mode": "reduce-overhead"}, {"mode": "max-autotune-no-cudagraphs"},
                    {"options": {"max_autotune": True}}, {"backend": "aot_eager"}):  # fmt: skip
         learner.compile(**kwargs)
-    for added in seen[:4]:  # one fresh pass in each, and no instruction-set probes
-        assert isinstance(added["options"].pop("post_grad_custom_post_pass"), BatchedMatmulOrientation)
+    for added in seen[:4]:  # fresh passes in each, and no instruction-set probes
+        passes = added["options"].pop("post_grad_custom_post_pass")
+        assert isinstance(passes, GraphPasses)
+        assert [type(p) for p in passes.passes] == [BatchedMatmulOrientation, PermutedReduction]
         assert added["options"].pop("cpp.vec_isa_ok") is True
     wrapper = {"cpp_wrapper": True}
     assert seen == [
@@ -107,8 +112,10 @@ def test_compile_on_the_cpu_adds_the_bmm_pass_and_cpp_wrapper_and_keeps_every_ex
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)  # the user's own choice is kept
     learner.compile()
     assert "cpp.vec_isa_ok" not in seen[-1]["options"]
-    monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no pass
+    monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no bmm pass
     learner.compile()
+    passes = seen[-1]["options"].pop("post_grad_custom_post_pass")
+    assert [type(p) for p in passes.passes] == [PermutedReduction]
     assert seen[-1] == {"options": wrapper}
     assert base._CPP_WRAPPER == {"cpp_wrapper": True}  # copied, not mutated by the options added to it
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults

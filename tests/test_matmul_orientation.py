@@ -12,6 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from metagrad import MAML, MLP, Sinusoid
 from metagrad.matmul_orientation import NARROW, BatchedMatmulOrientation, measured_here, turns_around
+from metagrad.permuted_reduction import PermutedReduction
 
 F64 = torch.float64
 
@@ -84,7 +85,7 @@ def test_the_pass_rewrites_narrow_products_and_keeps_their_values(a_transposed: 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_second_order_meta_gradient_with_the_pass_equals_eager(monkeypatch) -> None:
     """The default ``compile()`` on the CPU: MAML's float64 meta-gradient on a 20-wide MLP (5 support points per
-    task, so the pass fires) equals eager to 1e-12, and the pass did rewrite products."""
+    task, so the pass fires) equals eager to 1e-12, and the passes did rewrite products and a sum."""
     rewrites: list[int] = []
     original = BatchedMatmulOrientation.__call__
 
@@ -99,6 +100,19 @@ def test_compiled_second_order_meta_gradient_with_the_pass_equals_eager(monkeypa
         rewrites.append(narrow)
 
     monkeypatch.setattr(BatchedMatmulOrientation, "__call__", counting)
+    sums: list[tuple[int, int]] = []  # the default chain's other pass, which runs after this one
+    summing = PermutedReduction.__call__
+
+    def permuted_sums(graph: torch.fx.Graph) -> int:
+        views = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+        return sum(n.target is torch.ops.aten.sum.dim_IntList and n.args[0].target in views for n in graph.nodes)
+
+    def counting_sums(self: PermutedReduction, graph: torch.fx.Graph) -> None:
+        before = permuted_sums(graph)
+        summing(self, graph)
+        sums.append((before, permuted_sums(graph)))
+
+    monkeypatch.setattr(PermutedReduction, "__call__", counting_sums)
     torch.manual_seed(0)
     model = MLP(1, [20, 20], 1, "tanh").to(F64)
     eager = MAML(copy.deepcopy(model), inner_lr=0.1, inner_steps=1)
@@ -112,6 +126,7 @@ def test_compiled_second_order_meta_gradient_with_the_pass_equals_eager(monkeypa
     expected = eager.meta_gradient(batch, 0)
     torch._dynamo.reset()
     assert rewrites and sum(rewrites) >= 1
+    assert len(sums) == len(rewrites) and sum(b - a for b, a in sums) >= 1  # a transposed sum over the tasks too
     for k in expected[0]:
         torch.testing.assert_close(got[0][k], expected[0][k], rtol=1e-12, atol=1e-12, msg=k)
     assert got[2]["loss"].item() == pytest.approx(expected[2]["loss"].item(), rel=1e-12)

@@ -589,9 +589,11 @@ class MetaLearner(nn.Module):
 
         On the CPU, with Inductor and no ``options`` of the caller's (``docs/results.md``):
 
-        - ``post_grad_custom_post_pass``: :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation`, which
-          computes the narrow batched products of per-task layers transposed, where oneMKL is several times
-          faster (on x86 with MKL, where it was measured). A ``mode`` is passed on as the options it stands for
+        - ``post_grad_custom_post_pass``: :func:`~metagrad.graph_passes.cpu_passes`.
+          :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation` computes the narrow batched products of
+          per-task layers transposed, where oneMKL is several times faster (on x86 with MKL, where it was
+          measured); :class:`~metagrad.permuted_reduction.PermutedReduction` sums a transposed per-task gradient
+          over the tasks in its own memory order. A ``mode`` is passed on as the options it stands for
           (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
@@ -613,11 +615,10 @@ class MetaLearner(nn.Module):
             from torch._inductor import config as inductor_config  # imports Inductor: only when used
             from torch._inductor import list_mode_options
 
-            from metagrad.matmul_orientation import BatchedMatmulOrientation, measured_here
+            from metagrad.graph_passes import cpu_passes
 
             inductor = dict(_CPP_WRAPPER) if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
-            if measured_here():
-                inductor["post_grad_custom_post_pass"] = BatchedMatmulOrientation()
+            inductor["post_grad_custom_post_pass"] = cpu_passes()
             if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
                 inductor["cpp.vec_isa_ok"] = True
             options = {k: v for k, v in options.items() if k != "mode"} | {"options": inductor}

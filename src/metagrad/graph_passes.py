@@ -1,0 +1,50 @@
+"""The Inductor graph passes that :meth:`metagrad.MetaLearner.compile` adds on the CPU, run as Inductor's one
+``post_grad_custom_post_pass``.
+
+Inductor takes a single custom pass per slot. :class:`GraphPasses` runs several in order and keys Inductor's
+compiled-graph cache on all of them. :func:`cpu_passes` is the default chain: a new pass is added there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from metagrad import matmul_orientation
+from metagrad.permuted_reduction import PermutedReduction
+
+__all__ = ["GraphPasses", "cpu_passes"]
+
+
+class GraphPasses(CustomGraphPass):
+    """``passes`` run in order on the post-grad graph, as one Inductor custom pass."""
+
+    def __init__(self, *passes: CustomGraphPass) -> None:
+        self.passes = passes
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> bytes | None:
+        keys = [p.uuid() for p in self.passes]
+        if any(k is None for k in keys):  # one pass that cannot be keyed: no caching (as Inductor does for it)
+            return None
+        digest = hashlib.sha256()
+        for p, k in zip(self.passes, keys, strict=True):
+            digest.update(f"{type(p).__qualname__}:".encode() + (k if isinstance(k, bytes) else str(k).encode()))
+        return digest.digest()
+
+    def __repr__(self) -> str:
+        return f"GraphPasses({', '.join(type(p).__name__ for p in self.passes)})"
+
+
+def cpu_passes() -> GraphPasses:
+    """The passes ``compile()`` adds on the CPU: :class:`BatchedMatmulOrientation` where it was measured (x86 with
+    oneMKL), then :class:`PermutedReduction` (which also sums the products that the first turned around in their
+    own order)."""
+    measured = matmul_orientation.measured_here()
+    chosen: list[CustomGraphPass] = [matmul_orientation.BatchedMatmulOrientation()] if measured else []
+    return GraphPasses(*chosen, PermutedReduction())

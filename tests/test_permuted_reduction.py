@@ -1,0 +1,130 @@
+"""``PermutedReduction``, the Inductor pass that sums a permuted tensor in its own memory order, and
+``GraphPasses``, the chain that ``compile()`` hands Inductor: which sums are rewritten, that the rewritten graph
+gives the same values (float64 through the graph, and bit for bit in float32 compiled code), and the chain's order
+and cache key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from metagrad.graph_passes import GraphPasses, cpu_passes
+from metagrad.matmul_orientation import BatchedMatmulOrientation
+from metagrad.permuted_reduction import PermutedReduction
+
+F64 = torch.float64
+_sum = torch.ops.aten.sum.dim_IntList
+_permute = torch.ops.aten.permute.default
+_transpose = torch.ops.aten.transpose.int
+
+
+def _slow_sums(graph: torch.fx.Graph) -> int:
+    """Sums over a non-contiguous permuted view of a contiguous tensor: the pass's targets."""
+    count = 0
+    for n in graph.nodes:
+        if n.target is _sum and getattr(n.args[0], "target", None) in (_permute, _transpose):
+            src = n.args[0].args[0].meta["val"]
+            count += src.is_contiguous() and not n.args[0].meta["val"].is_contiguous()
+    return count
+
+
+def _f(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    g = torch.bmm(x.transpose(1, 2), y)  # [5, 24, 24] per "task", contiguous
+    gt = g.transpose(1, 2)  # as autograd hands a linear layer's weight gradient on
+    pt = g.permute(0, 2, 1)  # the same as a permutation, as in Inductor's post-grad graph
+    four = w.permute(2, 0, 3, 1)  # [4, 3, 7, 6], not contiguous
+    return (
+        gt.sum(0),  # rewritten (no keepdim)
+        pt.sum(0),  # rewritten
+        gt.sum(0, keepdim=True) * 2,  # rewritten (keepdim)
+        four.sum(2),  # rewritten: a middle dimension of a 4-d permutation
+        four.sum(-1, keepdim=True),  # rewritten: a negative dimension
+        gt.sum((0, 1)),  # two dimensions: left alone (the order of the sums could change)
+        g.sum(0),  # not permuted: left alone
+        gt.sum(0, dtype=F64),  # a dtype: left alone
+        gt.contiguous().sum(0),  # contiguous: left alone
+    )
+
+
+def test_the_pass_sums_permuted_views_in_their_own_order_and_keeps_the_values() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y, w = (torch.randn(s, generator=gen, dtype=F64) for s in ((5, 10, 24), (5, 10, 24), (3, 6, 4, 7)))
+    gm = make_fx(_f, tracing_mode="fake")(x, y, w)  # nodes carry fake "val"s, as in Inductor's post-grad graph
+    assert _slow_sums(gm.graph) == 7  # the five to rewrite, the two-dimension one and the one with a dtype
+    PermutedReduction()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    assert _slow_sums(gm.graph) == 2  # the two-dimension one and the one with a dtype
+    real: dict[torch.fx.Node, object] = {}  # each node's real value: every fake "val" must have its shape
+    interpreter = torch.fx.Interpreter(gm)
+    run_node = interpreter.run_node
+
+    def recording(n: torch.fx.Node) -> object:
+        real[n] = run_node(n)
+        return real[n]
+
+    interpreter.run_node = recording  # type: ignore[method-assign]
+    interpreter.run(x, y, w)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            assert n.meta["val"].shape == real[n].shape, n
+    for got, expected in zip(gm(x, y, w), _f(x, y, w), strict=True):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_code_with_the_pass_gives_the_same_bits() -> None:
+    """The claim of the module's docstring, in float32 where rounding shows: Inductor's code for the rewritten sum
+    adds the same numbers in the same order as its code for the original."""
+
+    def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x.transpose(1, 2), y).transpose(1, 2).sum(0) * 0.5
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(25, 10, 40, generator=gen), torch.randn(25, 10, 40, generator=gen)
+    fired: list[int] = []
+
+    class Counting(PermutedReduction):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            before = _slow_sums(graph)
+            super().__call__(graph)
+            fired.append((before, _slow_sums(graph)))
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        plain = torch.compile(f, options={"cpp.vec_isa_ok": True})(x, y)  # (no probe builds: as compile())
+        torch._dynamo.reset()
+        rewritten = torch.compile(f, options={"cpp.vec_isa_ok": True, "post_grad_custom_post_pass": Counting()})(x, y)
+    torch._dynamo.reset()
+    assert fired == [(1, 0)]  # the pass rewrote the one sum
+    assert torch.equal(plain, rewritten)
+    torch.testing.assert_close(rewritten, f(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_passes_run_in_order_and_key_the_cache_on_every_pass() -> None:
+    calls: list[str] = []
+
+    class Named(PermutedReduction):
+        def __init__(self, name: str, key: bytes | None) -> None:
+            self.name, self.key = name, key
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            calls.append(self.name)
+
+        def uuid(self) -> bytes | None:
+            return self.key
+
+    chain = GraphPasses(Named("a", b"1"), Named("b", b"2"))
+    chain(torch.fx.Graph())
+    assert calls == ["a", "b"]
+    key = chain.uuid()
+    assert key is not None and key == GraphPasses(Named("a", b"1"), Named("b", b"2")).uuid()
+    assert key != GraphPasses(Named("b", b"2"), Named("a", b"1")).uuid()  # another order is another graph
+    assert key != GraphPasses(Named("a", b"1"), Named("b", b"3")).uuid()  # a changed pass compiles afresh
+    assert GraphPasses(Named("a", b"1"), Named("b", None)).uuid() is None  # Inductor then does not cache
+    default = cpu_passes()
+    assert isinstance(default.passes[-1], PermutedReduction)  # last: it also sees the products turned around
+    assert all(isinstance(p, BatchedMatmulOrientation) for p in default.passes[:-1])
+    assert default.uuid()
