@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from metagrad import MAML, DataError, MAMLEnhanced, MetaSGD, ModelError, Reptile
+from metagrad import MAML, CompileError, DataError, MAMLEnhanced, MetaSGD, ModelError, Reptile
 from metagrad.models import MLP
 from metagrad.tasks import Sinusoid, TaskBatch
 
@@ -377,3 +377,22 @@ def test_a_learner_pickles_as_pytorch_modules_do(make, tmp_path: Path) -> None:
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+
+
+def test_a_compiler_backends_failure_is_a_compile_error_not_blamed_on_the_network():
+    """A backend that fails (here one of the user's own, as Inductor does with options it cannot honour) is one
+    CompileError naming the backend and its error: before, any text with "vmap" in it read as a network that vmap
+    cannot batch, with the wrong fix (vectorize=False)."""
+
+    def failing(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+        raise RuntimeError("No choices to select (from a vmap-free backend)")
+
+    batch = Sinusoid().sample(2, 5, 5, gen(0))
+    learner = MAML(MLP(1, [8], 1), inner_lr=0.01)
+    learner.compile(backend=failing)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(CompileError, match=r"backend 'failing' could not compile MAML's meta-step.*No choices"):
+            learner.meta_gradient(batch, 0)
+    finally:
+        torch._dynamo.reset()

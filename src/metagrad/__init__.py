@@ -16,6 +16,7 @@ from metagrad.algorithms import (
 from metagrad.callbacks import Callback, TensorBoardLogger
 from metagrad.errors import (
     CheckpointError,
+    CompileError,
     ConfigError,
     DataError,
     DivergenceError,
@@ -64,6 +65,7 @@ __all__ = [
     "TaskBatch",
     "TaskDistribution",
     "MetagradError",
+    "CompileError",
     "ConfigError",
     "RunError",
     "CheckpointError",

@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "ModelError",
+    "CompileError",
     "MissingDependencyError",
 ]
 
@@ -40,6 +41,11 @@ class DataError(MetagradError, ValueError):
 
 class ModelError(MetagradError, ValueError):
     """A model cannot run under metagrad's transforms as it is (the message names the module and the fix)."""
+
+
+class CompileError(MetagradError, RuntimeError):
+    """``torch.compile``'s backend could not compile the meta-step (the message names the backend's error and the
+    options to check)."""
 
 
 class MissingDependencyError(MetagradError, ImportError):

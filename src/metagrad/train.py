@@ -76,6 +76,10 @@ def meta_lr_at(cfg: Config, iteration: int) -> float:
     return t.meta_lr
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     """``train.lr_schedule`` as a ``LambdaLR``: every parameter group's learning rate is scaled by
     ``meta_lr_at(cfg, i) / train.meta_lr`` (so a separate ``train.meta_state_lr`` follows the same shape)."""
@@ -263,7 +267,10 @@ class Trainer:
         """Log the means over the iterations since the last training line (none if there were none)."""
         if not self._window:
             return
-        self.last = {k: sum(w[k] for w in self._window) / len(self._window) for k in self._window[0]}
+        # Each metric over the iterations that have it: one turned on or off mid-window (learner.diagnostics) is
+        # the mean of its own iterations.
+        names = dict.fromkeys(k for w in self._window for k in w)
+        self.last = {k: _mean([w[k] for w in self._window if k in w]) for k in names}
         self._window = []
         self._log({"iteration": self.iteration, **self.last, "seconds": round(self.seconds, 3)}, training=True)
 

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from metagrad.errors import ConfigError, DataError, ModelError
+from metagrad.errors import CompileError, ConfigError, DataError, MetagradError, ModelError
 from metagrad.inner.base import InnerRule, Params
 from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
@@ -103,6 +104,12 @@ _TRANSFORM_FAILURES = {
 
 
 _COMPILED_COPIES = itertools.count()
+
+
+def _backend_failed(error: BaseException) -> bool:
+    """Whether ``error`` is Dynamo's report of a compiler backend's failure (Dynamo is imported only if in use)."""
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(error, exc.BackendCompilerFailed)
 
 
 def _with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -760,11 +767,20 @@ class MetaLearner(nn.Module):
                 raise
             raise explained from None
 
-    def _transform_error(self, error: RuntimeError, rerun: Callable[[], Any]) -> ModelError | None:
-        """The ModelError that explains torch.func's ``error`` (see :meth:`_explain_transform_errors`), or None
-        where it is not one of the known failures."""
+    def _transform_error(self, error: RuntimeError, rerun: Callable[[], Any]) -> MetagradError | None:
+        """The ModelError that explains torch.func's ``error`` (see :meth:`_explain_transform_errors`), the
+        CompileError for a compiler backend's failure, or None where it is neither."""
         text = str(error)
         advice = next((v for k, v in _TRANSFORM_FAILURES.items() if k in text), None)
+        if advice in (None, _TRANSFORM_FAILURES["vmap"]) and _backend_failed(error):
+            # Not the network: the backend's own error (its text may mention vmap anywhere, as in a file path).
+            inner = getattr(error, "inner_exception", None) or error
+            first = (str(inner).strip().splitlines() or [""])[0][:300]
+            return CompileError(
+                f"torch.compile's backend {getattr(error, 'backend_name', '?')!r} could not compile "
+                f"{type(self).__name__}'s meta-step ({type(inner).__name__}: {first}): check the options given to "
+                "compile(), or run uncompiled (train.compile = false)"
+            )
         if advice is None:
             return None
         where = self._failing_module(rerun)
