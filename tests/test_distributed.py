@@ -105,50 +105,41 @@ def _check(got: dict, want: dict) -> None:
         torch.testing.assert_close(torch.from_numpy(got[k]), want[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
-def test_torchrun_training_matches_single_process(tmp_path) -> None:
-    """Uneven shards (7 tasks on 2 ranks: 4 and 3) train as one process does."""
+def test_torchrun_and_a_two_node_rendezvous_train_as_one_process(tmp_path) -> None:
+    """Uneven shards (7 tasks on 2 ranks: 4 and 3) train as one process does, launched as one node
+    (``--standalone``) and as docs/scaling.md's multi-node launch with two 'nodes' on this machine (one torchrun
+    each, c10d rendezvous, one shared run directory). The three runs go side by side: each start is mostly
+    importing torch."""
     overrides = ["train.iterations=12", "train.meta_batch=7", "train.val_every=6", "train.checkpoint_every=6",
                  "train.threads=1", "model.hidden=[16, 16]", "algorithm.inner_steps=2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launch, "-m", "metagrad", "train", "--out", str(two), "--no-progress", *overrides]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("trained maml") == 1  # rank 0 alone reports
-    cmd = [sys.executable, "-m", "metagrad", "train", "--out", str(one), "--no-progress", *overrides]
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
-    _, a, meta_a = load_learner(one)
-    _, b, meta_b = load_learner(two)
-    assert meta_a["iteration"] == meta_b["iteration"] == 12
-    for k in a.params:
-        torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)
-    lines = (two / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len(set(lines))  # one writer
-
-
-def test_two_node_rendezvous_matches_single_process(tmp_path) -> None:
-    """docs/scaling.md's multi-node launch, with two 'nodes' on this machine (one torchrun each, c10d rendezvous,
-    one shared run directory): the same weights as one process with the same total meta-batch."""
-    overrides = ["train.iterations=6", "train.meta_batch=4", "train.val_every=3", "train.checkpoint_every=3",
-                 "train.threads=1", "model.hidden=[16, 16]"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two, one = tmp_path / "nodes", tmp_path / "one"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}",
-              "--rdzv-id", "test"]  # fmt: skip
-    cmd = [*launch, "-m", "metagrad", "train", "--out", str(two), "--no-progress", *overrides]
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
-    outputs = [p.communicate(timeout=240) for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert sum(out.count("trained maml") for out, _ in outputs) == 1  # the node holding rank 0 reports
-    cmd = [sys.executable, "-m", "metagrad", "train", "--out", str(one), "--no-progress", *overrides]
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
-    _, a, _ = load_learner(one)
-    _, b, meta = load_learner(two)
-    assert meta["iteration"] == 6
-    for k in a.params:
-        torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)
+    runs = {name: tmp_path / name for name in ("one", "standalone", "nodes")}
+    train = ["-m", "metagrad", "train", "--no-progress", *overrides, "--out"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", "test"]
+    nodes = [*torchrun, "--nnodes", "2", "--nproc_per_node", "1", *rendezvous, *train, str(runs["nodes"])]
+    commands = {
+        "one": [sys.executable, *train, str(runs["one"])],
+        "standalone": [*torchrun, "--standalone", "--nproc_per_node", "2", *train, str(runs["standalone"])],
+        "node a": nodes,
+        "node b": nodes,
+    }
+    procs = {k: subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in commands.items()}  # fmt: skip
+    outputs = {k: p.communicate(timeout=300) for k, p in procs.items()}
+    assert {k: p.returncode for k, p in procs.items()} == dict.fromkeys(procs, 0), {
+        k: err[-2000:] for k, (_, err) in outputs.items()
+    }
+    assert outputs["standalone"][0].count("trained maml") == 1  # rank 0 alone reports
+    assert outputs["node a"][0].count("trained maml") + outputs["node b"][0].count("trained maml") == 1
+    _, a, meta_a = load_learner(runs["one"])
+    for name in ("standalone", "nodes"):
+        _, b, meta_b = load_learner(runs[name])
+        assert meta_a["iteration"] == meta_b["iteration"] == 12
+        for k in a.params:
+            torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        lines = (runs[name] / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == len(set(lines))  # one writer
 
 
 @pytest.mark.parametrize(
