@@ -15,7 +15,9 @@ as a first run on a new machine does:
   which on the CPU sets ``cpp.vec_isa_ok`` (no probes for the base instruction sets);
 - ``probing``: the same with the same options except ``cpp.vec_isa_ok`` (Inductor's own probing);
 - ``build-separate``: the same options with Inductor's ``cpp_wrapper_build_separate`` (the C++ wrapper built at -O1
-  apart from the kernels at -O3).
+  apart from the kernels at -O3);
+- ``no-memory-planning``: the same options without Inductor's ``memory_planning`` (one allocation per intermediate
+  tensor).
 
 Inductor keeps its precompiled C++ headers in its default folder (``/tmp/torchinductor_$USER/precompiled_headers``),
 which ``TORCHINDUCTOR_CACHE_DIR`` does not move: they are built once per machine and set of compiler flags and
@@ -59,6 +61,8 @@ if what == "probing":
     del own["cpp.vec_isa_ok"]
 elif what == "build-separate":
     own["cpp_wrapper_build_separate"] = True
+elif what == "no-memory-planning":
+    own["memory_planning"] = False
 if what != "default":
     trainer.learner.compile(options=own)
 t0 = time.perf_counter()
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5], help="inner steps")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", choices=("default", "probing", "build-separate"),
+    ap.add_argument("--variants", nargs="+", choices=("default", "probing", "build-separate", "no-memory-planning"),
                     default=["default", "probing", "build-separate"])  # fmt: skip
     ap.add_argument("--no-probes", action="store_true", help="skip timing the instruction-set probes alone")
     ap.add_argument("--json", help="write the results here")

@@ -97,7 +97,7 @@ def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_ever
         assert isinstance(passes, GraphPasses)
         assert [type(p) for p in passes.passes] == [BatchedMatmulOrientation, PermutedReduction]
         assert added["options"].pop("cpp.vec_isa_ok") is True
-    wrapper = {"cpp_wrapper": True}
+    wrapper = {"cpp_wrapper": True, "memory_planning": True, "size_asserts": False, "alignment_asserts": False}
     assert seen == [
         {"options": wrapper},
         {"fullgraph": True, "options": wrapper},
@@ -117,7 +117,7 @@ def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_ever
     passes = seen[-1]["options"].pop("post_grad_custom_post_pass")
     assert [type(p) for p in passes.passes] == [PermutedReduction]
     assert seen[-1] == {"options": wrapper}
-    assert base._CPP_WRAPPER == {"cpp_wrapper": True}  # copied, not mutated by the options added to it
+    assert base._CPU_INDUCTOR == wrapper  # copied, not mutated by the options added to it
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults
     learner.compile()
     assert seen[-1] == {}
