@@ -22,8 +22,8 @@ ratios, each round's variant against that round's ``default``). Variants:
   apart from the kernels at -O3: a shorter cold compile), update fused;
 - ``no-memory-planning``: the default without Inductor's ``memory_planning`` (one allocation per intermediate
   tensor instead of one pool per call), update fused;
-- ``size-asserts``: the default with Inductor's checks of the inputs' sizes, strides and alignment on every call
-  (``size_asserts``, ``alignment_asserts``: PyTorch's defaults), update fused;
+- ``no-size-asserts``: the default without Inductor's checks of the inputs' sizes, strides and alignment on every
+  call (``size_asserts``, ``alignment_asserts``), update fused;
 - ``python-wrapper``: PyTorch's defaults, ``compile(options={})``, update fused.
 
 Every variant but ``python-wrapper`` compiles with ``compile()``'s own options on this CPU, with at most one change.
@@ -63,7 +63,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "no-permuted-sum": ({"post_grad_custom_post_pass": GraphPasses(BatchedMatmulOrientation())}, True),
     "build-separate": ({"cpp_wrapper_build_separate": True}, True),
     "no-memory-planning": ({"memory_planning": False}, True),
-    "size-asserts": ({"size_asserts": True, "alignment_asserts": True}, True),
+    "no-size-asserts": ({"size_asserts": False, "alignment_asserts": False}, True),
     "python-wrapper": (None, True),
 }
 

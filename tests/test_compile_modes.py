@@ -97,7 +97,7 @@ def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_ever
         assert isinstance(passes, GraphPasses)
         assert [type(p) for p in passes.passes] == [BatchedMatmulOrientation, PermutedReduction]
         assert added["options"].pop("cpp.vec_isa_ok") is True
-    wrapper = {"cpp_wrapper": True, "memory_planning": True, "size_asserts": False, "alignment_asserts": False}
+    wrapper = {"cpp_wrapper": True, "memory_planning": True}
     assert seen == [
         {"options": wrapper},
         {"fullgraph": True, "options": wrapper},

@@ -74,7 +74,7 @@ def _name_of(fn: Callable[..., Any]) -> str:
 
 
 # compile()'s Inductor options on the CPU when the caller names no mode (see MetaLearner.compile).
-_CPU_INDUCTOR = {"cpp_wrapper": True, "memory_planning": True, "size_asserts": False, "alignment_asserts": False}
+_CPU_INDUCTOR = {"cpp_wrapper": True, "memory_planning": True}
 
 _NO_RANDOMNESS = contextlib.nullcontext()
 
@@ -606,12 +606,11 @@ class MetaLearner(nn.Module):
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
           percent faster. (Built apart from the kernels, ``cpp_wrapper_build_separate``, it compiled 0.7 s and
           3.2 s faster from cold but ran 3 % and 1 % slower: not chosen, ``docs/results.md``.)
-        - ``memory_planning`` and no ``size_asserts`` or ``alignment_asserts``, also when no ``mode`` is given:
-          the step's intermediate tensors are carved out of one allocation per call instead of one each (49 on
-          the sinusoid step), and the compiled code does not check its inputs' sizes, strides and alignment again
-          on every call (Dynamo's guards have checked sizes and strides before the call; the CPU kernels load
-          unaligned). Together 5 % and 2 % off a sinusoid training iteration at one and five inner steps, with the
-          same weights to the bit (``benchmarks/compile_ab.py``).
+        - ``memory_planning``, when no ``mode`` is given: the step's intermediate tensors are carved out of
+          one allocation per call instead of one each (49 on the sinusoid step). That took 4 % off a sinusoid
+          training iteration at one inner step (none at five, within 1 %), with the same weights to the bit
+          (``benchmarks/compile_ab.py``). (Leaving out the compiled code's own checks of its inputs' sizes and
+          strides, ``size_asserts``, gained 0.4-1.2 %: not worth a safety check, ``docs/results.md``.)
         - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
           instruction sets that the CPU reports (CPUID) instead of compiling and loading a probe library for each
           (8.6 s on a new machine, 1.4 s on every later start): the sinusoid step's cold compile fell from 16.4 s
