@@ -16,6 +16,7 @@ ratios, each round's variant against that round's ``default``). Variants:
   (:mod:`metagrad.fused_update`, ``train.fused_update = true``);
 - ``separate-update``: the same compile, the norm, guard and Adam step run separately
   (``train.fused_update = false``, the previous rounds' iteration);
+- ``no-outer-products``: the default without :class:`metagrad.outer_products.OuterProducts`, update fused;
 - ``no-bmm-pass``: the default without ``BatchedMatmulOrientation``, update fused;
 - ``no-permuted-sum``: the default without :class:`metagrad.permuted_reduction.PermutedReduction`, update fused;
 - ``build-separate``: the default with Inductor's ``cpp_wrapper_build_separate`` (the C++ wrapper built at -O1
@@ -51,16 +52,20 @@ import torch
 from metagrad import Trainer
 from metagrad.graph_passes import GraphPasses
 from metagrad.matmul_orientation import BatchedMatmulOrientation
+from metagrad.outer_products import OuterProducts
 from metagrad.permuted_reduction import PermutedReduction
 from metagrad.presets import preset
+
+_PASSES = (OuterProducts(), BatchedMatmulOrientation(), PermutedReduction())  # cpu_passes() on this kind of CPU
 
 # How each variant changes compile()'s own Inductor options (None: PyTorch's defaults, no options), and whether
 # the update is fused into the compiled step.
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {
     "default": ({}, True),
     "separate-update": ({}, False),
-    "no-bmm-pass": ({"post_grad_custom_post_pass": GraphPasses(PermutedReduction())}, True),
-    "no-permuted-sum": ({"post_grad_custom_post_pass": GraphPasses(BatchedMatmulOrientation())}, True),
+    "no-outer-products": ({"post_grad_custom_post_pass": GraphPasses(*_PASSES[1:])}, True),
+    "no-bmm-pass": ({"post_grad_custom_post_pass": GraphPasses(_PASSES[0], _PASSES[2])}, True),
+    "no-permuted-sum": ({"post_grad_custom_post_pass": GraphPasses(*_PASSES[:2])}, True),
     "build-separate": ({"cpp_wrapper_build_separate": True}, True),
     "no-memory-planning": ({"memory_planning": False}, True),
     "no-size-asserts": ({"size_asserts": False, "alignment_asserts": False}, True),

@@ -13,6 +13,7 @@ from metagrad.config import load_config
 from metagrad.errors import ConfigError
 from metagrad.graph_passes import GraphPasses
 from metagrad.matmul_orientation import BatchedMatmulOrientation
+from metagrad.outer_products import OuterProducts
 from metagrad.permuted_reduction import PermutedReduction
 
 
@@ -95,7 +96,7 @@ def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_ever
     for added in seen[:4]:  # fresh passes in each, and no instruction-set probes
         passes = added["options"].pop("post_grad_custom_post_pass")
         assert isinstance(passes, GraphPasses)
-        assert [type(p) for p in passes.passes] == [BatchedMatmulOrientation, PermutedReduction]
+        assert [type(p) for p in passes.passes] == [OuterProducts, BatchedMatmulOrientation, PermutedReduction]
         assert added["options"].pop("cpp.vec_isa_ok") is True
     wrapper = {"cpp_wrapper": True, "memory_planning": True}
     assert seen == [
@@ -115,7 +116,7 @@ def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_ever
     monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no bmm pass
     learner.compile()
     passes = seen[-1]["options"].pop("post_grad_custom_post_pass")
-    assert [type(p) for p in passes.passes] == [PermutedReduction]
+    assert [type(p) for p in passes.passes] == [OuterProducts, PermutedReduction]
     assert seen[-1] == {"options": wrapper}
     assert base._CPU_INDUCTOR == wrapper  # copied, not mutated by the options added to it
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults

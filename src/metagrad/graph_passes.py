@@ -13,6 +13,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from metagrad import matmul_orientation
+from metagrad.outer_products import OuterProducts
 from metagrad.permuted_reduction import PermutedReduction
 
 __all__ = ["GraphPasses", "cpu_passes"]
@@ -42,9 +43,10 @@ class GraphPasses(CustomGraphPass):
 
 
 def cpu_passes() -> GraphPasses:
-    """The passes ``compile()`` adds on the CPU: :class:`BatchedMatmulOrientation` where it was measured (x86 with
-    oneMKL), then :class:`PermutedReduction` (which also sums the products that the first turned around in their
-    own order)."""
+    """The passes ``compile()`` adds on the CPU, in this order: :class:`OuterProducts`;
+    :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation` where it was measured (x86 with oneMKL);
+    :class:`PermutedReduction`, last, so that it also sums the products that the bmm pass turned around in their
+    own order."""
     measured = matmul_orientation.measured_here()
     chosen: list[CustomGraphPass] = [matmul_orientation.BatchedMatmulOrientation()] if measured else []
-    return GraphPasses(*chosen, PermutedReduction())
+    return GraphPasses(OuterProducts(), *chosen, PermutedReduction())
