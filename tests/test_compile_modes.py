@@ -116,7 +116,7 @@ def test_compile_on_the_cpu_adds_the_graph_passes_and_cpp_wrapper_and_keeps_ever
     monkeypatch.setattr(matmul_orientation, "measured_here", lambda: False)  # e.g. aarch64: no bmm pass
     learner.compile()
     passes = seen[-1]["options"].pop("post_grad_custom_post_pass")
-    assert [type(p) for p in passes.passes] == [OuterProducts, PermutedReduction]
+    assert [type(p) for p in passes.passes] == [PermutedReduction]  # the oneMKL ones where they were measured
     assert seen[-1] == {"options": wrapper}
     assert base._CPU_INDUCTOR == wrapper  # copied, not mutated by the options added to it
     learner.to("meta")  # any device other than the CPU: PyTorch's defaults

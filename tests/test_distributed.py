@@ -124,12 +124,15 @@ def test_torchrun_and_a_two_node_rendezvous_train_as_one_process(tmp_path) -> No
         "node a": nodes,
         "node b": nodes,
     }
-    procs = {k: subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}  # fmt: skip
-    outputs = {k: p.communicate(timeout=300) for k, p in procs.items()}
-    assert {k: p.returncode for k, p in procs.items()} == dict.fromkeys(procs, 0), {
-        k: err[-2000:] for k, (_, err) in outputs.items()
-    }
+    # Output to files, not pipes: a full pipe would stall a node while the test waits on its rendezvous partner.
+    logs = {k: (tmp_path / f"{k}.out", tmp_path / f"{k}.err") for k in commands}
+    procs = {}
+    for k, c in commands.items():
+        with logs[k][0].open("w") as out, logs[k][1].open("w") as err:
+            procs[k] = subprocess.Popen(c, env=env, stdout=out, stderr=err, text=True)
+    codes = {k: p.wait(timeout=300) for k, p in procs.items()}
+    outputs = {k: (o.read_text(), e.read_text()) for k, (o, e) in logs.items()}
+    assert codes == dict.fromkeys(procs, 0), {k: err[-2000:] for k, (_, err) in outputs.items()}
     assert outputs["standalone"][0].count("trained maml") == 1  # rank 0 alone reports
     assert outputs["node a"][0].count("trained maml") + outputs["node b"][0].count("trained maml") == 1
     _, a, meta_a = load_learner(runs["one"])

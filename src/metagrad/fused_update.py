@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.optim import optimizer as torch_optimizer
 
 from metagrad.algorithms.base import MetaLearner, _detach, _with_own_code
+from metagrad.errors import CompileError
 from metagrad.tasks.base import TaskBatch
 
 __all__ = ["Draws", "FusedUpdate", "assembles", "unfused_reason"]
@@ -217,7 +218,7 @@ class FusedUpdate:
             explained = learner._transform_error(e, separately)
             if explained is None:
                 raise
-            raise explained from None
+            raise explained from (e if isinstance(explained, CompileError) else None)  # (the backend's traceback)
         norm, finite, *values = out.tolist()  # one host copy of the norm, the flag and the metrics
         if finite:
             self.optimizer._opt_called = True  # what optimizer.step() sets; the LR scheduler checks it

@@ -1,8 +1,9 @@
 """The Inductor graph passes that :meth:`metagrad.MetaLearner.compile` adds on the CPU, run as Inductor's one
 ``post_grad_custom_post_pass``.
 
-Inductor takes a single custom pass per slot. :class:`GraphPasses` runs several in order and keys Inductor's
-compiled-graph cache on all of them. :func:`cpu_passes` is the default chain: a new pass is added there.
+:class:`GraphPasses` runs several passes in order as one and keys Inductor's compiled-graph cache on all of them
+and on this file (older PyTorch versions take one custom pass per slot). :func:`cpu_passes` is the default
+chain: a new pass is added there.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from metagrad import matmul_orientation
 from metagrad.outer_products import OuterProducts
@@ -33,7 +34,7 @@ class GraphPasses(CustomGraphPass):
         keys = [p.uuid() for p in self.passes]
         if any(k is None for k in keys):  # one pass that cannot be keyed: no caching (as Inductor does for it)
             return None
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(get_hash_for_files((__file__,)))  # (a changed chain compiles afresh too)
         for p, k in zip(self.passes, keys, strict=True):
             digest.update(f"{type(p).__qualname__}:".encode() + (k if isinstance(k, bytes) else str(k).encode()))
         return digest.digest()
@@ -43,10 +44,10 @@ class GraphPasses(CustomGraphPass):
 
 
 def cpu_passes() -> GraphPasses:
-    """The passes ``compile()`` adds on the CPU, in this order: :class:`OuterProducts`;
-    :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation` where it was measured (x86 with oneMKL);
-    :class:`PermutedReduction`, last, so that it also sums the products that the bmm pass turned around in their
-    own order."""
-    measured = matmul_orientation.measured_here()
-    chosen: list[CustomGraphPass] = [matmul_orientation.BatchedMatmulOrientation()] if measured else []
-    return GraphPasses(OuterProducts(), *chosen, PermutedReduction())
+    """The passes ``compile()`` adds on the CPU, in this order: where they were measured (x86 with oneMKL),
+    :class:`OuterProducts` and :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation`, which stand in for
+    oneMKL calls; everywhere :class:`PermutedReduction`, which changes Inductor's own loops, last, so that it also
+    sums the products that the bmm pass turned around in their own order."""
+    if matmul_orientation.measured_here():
+        return GraphPasses(OuterProducts(), matmul_orientation.BatchedMatmulOrientation(), PermutedReduction())
+    return GraphPasses(PermutedReduction())

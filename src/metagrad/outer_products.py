@@ -9,9 +9,8 @@ decomposes such products itself only up to 32 elements.
 
 Each output element is one multiplication either way, so the values are the same to the bit (tested). The pass
 rewrites ``aten.mm`` only, on float32 and float64 CPU tensors (an ``addmm`` would add its bias in another rounding;
-batched products Inductor already decomposes). :meth:`metagrad.MetaLearner.compile` adds it on the CPU
-(:func:`metagrad.graph_passes.cpu_passes`): 3 % off a sinusoid training iteration at one inner step, 1 % at five
-(``benchmarks/compile_ab.py``).
+batched products Inductor already decomposes). :meth:`metagrad.MetaLearner.compile` adds it on x86 CPUs with
+oneMKL, where it was measured (:func:`metagrad.graph_passes.cpu_passes`; ``benchmarks/compile_ab.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ def _outer(node: torch.fx.Node) -> bool:
     if not all(isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dtype in _EXACT for v in values):
         return False
     a, b = values
-    return a.dtype == b.dtype and a.shape[1] == 1 and b.shape[0] == 1
+    shared = (a.shape[1], b.shape[0])  # a symbolic size (dynamic shapes) is left alone, as the bmm pass does
+    return a.dtype == b.dtype and all(isinstance(k, int) and k == 1 for k in shared)
 
 
 class OuterProducts(CustomGraphPass):

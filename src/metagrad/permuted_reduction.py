@@ -9,9 +9,11 @@ the tasks into a transposed ``[40, 40]`` took about 20 µs of a 330 µs graph. S
 the same loop reads whole rows with vector loads; the result is read through a transposed view.
 
 The pass rewrites ``aten.sum.dim_IntList`` over one dimension of a permuted (or transposed) view of a contiguous
-CPU tensor, where the view is not contiguous. It adds the same numbers in the same order (the reduced index runs
-as before), so the values are equal to the last bit (tested). :meth:`metagrad.MetaLearner.compile` adds it on the
-CPU (:func:`metagrad.graph_passes.cpu_passes`).
+CPU tensor of static sizes, where the view is not contiguous. On one thread Inductor's code adds the same numbers
+in the same order (the reduced index runs as before), so the values are equal to the last bit (tested). On several
+threads Inductor may split the now vectorised sum's index between them, which changes its rounding (not on the
+sinusoid step's ``[25, 40, 40]``, but on ``[1024, 8, 6]``: float32 rounding either way).
+:meth:`metagrad.MetaLearner.compile` adds it on the CPU (:func:`metagrad.graph_passes.cpu_passes`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def _rewritable(node: torch.fx.Node) -> tuple[torch.fx.Node, list[int], int, boo
     vy, vview = (n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in (y, view))
     if not (isinstance(vy, torch.Tensor) and isinstance(vview, torch.Tensor)) or vy.device.type != "cpu":
         return None
+    if not all(isinstance(n, int) for n in (*vy.shape, *vy.stride(), *vview.stride())):
+        return None  # symbolic sizes (dynamic or data-dependent shapes): left alone, as the bmm pass does
     if not vy.is_contiguous() or vview.is_contiguous():  # only where the permuted order is the slow one
         return None
     if view.target is _aten.permute.default:

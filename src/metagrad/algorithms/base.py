@@ -599,8 +599,9 @@ class MetaLearner(nn.Module):
         - ``post_grad_custom_post_pass``: :func:`~metagrad.graph_passes.cpu_passes`.
           :class:`~metagrad.matmul_orientation.BatchedMatmulOrientation` computes the narrow batched products of
           per-task layers transposed, where oneMKL is several times faster (on x86 with MKL, where it was
-          measured); :class:`~metagrad.permuted_reduction.PermutedReduction` sums a transposed per-task gradient
-          over the tasks in its own memory order. A ``mode`` is passed on as the options it stands for
+          measured); :class:`~metagrad.outer_products.OuterProducts` computes ``[M, 1] @ [1, N]`` products
+          element-wise (there too); :class:`~metagrad.permuted_reduction.PermutedReduction` sums a transposed
+          per-task gradient over the tasks in its own memory order. A ``mode`` is passed on as the options it stands for
           (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
@@ -770,15 +771,14 @@ class MetaLearner(nn.Module):
             explained = self._transform_error(e, rerun)
             if explained is None:
                 raise
-            raise explained from None
+            raise explained from (e if isinstance(explained, CompileError) else None)  # (the backend's traceback)
 
     def _transform_error(self, error: RuntimeError, rerun: Callable[[], Any]) -> MetagradError | None:
         """The ModelError that explains torch.func's ``error`` (see :meth:`_explain_transform_errors`), the
         CompileError for a compiler backend's failure, or None where it is neither."""
-        text = str(error)
-        advice = next((v for k, v in _TRANSFORM_FAILURES.items() if k in text), None)
-        if advice in (None, _TRANSFORM_FAILURES["vmap"]) and _backend_failed(error):
-            # Not the network: the backend's own error (its text may mention vmap anywhere, as in a file path).
+        if _backend_failed(error):
+            # Not the network: what the network does fails in Dynamo's tracing, before the backend. (The backend's
+            # text may mention vmap or an in-place operation anywhere, as in a file path.)
             inner = getattr(error, "inner_exception", None) or error
             first = (str(inner).strip().splitlines() or [""])[0][:300]
             return CompileError(
@@ -786,6 +786,8 @@ class MetaLearner(nn.Module):
                 f"{type(self).__name__}'s meta-step ({type(inner).__name__}: {first}): check the options given to "
                 "compile(), or run uncompiled (train.compile = false)"
             )
+        text = str(error)
+        advice = next((v for k, v in _TRANSFORM_FAILURES.items() if k in text), None)
         if advice is None:
             return None
         where = self._failing_module(rerun)
