@@ -601,17 +601,18 @@ class MetaLearner(nn.Module):
           per-task layers transposed, where oneMKL is several times faster (on x86 with MKL, where it was
           measured); :class:`~metagrad.outer_products.OuterProducts` computes ``[M, 1] @ [1, N]`` products
           element-wise (there too); :class:`~metagrad.permuted_reduction.PermutedReduction` sums a transposed
-          per-task gradient over the tasks in its own memory order. A ``mode`` is passed on as the options it stands for
-          (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
+          per-task gradient over the tasks in its own memory order. A ``mode`` is passed on as the options it
+          stands for (``torch._inductor.list_mode_options``, as ``torch.compile`` itself does) plus these.
         - ``cpp_wrapper`` when no ``mode`` is given either: Inductor writes the code that calls its kernels in
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
           percent faster. (Built apart from the kernels, ``cpp_wrapper_build_separate``, it compiled 0.7 s and
           3.2 s faster from cold but ran 3 % and 1 % slower: not chosen, ``docs/results.md``.)
         - ``memory_planning``, when no ``mode`` is given: the step's intermediate tensors are carved out of
-          one allocation per call instead of one each (49 on the sinusoid step). That took 4 % off a sinusoid
-          training iteration at one inner step (none at five, within 1 %), with the same weights to the bit
+          one allocation per call instead of one each (49 on the sinusoid step). That took 2-4 % off a sinusoid
+          training iteration at one inner step and cost 1-2 % at five, with the same weights to the bit
           (``benchmarks/compile_ab.py``). (Leaving out the compiled code's own checks of its inputs' sizes and
-          strides, ``size_asserts``, gained 0.4-1.2 %: not worth a safety check, ``docs/results.md``.)
+          strides, ``size_asserts``, gained at most a few percent, mostly within the noise: not worth a safety
+          check, ``docs/results.md``.)
         - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
           instruction sets that the CPU reports (CPUID) instead of compiling and loading a probe library for each
           (8.6 s on a new machine, 1.4 s on every later start): the sinusoid step's cold compile fell from 16.4 s
