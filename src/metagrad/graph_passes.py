@@ -3,7 +3,9 @@
 
 :class:`GraphPasses` runs several passes in order as one and keys Inductor's compiled-graph cache on all of them
 and on this file (older PyTorch versions take one custom pass per slot). :func:`cpu_passes` is the default
-chain: a new pass is added there.
+chain: a new pass is added there. ``compile()`` sets it only when the caller gives no Inductor ``options``; with
+options of your own, keep it with ``options={"post_grad_custom_post_pass": cpu_passes(), ...}``, or add a pass of
+your own after it: ``GraphPasses(*cpu_passes().passes, your_pass)``.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ view; Inductor copies it only where a consumer needs the other layout. On the si
 inner step) and 26 % (five) off a training iteration (``benchmarks/compile_ab.py``, ``docs/results.md``).
 
 The rule was measured on one machine, an AVX-512 AMD EPYC with PyTorch's oneMKL. :meth:`metagrad.MetaLearner.compile`
-adds the pass by default on x86 CPUs where PyTorch uses MKL (:func:`measured_here`), and nowhere else. To keep it
-with options of your own, pass ``options={"post_grad_custom_post_pass": BatchedMatmulOrientation(), ...}``.
+adds the pass by default on x86 CPUs where PyTorch uses MKL (:func:`measured_here`), and nowhere else, in the chain
+of :func:`metagrad.graph_passes.cpu_passes`. To keep that chain with options of your own, pass
+``options={"post_grad_custom_post_pass": cpu_passes(), ...}`` (or ``GraphPasses(*cpu_passes().passes, your_pass)``).
 """
 
 from __future__ import annotations
