@@ -6,6 +6,7 @@ Run from the repository root (JAX's virtual environment from ``bash ../shared/pe
     python benchmarks/iteration.py --steps 1 --seconds 3 --no-peer
     python benchmarks/iteration.py --no-peer --device cuda --compile-mode reduce-overhead   # CUDA graphs on a GPU
     python benchmarks/iteration.py --no-peer --steps 1 --profile 50 --profile-out prof.txt  # where the time goes
+    python benchmarks/iteration.py --no-peer --steps 1 --profile 200 --kernels              # ... kernel by kernel
 
 Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
 K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
@@ -61,9 +62,14 @@ def profile_steps(trainer: Any, steps: int, out: Path) -> None:
 
 def worker(
     steps: int, seconds: float, device: str = "cpu", mode: str = "default", profile: int = 0,
-    profile_out: Path | None = None,
+    profile_out: Path | None = None, kernels: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
+
+    if kernels:  # each of Inductor's CPU kernels a row of its own in the profile (it costs a little on every call)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
 
     from metagrad import Trainer
     from metagrad.presets import preset
@@ -119,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N steps of each row into --profile-out ({steps}: the row's steps)")
     ap.add_argument("--profile-out", default="iteration_profile_{steps}.txt")
+    ap.add_argument("--kernels", action="store_true",
+                    help="compile with Inductor's kernel profiling, so that --profile lists each CPU kernel (the "
+                         "rows' rates then include its small cost)")  # fmt: skip
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.worker is not None:
         out = Path(args.profile_out.format(steps=args.worker))
-        print(json.dumps(worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out)))
+        got = worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out, args.kernels)
+        print(json.dumps(got))
         return 0
     peer = not args.no_peer
     if peer and not (args.jax_python.exists() and (PEERS / "bench_jax.py").exists()):
@@ -150,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds),
                    "--device", args.device, "--compile-mode", args.compile_mode, "--profile", str(args.profile),
                    "--profile-out", str(Path(args.profile_out).resolve())]  # fmt: skip
+            cmd += ["--kernels"] if args.kernels else []
             got = _json_line(cmd, env)
         if got is not None:
             impl = "metagrad Trainer.step" + ("" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})")
