@@ -127,10 +127,15 @@ def test_torchrun_and_a_two_node_rendezvous_train_as_one_process(tmp_path) -> No
     # Output to files, not pipes: a full pipe would stall a node while the test waits on its rendezvous partner.
     logs = {k: (tmp_path / f"{k}.out", tmp_path / f"{k}.err") for k in commands}
     procs = {}
-    for k, c in commands.items():
-        with logs[k][0].open("w") as out, logs[k][1].open("w") as err:
-            procs[k] = subprocess.Popen(c, env=env, stdout=out, stderr=err, text=True)
-    codes = {k: p.wait(timeout=300) for k, p in procs.items()}
+    try:
+        for k, c in commands.items():
+            with logs[k][0].open("w") as out, logs[k][1].open("w") as err:
+                procs[k] = subprocess.Popen(c, env=env, stdout=out, stderr=err, text=True)
+        codes = {k: p.wait(timeout=300) for k, p in procs.items()}
+    finally:  # a hung or failed launch leaves no process behind
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
     outputs = {k: (o.read_text(), e.read_text()) for k, (o, e) in logs.items()}
     assert codes == dict.fromkeys(procs, 0), {k: err[-2000:] for k, (_, err) in outputs.items()}
     assert outputs["standalone"][0].count("trained maml") == 1  # rank 0 alone reports
