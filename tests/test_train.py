@@ -245,6 +245,25 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path: Path) -> None:
     assert_same_state(longer.learner, extended.learner)
 
 
+def test_a_finished_run_resumed_finishes_the_pruning_a_kill_interrupted(tmp_path: Path) -> None:
+    """Killed while its last save deleted the older checkpoints (here: one left whole, one left half deleted),
+    a run resumed with nothing left to train keeps the last ``keep_last``, as the uninterrupted run did."""
+    run = tmp_path / "run"
+    cfg = cfg_of("train.iterations=12", "train.keep_last=2")
+    train(cfg, run, progress=False)
+    (first, source), (last, _) = checkpoints(run)
+    assert last == 12
+    for it, files in ((1, None), (2, 1)):  # a whole older checkpoint, and one with only its first file left
+        old = run / "checkpoints" / f"iter-{it:08d}"
+        shutil.copytree(source, old)
+        for extra in sorted(old.iterdir())[files:] if files else ():
+            extra.unlink()
+    assert [i for i, _ in checkpoints(run)] == [1, 2, first, 12]
+    resumed = train(cfg, run, resume=True, progress=False)
+    assert resumed.iterations == 12
+    assert [i for i, _ in checkpoints(run)] == [first, 12]
+
+
 def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
     train(cfg_of("train.iterations=5"), tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match="own config"):

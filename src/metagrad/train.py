@@ -440,6 +440,10 @@ class Trainer:
         ``train.checkpoint_every`` and at the end. Returns the last logged metrics."""
         t = self.cfg.train
         self._open()
+        if self.iteration >= t.iterations and self.world.is_main:
+            # Resumed after its last checkpoint: a kill while the last save pruned the older ones (a partly
+            # deleted directory is still listed) is finished here, as the uninterrupted run left them.
+            prune_checkpoints(self.run_dir, t.keep_last)
         bar = tqdm(
             total=t.iterations, initial=self.iteration, disable=not self.progress, desc=self.learner.name,
             unit="it", dynamic_ncols=True, mininterval=0.5,
