@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_permuted_reduction import _slow_sums
+from graph_checks import assert_vals_are_real, slow_sums
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from metagrad.graph_passes import GraphPasses, cpu_passes
@@ -42,6 +42,7 @@ def test_outer_products_become_element_wise_with_the_same_values() -> None:
     gm.graph.lint()
     gm.recompile()
     assert _mms(gm.graph) == 2
+    assert_vals_are_real(gm, a, b, c)
     for got, expected in zip(gm(a, b, c), _products(a, b, c), strict=True):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert torch.equal(got, expected)  # one multiplication per element either way
@@ -59,9 +60,9 @@ def test_the_passes_leave_symbolic_sizes_alone() -> None:
         return torch.bmm(x.transpose(1, 2), y).transpose(1, 2).sum(0), a @ b, c @ d
 
     gm = make_fx(f, tracing_mode="symbolic")(x, y, a, b, c, d)
-    assert (_mms(gm.graph), _slow_sums(gm.graph)) == (2, 1)
+    assert (_mms(gm.graph), slow_sums(gm.graph)) == (2, 1)
     GraphPasses(OuterProducts(), PermutedReduction())(gm.graph)
-    assert (_mms(gm.graph), _slow_sums(gm.graph)) == (1, 1)  # c @ d (symbolic shared size) and the sum left alone
+    assert (_mms(gm.graph), slow_sums(gm.graph)) == (1, 1)  # c @ d (symbolic shared size) and the sum left alone
     gm.recompile()
     for got, expected in zip(gm(x, y, a, b, c, d), f(x, y, a, b, c, d), strict=True):
         assert torch.equal(got, expected)
@@ -85,9 +86,9 @@ def test_the_exact_passes_compile_to_the_same_bits() -> None:
 
     class Counting(GraphPasses):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            before = (_mms(graph), _slow_sums(graph))
+            before = (_mms(graph), slow_sums(graph))
             super().__call__(graph)
-            seen.append((*before, _mms(graph), _slow_sums(graph)))
+            seen.append((*before, _mms(graph), slow_sums(graph)))
 
     options = {"cpp.vec_isa_ok": True}  # (no probe builds: as compile())
     threads = torch.get_num_threads()

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from graph_checks import assert_vals_are_real, slow_sums
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from metagrad import MAML, MLP, Sinusoid
@@ -59,21 +60,7 @@ def test_the_pass_rewrites_narrow_products_and_keeps_their_values(a_transposed: 
     gm.recompile()
     after = _bmm_nodes(gm)
     assert len(after) == 2 and not any(turns_around(*(a.meta["val"] for a in n.args)) for n in after)
-    real = {}  # every node's real value, to check that each fake "val" has its shape (Inductor's lowering reads it)
-    interpreter = torch.fx.Interpreter(gm)
-    original_run_node = interpreter.run_node
-
-    def run_node(n: torch.fx.Node) -> object:
-        real[n] = original_run_node(n)
-        return real[n]
-
-    interpreter.run_node = run_node  # type: ignore[method-assign]
-    interpreter.run(x, y, w)
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            assert isinstance(n.meta.get("val"), torch.Tensor), n
-            assert n.meta["val"].shape == real[n].shape, n
-            assert "tensor_meta" not in n.meta or n.meta["tensor_meta"].shape == real[n].shape, n
+    assert_vals_are_real(gm, x, y, w)
     assert BatchedMatmulOrientation().uuid()  # Inductor caches compiled graphs under it (None: no caching)
     got, expected = gm(x, y, w), f(x, y, w)
     for a, b in zip(got, expected, strict=True):
@@ -103,14 +90,10 @@ def test_compiled_second_order_meta_gradient_with_the_pass_equals_eager(monkeypa
     sums: list[tuple[int, int]] = []  # the default chain's other pass, which runs after this one
     summing = PermutedReduction.__call__
 
-    def permuted_sums(graph: torch.fx.Graph) -> int:
-        views = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
-        return sum(n.target is torch.ops.aten.sum.dim_IntList and n.args[0].target in views for n in graph.nodes)
-
     def counting_sums(self: PermutedReduction, graph: torch.fx.Graph) -> None:
-        before = permuted_sums(graph)
+        before = slow_sums(graph)
         summing(self, graph)
-        sums.append((before, permuted_sums(graph)))
+        sums.append((before, slow_sums(graph)))
 
     monkeypatch.setattr(PermutedReduction, "__call__", counting_sums)
     torch.manual_seed(0)

@@ -5,24 +5,12 @@ compiled code bit for bit."""
 from __future__ import annotations
 
 import torch
+from graph_checks import assert_vals_are_real, slow_sums
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from metagrad.permuted_reduction import PermutedReduction
 
 F64 = torch.float64
-_sum = torch.ops.aten.sum.dim_IntList
-_permute = torch.ops.aten.permute.default
-_transpose = torch.ops.aten.transpose.int
-
-
-def _slow_sums(graph: torch.fx.Graph) -> int:
-    """Sums over a non-contiguous permuted view of a contiguous tensor: the pass's targets."""
-    count = 0
-    for n in graph.nodes:
-        if n.target is _sum and getattr(n.args[0], "target", None) in (_permute, _transpose):
-            src = n.args[0].args[0].meta["val"]
-            count += src.is_contiguous() and not n.args[0].meta["val"].is_contiguous()
-    return count
 
 
 def _f(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -47,24 +35,12 @@ def test_the_pass_sums_permuted_views_in_their_own_order_and_keeps_the_values() 
     gen = torch.Generator().manual_seed(0)
     x, y, w = (torch.randn(s, generator=gen, dtype=F64) for s in ((5, 10, 24), (5, 10, 24), (3, 6, 4, 7)))
     gm = make_fx(_f, tracing_mode="fake")(x, y, w)  # nodes carry fake "val"s, as in Inductor's post-grad graph
-    assert _slow_sums(gm.graph) == 7  # the five to rewrite, the two-dimension one and the one with a dtype
+    assert slow_sums(gm.graph) == 7  # the five to rewrite, the two-dimension one and the one with a dtype
     PermutedReduction()(gm.graph)
     gm.graph.lint()
     gm.recompile()
-    assert _slow_sums(gm.graph) == 2  # the two-dimension one and the one with a dtype
-    real: dict[torch.fx.Node, object] = {}  # each node's real value: every fake "val" must have its shape
-    interpreter = torch.fx.Interpreter(gm)
-    run_node = interpreter.run_node
-
-    def recording(n: torch.fx.Node) -> object:
-        real[n] = run_node(n)
-        return real[n]
-
-    interpreter.run_node = recording  # type: ignore[method-assign]
-    interpreter.run(x, y, w)
-    for n in gm.graph.nodes:
-        if n.op == "call_function":
-            assert n.meta["val"].shape == real[n].shape, n
+    assert slow_sums(gm.graph) == 2  # the two-dimension one and the one with a dtype
+    assert_vals_are_real(gm, x, y, w)
     for got, expected in zip(gm(x, y, w), _f(x, y, w), strict=True):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
