@@ -150,25 +150,33 @@ def test_torchrun_and_a_two_node_rendezvous_train_as_one_process(tmp_path) -> No
         assert len(lines) == len(set(lines))  # one writer
 
 
-@pytest.mark.parametrize(
-    ("meta_batch", "expected"),
-    [(4, "is not empty and is not a metagrad run"), (1, "train.meta_batch=1 is below the 2 ranks' one task each")],
-)
-def test_torchrun_bad_input_is_one_line_once_and_every_rank_exits(tmp_path, meta_batch, expected) -> None:
+def test_torchrun_bad_input_is_one_line_once_and_every_rank_exits(tmp_path) -> None:
     """An error that rank 0 alone can see (a non-empty --out) or that every rank sees (fewer tasks than ranks)
     stops every rank at once; metagrad's line is printed once, before torchrun's own failure report, rank 0
-    exits 2, and nothing is written."""
-    run = tmp_path / "r"
-    run.mkdir()
-    (run / "mine.txt").write_text("keep")
+    exits 2, and nothing is written. The two launches go side by side (each start is mostly importing torch)."""
+    cases = {4: "is not empty and is not a metagrad run", 1: "train.meta_batch=1 is below the 2 ranks' one task each"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = ["--out", str(run), "--no-progress", "train.threads=1", f"train.meta_batch={meta_batch}"]
-    done = subprocess.run([*launch, "-m", "metagrad", "train", *args], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert done.returncode != 0
-    ours = [line for line in done.stderr.splitlines() if line.startswith("metagrad train:")]
-    assert len(ours) == 1 and expected in ours[0], done.stderr[-3000:]
-    assert done.stderr.index(ours[0]) < done.stderr.index("ChildFailedError")
-    assert "exitcode  : 2" in done.stderr and "metagrad/" not in done.stderr  # no traceback from metagrad itself
-    assert (run / "mine.txt").read_text() == "keep" and sorted(p.name for p in run.iterdir()) == ["mine.txt"]
+    procs = {}
+    try:
+        for meta_batch in cases:
+            run = tmp_path / f"r{meta_batch}"
+            run.mkdir()
+            (run / "mine.txt").write_text("keep")
+            args = ["--out", str(run), "--no-progress", "train.threads=1", f"train.meta_batch={meta_batch}"]
+            with (tmp_path / f"{meta_batch}.err").open("w") as err:
+                procs[meta_batch] = subprocess.Popen([*launch, "-m", "metagrad", "train", *args], env=env,
+                                                     stdout=subprocess.DEVNULL, stderr=err, text=True)  # fmt: skip
+        codes = {k: p.wait(timeout=120) for k, p in procs.items()}
+    finally:  # a hung launch leaves no process behind
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for meta_batch, expected in cases.items():
+        run, stderr = tmp_path / f"r{meta_batch}", (tmp_path / f"{meta_batch}.err").read_text()
+        assert codes[meta_batch] != 0
+        ours = [line for line in stderr.splitlines() if line.startswith("metagrad train:")]
+        assert len(ours) == 1 and expected in ours[0], stderr[-3000:]
+        assert stderr.index(ours[0]) < stderr.index("ChildFailedError")
+        assert "exitcode  : 2" in stderr and "metagrad/" not in stderr  # no traceback from metagrad itself
+        assert (run / "mine.txt").read_text() == "keep" and sorted(p.name for p in run.iterdir()) == ["mine.txt"]
