@@ -15,7 +15,18 @@ from typing import Any
 
 import torch
 
-from metagrad import MAML, MLP, MAMLEnhanced, MetaLearner, MetaSGD, Reptile, Sinusoid, TaskBatch
+from metagrad import (
+    CAVIA,
+    MAML,
+    MLP,
+    ContextNetwork,
+    MAMLEnhanced,
+    MetaLearner,
+    MetaSGD,
+    Reptile,
+    Sinusoid,
+    TaskBatch,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -43,6 +54,8 @@ _FACTORIES: dict[str, Callable[[int, bool], MetaLearner]] = {
     "fomaml": lambda k, vec: MAML(MLP(), inner_lr=0.01, inner_steps=k, first_order=True, vectorize=vec),
     "metasgd": lambda k, vec: MetaSGD(MLP(), inner_steps=k, vectorize=vec),
     "maml_enhanced": lambda k, vec: MAMLEnhanced(MLP(), inner_steps=k, vectorize=vec),
+    # configs/sinusoid/cavia.toml: a 5-dimensional context concatenated to the input, inner lr 1.
+    "cavia": lambda k, vec: CAVIA(ContextNetwork(MLP(), 5), inner_lr=1.0, inner_steps=k, vectorize=vec),
 }
 ALGORITHMS: tuple[str, ...] = tuple(_FACTORIES)
 

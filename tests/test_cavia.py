@@ -130,7 +130,9 @@ def test_concat_is_concatenation_to_the_input():
         net.context.copy_(c)
         expected = net.net[2](net.net[1](widened(torch.cat([x, c.expand(5, 3)], 1))))
         torch.testing.assert_close(net(x), expected)
-    assert not net.net[0]._forward_hooks  # the hook lives for one forward pass only
+    assert len(net.net[0]._forward_hooks) == 1  # registered once, not for each pass
+    with pytest.raises(ConfigError, match="already feeds another ContextNetwork"):
+        ContextNetwork(net.net, context=2)  # one layer, one context: two would both be fed in
 
 
 def test_options_are_checked():
@@ -174,16 +176,47 @@ def test_film_on_a_convolution_adapts_the_context(layer):
     assert adapted[CONTEXT].abs().sum() > 0
 
 
+class _Direct(torch.nn.Module):  # uses its layer's weights without calling it
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(1, 4)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(torch.nn.functional.linear(x, self.hidden.weight, self.hidden.bias)))
+
+
 def test_a_context_layer_the_network_never_calls_is_refused():
-    class Direct(torch.nn.Module):  # uses its layer's weights without calling it
-        def __init__(self) -> None:
-            super().__init__()
-            self.hidden = torch.nn.Linear(1, 4)
-            self.out = torch.nn.Linear(4, 1)
-
-        def forward(self, x):
-            return self.out(torch.tanh(torch.nn.functional.linear(x, self.hidden.weight, self.hidden.bias)))
-
-    net = ContextNetwork(Direct(), 2, "film", "hidden")
+    net = ContextNetwork(_Direct(), 2, "film", "hidden")
     with pytest.raises(ConfigError, match="never called"):
         net(torch.randn(3, 1))
+
+
+def test_compiled_meta_step_is_one_graph_and_exact():
+    """The context's hook is registered once, outside the compiled step: registering it at every pass stopped
+    Dynamo there (inside vmap and grad), so the compiled meta-step ran in pieces, and with the ``eager`` backend it
+    failed. Compiled, the meta-gradient is the eager one (float64)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    lrn, b = mlp_case(True, False)
+    expected = lrn.meta_gradient(b, 0)
+    lrn.compile(backend="eager")
+    got = lrn.meta_gradient(b, 0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    for want, have in zip(expected[:2], got[:2], strict=True):
+        assert want.keys() == have.keys()
+        for k in want:
+            torch.testing.assert_close(have[k], want[k], rtol=1e-12, atol=1e-12)
+
+
+def test_a_never_called_context_layer_is_refused_before_compiling_with_a_loss_of_ones_own():
+    """The check runs on an eager forward pass: CAVIA makes one per input shape before its compiled step, also
+    where a loss of the user's skips the check of the targets."""
+    net = ContextNetwork(_Direct(), 2, "film", "hidden")
+    lrn = CAVIA(net, inner_lr=0.1, loss=lambda out, y: ((out - y) ** 2).mean())
+    lrn.compile(backend="eager")
+    with pytest.raises(ConfigError, match="never called"):
+        lrn.meta_gradient(Sinusoid().sample(2, 3, 3, torch.Generator().manual_seed(0)), 0)

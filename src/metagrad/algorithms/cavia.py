@@ -16,6 +16,7 @@ ways (:class:`ContextNetwork`):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.algorithms.base import Params, Task
+from metagrad.algorithms.base import Params, Task, _detach
 from metagrad.algorithms.maml import MAML
 from metagrad.errors import ConfigError
 from metagrad.inner.sgd import SGD
@@ -44,8 +45,12 @@ class ContextNetwork(nn.Module):
     """``net`` with a context vector ``context`` (a parameter, held at zero) fed in by ``conditioning``.
 
     ``layer`` names the submodule of ``net`` whose output the context modulates: default the first
-    ``nn.Linear`` for ``"concat"``; ``"film"`` needs it (e.g. ``"norms.2"`` of Conv-4). The hook that feeds the
-    context in is registered for one forward pass at a time, so ``net`` itself is left as it was."""
+    ``nn.Linear`` for ``"concat"``; ``"film"`` needs it (e.g. ``"norms.2"`` of Conv-4). A forward hook on that
+    layer feeds the context in. It is registered once, here: a hook registered for each pass stopped
+    ``torch.compile`` at every pass (Dynamo cannot trace the registration inside ``vmap`` or ``grad``), so the
+    compiled meta-step ran in pieces, slower than eagerly. While wrapped, ``net``'s own forward passes are
+    therefore conditioned on ``context`` too (a zero context: nothing for ``"concat"``, FiLM's bias for
+    ``"film"``); one layer feeds one ContextNetwork."""
 
     def __init__(self, net: nn.Module, context: int, conditioning: str = "concat", layer: str | None = None) -> None:
         super().__init__()
@@ -85,6 +90,11 @@ class ContextNetwork(nn.Module):
         # What the learner reads from its model: per-step batch norm and the parameters adapted in the outer loop only.
         self.per_step = bool(getattr(net, "per_step", False))
         self.meta_only = tuple("net." + p for p in getattr(net, "meta_only", ()))
+        if any(getattr(h, "__func__", None) is ContextNetwork._feed for h in target._forward_hooks.values()):
+            raise ConfigError(f"the model's layer {layer!r} already feeds another ContextNetwork's context: wrap a "
+                              "network of its own")  # fmt: skip
+        self._feeds = 0  # eager passes through the layer: a layer the forward pass never calls is refused
+        target.register_forward_hook(self._feed)
 
     @staticmethod
     def _channels(module: nn.Module) -> int:
@@ -98,6 +108,8 @@ class ContextNetwork(nn.Module):
                           "norm or linear layer")  # fmt: skip
 
     def _feed(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():  # (no state changes in a compiled graph)
+            self._feeds += 1
         if self.conditioning == "concat":
             return output + F.linear(self.context, self.context_weight)
         gamma, beta = self.film(self.context).chunk(2)
@@ -105,18 +117,11 @@ class ContextNetwork(nn.Module):
         return output * (1 + gamma).reshape(shape) + beta.reshape(shape)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        fed = []
-
-        def feed(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-            fed.append(True)
-            return self._feed(module, inputs, output)
-
-        handle = self.net.get_submodule(self.layer).register_forward_hook(feed)
-        try:
-            out = self.net(x, *args, **kwargs)
-        finally:
-            handle.remove()
-        if not fed:  # the network never called that module: the context would silently do nothing
+        if torch.compiler.is_compiling():  # checked on the eager passes (CAVIA makes one before it compiles)
+            return self.net(x, *args, **kwargs)
+        before = self._feeds
+        out = self.net(x, *args, **kwargs)
+        if self._feeds == before:  # the network never called that module: the context would silently do nothing
             raise ConfigError(
                 f"CAVIA's context layer {self.layer!r} is never called by {type(self.net).__name__}'s forward pass "
                 "(it uses the layer's weights directly?): choose a layer the forward pass calls"
@@ -198,6 +203,15 @@ class CAVIA(MAML):
         # Every task starts from a zero context, whatever the module holds.
         params = {**params, CONTEXT: torch.zeros_like(params[CONTEXT])}
         return super().task_loss(params, meta, task, weights, first_order)
+
+    def _check_batch(self, batch: TaskBatch, named: Mapping[str, Tensor]) -> None:
+        super()._check_batch(batch, named)
+        # One plain forward pass per input shape, also with a loss of the user's (which skips the targets' check):
+        # ContextNetwork checks there, eagerly, that the network calls the context's layer.
+        key = (tuple(batch.support_x.shape[1:]), batch.support_x.dtype, batch.support_x.device)
+        if key not in self._output_shapes:
+            with torch.no_grad(), self._random_layers(False):
+                self._output_shapes[key] = tuple(self.network(_detach(self.params), batch.support_x[0]).shape)
 
     def _meta_step(
         self,
