@@ -7,6 +7,7 @@ Run from the repository root (JAX's virtual environment from ``bash ../shared/pe
     python benchmarks/iteration.py --no-peer --device cuda --compile-mode reduce-overhead   # CUDA graphs on a GPU
     python benchmarks/iteration.py --no-peer --steps 1 --profile 50 --profile-out prof.txt  # where the time goes
     python benchmarks/iteration.py --no-peer --steps 1 --profile 200 --kernels              # ... kernel by kernel
+    python benchmarks/iteration.py --algorithm cavia --update fused separate    # another preset, both updates
 
 Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
 K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
@@ -16,6 +17,11 @@ Adam and scheduler steps, the metrics (logging every ``log_every`` iterations is
 one jitted function doing the same (sampling, inner loops, meta-gradient, a hand-written Adam step). Both on one
 core (``taskset -c 0``); each row in a fresh process, one after another; ``vs JAX`` is the ratio of medians.
 ``first_s`` is the first iteration (compilation, cold caches for metagrad's Inductor: a fresh cache folder).
+
+``--algorithm`` runs another sinusoid preset (``configs/sinusoid/<name>.toml``, compiled) instead of MAML; the
+JAX peer implements MAML only, so its row is then left out. ``--update`` chooses ``train.fused_update``: ``fused``
+(the default: the whole update in one compiled call, :mod:`metagrad.fused_update`) and/or ``separate``, one
+row each, so that ``--update fused separate`` shows what fusing is worth for that algorithm.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def profile_steps(trainer: Any, steps: int, out: Path) -> None:
 
 def worker(
     steps: int, seconds: float, device: str = "cpu", mode: str = "default", profile: int = 0,
-    profile_out: Path | None = None, kernels: bool = False,
+    profile_out: Path | None = None, kernels: bool = False, algorithm: str = "maml", fused: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -75,8 +81,9 @@ def worker(
     from metagrad.presets import preset
 
     torch.set_num_threads(1)
-    cfg = preset("maml")
+    cfg = preset(algorithm)
     cfg.algorithm.inner_steps = steps
+    cfg.train.fused_update = fused
     cfg.train.compile, cfg.train.threads, cfg.train.iterations = True, 1, 10**9
     cfg.train.device, cfg.train.compile_mode = device, mode
     cfg.train.val_every = cfg.train.checkpoint_every = 10**9  # iterations only: no validation or checkpoint
@@ -100,8 +107,9 @@ def worker(
                 profile_steps(trainer, profile, profile_out)
             except Exception as e:  # noqa: BLE001
                 profile_out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
+        fused_used = trainer._fused is not None
         trainer.close()
-    return {"it_per_s": statistics.median(blocks), "first_s": first}
+    return {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used}
 
 
 def _json_line(cmd: list[str], env: dict[str, str]) -> dict[str, Any] | None:
@@ -128,22 +136,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", action="store_true",
                     help="compile with Inductor's kernel profiling, so that --profile lists each CPU kernel (the "
                          "rows' rates then include its small cost)")  # fmt: skip
+    ap.add_argument("--algorithm", default="maml", help="a sinusoid preset (the JAX peer runs MAML only)")
+    ap.add_argument("--update", nargs="+", choices=("fused", "separate"), default=["fused"],
+                    help="train.fused_update: one row each")
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.worker is not None:
         out = Path(args.profile_out.format(steps=args.worker))
-        got = worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out, args.kernels)
+        got = worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out, args.kernels,
+                     args.algorithm, args.update == ["fused"])  # fmt: skip
         print(json.dumps(got))
         return 0
-    peer = not args.no_peer
+    peer = not args.no_peer and args.algorithm == "maml"
     if peer and not (args.jax_python.exists() and (PEERS / "bench_jax.py").exists()):
         print(f"JAX not found ({args.jax_python}): run `bash ../shared/peers/setup.sh` or pass --no-peer")
         return 2
     pin = ["taskset", "-c", "0"]
     rows = []
-    print(f"sinusoid MAML, whole training iteration, 1 core; load average {os.getloadavg()[0]:.2f}")
-    print(f"  {'implementation':<26} {'steps':>5} {'it/s':>8} {'vs JAX':>7} {'first_s':>8}")
+    print(f"sinusoid {args.algorithm}, whole training iteration, 1 core; load average {os.getloadavg()[0]:.2f}")
+    print(f"  {'implementation':<36} {'steps':>5} {'it/s':>8} {'vs JAX':>7} {'first_s':>8}")
     for steps in args.steps:
         base = None
         if peer:
@@ -155,26 +167,32 @@ def main(argv: list[str] | None = None) -> int:
                 base = {"impl": row["impl"], "steps": steps, "it_per_s": row["its_per_s_median"],
                         "first_s": row["compile_s"]}  # fmt: skip
                 rows.append(base)
-        with tempfile.TemporaryDirectory() as cache:  # a cold Inductor compile, as a first run meets it
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
-            cmd = [*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds),
-                   "--device", args.device, "--compile-mode", args.compile_mode, "--profile", str(args.profile),
-                   "--profile-out", str(Path(args.profile_out).resolve())]  # fmt: skip
-            cmd += ["--kernels"] if args.kernels else []
-            got = _json_line(cmd, env)
-        if got is not None:
-            impl = "metagrad Trainer.step" + ("" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})")
-            row = {"impl": impl, "steps": steps, **got}
-            if base is not None:
-                row["vs_jax"] = got["it_per_s"] / base["it_per_s"]
-            rows.append(row)
+        for update in args.update:
+            with tempfile.TemporaryDirectory() as cache:  # a cold Inductor compile, as a first run meets it
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
+                cmd = [*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds),
+                       "--device", args.device, "--compile-mode", args.compile_mode, "--profile", str(args.profile),
+                       "--profile-out", str(Path(args.profile_out).resolve()), "--algorithm", args.algorithm,
+                       "--update", update]  # fmt: skip
+                cmd += ["--kernels"] if args.kernels else []
+                got = _json_line(cmd, env)
+            if got is not None:
+                impl = "metagrad Trainer.step"
+                impl += "" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})"
+                if args.update != ["fused"] or not got["fused"]:  # which update ran (fused where it applies)
+                    impl += " (fused)" if got["fused"] else " (separate)"
+                row = {"impl": impl, "steps": steps, "algorithm": args.algorithm, "update": update, **got}
+                if base is not None:
+                    row["vs_jax"] = got["it_per_s"] / base["it_per_s"]
+                rows.append(row)
         for r in rows:
             if r["steps"] == steps:
-                print(f"  {r['impl']:<26} {steps:>5} {r['it_per_s']:8.0f} {r.get('vs_jax', float('nan')):7.2f} "
+                print(f"  {r['impl']:<36} {steps:>5} {r['it_per_s']:8.0f} {r.get('vs_jax', float('nan')):7.2f} "
                       f"{r['first_s']:8.1f}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"protocol": "sinusoid-maml-mb25-k10", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+        payload = {"protocol": f"sinusoid-{args.algorithm}-mb25-k10", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "rows": rows}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 

@@ -72,6 +72,8 @@ CASES = {
         "algorithm.name=maml_enhanced", "algorithm.inner_steps=2", "train.meta_lr=0.01", "train.meta_state_lr=0.003",
     ],  # fmt: skip
     "metasgd-sgd": ["algorithm.name=metasgd", "train.optimizer=sgd", "train.meta_lr=0.01"],
+    # The optimizer holds the context, which gets no meta-gradient: torch.optim skips it, and so must the update.
+    "cavia": ["algorithm.name=cavia", "algorithm.inner_steps=2", "train.meta_lr=0.01"],
 }
 
 
@@ -95,6 +97,9 @@ def test_the_fused_update_trains_as_the_separate_parts(tmp_path: Path, case: str
     assert_close_runs(fused, separate)
     if "clipped" in case:
         assert mf["grad_norm"] > 1e-3  # the bound acted
+    if case == "cavia":
+        context = fused.learner.params["context"]
+        assert torch.equal(context, torch.zeros_like(context)) and context not in fused.optimizer.state
     fused.close()
     separate.close()
 

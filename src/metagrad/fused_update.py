@@ -23,9 +23,11 @@ AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight deca
 ``train.optimizer`` builds), without step hooks; one process; a learner compiled on the CPU without CUDA graphs
 whose tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates them
 between the meta-gradient and the step), and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own
-(MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL). Anything else takes the separate update, with the same
-results. As there, the norm that the guard and the clipping use is that of every gradient the learner computes,
-also where the optimizer holds only some of the tensors.
+(MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA). Anything else takes the separate update, with the
+same results. As there, the norm that the guard and the clipping use is that of every gradient the learner
+computes, also where the optimizer holds only some of the tensors; a tensor the optimizer holds that gets no
+meta-gradient (``learner.not_meta_learned``: CAVIA's context) is skipped, as ``torch.optim`` skips a parameter
+without ``.grad``: no step and no state.
 """
 
 from __future__ import annotations
@@ -132,8 +134,10 @@ class FusedUpdate:
         self.adam = type(optimizer) is torch.optim.Adam
         tensors = {id(p): ("p", k) for k, p in learner._named_parameters().items()}
         tensors |= {id(p): ("m", k) for k, p in learner._learned_tensors().items()}
-        # Which tensor each of the optimizer's parameters is, by group: fixed for this optimizer.
-        self.keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
+        # Which tensor each of the optimizer's parameters is, by group: fixed for this optimizer. Those the
+        # meta-gradient leaves out (learner.not_meta_learned) get no gradient, which torch.optim skips: so here.
+        self._all_keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
+        self.keys = tuple(tuple(k for k in group if not _left_out(learner, k)) for group in self._all_keys)
         self._ids = _ids(optimizer)
         self._backward = type(learner).backward
         self._source = learner._compiled  # a learner compiled again (other options) gets a new update
@@ -157,8 +161,11 @@ class FusedUpdate:
         if not self.adam:
             return [], [], []
         steps, avgs, squares = [], [], []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
+        learner = self.learner
+        for group, keys in zip(self.optimizer.param_groups, self._all_keys, strict=True):
+            for p, key in zip(group["params"], keys, strict=True):
+                if _left_out(learner, key):  # no gradient: no state either, as torch.optim leaves it
+                    continue
                 state = self.optimizer.state[p]
                 if not state:
                     # torch.optim.Adam's own layout: float32 on the device when fused (or capturable), else on the
@@ -192,8 +199,7 @@ class FusedUpdate:
             tasks, sizes, device = _fields(batch), None, batch.support_x.device
         weights, first_order = learner.schedule(iteration)
         params = _detach(named)
-        learned = {k: v for k, v in params.items() if named[k].requires_grad}
-        frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
+        learned, frozen = learner._split_learned(params, named)
         rule_tensors = learner._learned_tensors()  # learner.meta_state's tensors, from the learner's cached index
         meta = _detach(rule_tensors)
         groups = self.optimizer.param_groups
@@ -327,6 +333,11 @@ def _assembling_class(family: type, sample: Any, assemble: Any) -> bool:
     # Which classes define the methods: read at every training step, found once per class and methods.
     owners = [next((k for k in family.__mro__ if name in vars(k)), None) for name in ("sample", "assemble")]
     return None not in owners and issubclass(owners[1], owners[0])  # (None: served by __getattr__)
+
+
+def _left_out(learner: MetaLearner, key: tuple[str, str]) -> bool:
+    """Whether the optimizer's tensor ``key`` (("p", name) or ("m", name)) gets no meta-gradient."""
+    return key[0] == "p" and key[1] in learner.not_meta_learned
 
 
 def _device(named: dict[str, Tensor]) -> torch.device:

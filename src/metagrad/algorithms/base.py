@@ -158,6 +158,9 @@ class MetaLearner(nn.Module):
     meta-learned."""
 
     name = "meta-learner"
+    not_meta_learned: frozenset[str] = frozenset()
+    """Parameters that the outer loop leaves out though they require grad (CAVIA's context, reset to zero for every
+    task): the meta-gradient has no entry for them, so no optimizer moves them; the inner loop may still adapt them."""
 
     def __init__(
         self,
@@ -344,8 +347,8 @@ class MetaLearner(nn.Module):
 
     @property
     def trainable(self) -> list[str]:
-        """Names of the meta-learned parameters: every one with ``requires_grad``."""
-        return [n for n, p in self._named_parameters().items() if p.requires_grad]
+        """Names of the meta-learned parameters: every one with ``requires_grad``, less :attr:`not_meta_learned`."""
+        return [n for n, p in self._named_parameters().items() if p.requires_grad and n not in self.not_meta_learned]
 
     @property
     def fast(self) -> list[str]:
@@ -753,8 +756,7 @@ class MetaLearner(nn.Module):
             batch = batch.split(shard[1], shard[0])
         tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         params = _detach(named if params is None else params)
-        learned = {k: v for k, v in params.items() if named[k].requires_grad}
-        frozen = {k: v for k, v in params.items() if not named[k].requires_grad}
+        learned, frozen = self._split_learned(params, named)
         args = (learned, frozen, _detach(self.meta_state if meta is None else meta), tasks, weights, first_order)
         with self._explain_transform_errors(lambda: self._meta_gradient(*args, eager=True)):
             with self._task_randomness(generator, batch.support_x.device, shard[0]):
@@ -762,6 +764,13 @@ class MetaLearner(nn.Module):
         if scale == 1.0:
             return out
         return tuple({k: v * scale for k, v in tree.items()} for tree in out)  # type: ignore[return-value]
+
+    def _split_learned(self, params: Params, named: Mapping[str, Tensor]) -> tuple[Params, Params]:
+        """``params`` as the meta-learned ones (``named`` requires grad, not in :attr:`not_meta_learned`) and the
+        rest, which the meta-gradient holds fixed."""
+        out = self.not_meta_learned
+        learned = {k: v for k, v in params.items() if named[k].requires_grad and k not in out}
+        return learned, {k: v for k, v in params.items() if k not in learned}
 
     @contextlib.contextmanager
     def _explain_transform_errors(self, rerun: Callable[[], Any]) -> Iterator[None]:

@@ -156,6 +156,8 @@ class CAVIA(MAML):
     """``CAVIA(ContextNetwork(net, 5))``: MAML's outer loop, an inner loop on the context only."""
 
     name = "cavia"
+    # The context is not meta-learned (it is reset to zero per task): no gradient, so no optimizer moves it.
+    not_meta_learned = frozenset({CONTEXT})
 
     def __init__(
         self,
@@ -212,21 +214,6 @@ class CAVIA(MAML):
         if key not in self._output_shapes:
             with torch.no_grad(), self._random_layers(False):
                 self._output_shapes[key] = tuple(self.network(_detach(self.params), batch.support_x[0]).shape)
-
-    def _meta_step(
-        self,
-        batch: TaskBatch,
-        iteration: int,
-        generator: torch.Generator | None,
-        shard: tuple[int, int],
-        named: dict[str, Tensor],
-        params: Any = None,
-        meta: Any = None,
-    ) -> tuple[Params, Params, dict[str, Tensor]]:
-        gp, gm, metrics = super()._meta_step(batch, iteration, generator, shard, named, params, meta)
-        # The context is not meta-learned (it is reset to zero per task): no gradient, so no optimizer moves it.
-        gp.pop(CONTEXT, None)
-        return gp, gm, metrics
 
     def adapt(
         self,
