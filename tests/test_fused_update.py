@@ -74,6 +74,11 @@ CASES = {
     "metasgd-sgd": ["algorithm.name=metasgd", "train.optimizer=sgd", "train.meta_lr=0.01"],
     # The optimizer holds the context, which gets no meta-gradient: torch.optim skips it, and so must the update.
     "cavia": ["algorithm.name=cavia", "algorithm.inner_steps=2", "train.meta_lr=0.01"],
+    # A meta-step of its own (_fused_gradient): mini-batches drawn after the tasks, the inner Adam's state persisted.
+    "reptile-inner-adam": [
+        "algorithm.name=reptile", "algorithm.inner_optimizer=adam", "algorithm.inner_batch=5", "train.optimizer=sgd",
+        "train.meta_lr=1.0", "train.lr_schedule=linear", "train.meta_lr_final=0.0",
+    ],  # fmt: skip
 }
 
 
@@ -97,6 +102,12 @@ def test_the_fused_update_trains_as_the_separate_parts(tmp_path: Path, case: str
     assert_close_runs(fused, separate)
     if "clipped" in case:
         assert mf["grad_norm"] > 1e-3  # the bound acted
+    if case.startswith("reptile"):  # the inner Adam's state carried over, as the separate path writes it
+        a, b = fused.learner.extra_state, separate.learner.extra_state
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert not torch.equal(a[k], torch.zeros_like(a[k])), k
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=0, msg=k)
     if case == "cavia":
         context = fused.learner.params["context"]
         assert torch.equal(context, torch.zeros_like(context)) and context not in fused.optimizer.state
@@ -385,3 +396,44 @@ def test_running_statistics_take_the_separate_path(tmp_path: Path) -> None:
         runs.append(trainer)
     assert runs[0]._fused is None
     assert_close_runs(*runs)
+
+
+class _Scaled(torch.nn.Module):
+    """A network with a learned scalar: a 0-dim parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.net(x)
+
+
+def test_a_scalar_parameter_trains_as_the_separate_parts(tmp_path: Path) -> None:
+    """A 0-dim float64 parameter and its Adam moments: Dynamo drops in-place writes to such inputs (the canary
+    below), so the fused update writes them through one-element views."""
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        trainer = _with_model(trainer_of(tmp_path, f"scalar-{fused}", [], fused=fused), _Scaled())
+        for _ in range(3):
+            trainer.step()
+        runs.append(trainer)
+    assert runs[0]._fused is not None and runs[1]._fused is None
+    assert runs[0].learner.params["scale"].item() != 1.5  # it trained
+    assert_close_runs(*runs)
+
+
+def test_canary_dynamo_still_drops_writes_to_0_dim_float64_inputs() -> None:
+    """PyTorch 2.13: ``t.copy_(...)`` on a 0-dim float64 CPU input of a compiled function is left out of the graph,
+    without a word. Fails the day PyTorch keeps the write: ``fused_update._assign`` may then write directly."""
+
+    def bump(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t.copy_(t + x.sum())
+        return x * 2
+
+    t = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        torch.compile(bump, backend="aot_eager")(t, torch.ones(2, dtype=torch.float64))
+    assert t.item() == 0.0, "Dynamo now keeps in-place writes to 0-dim float64 inputs: drop _assign's view"

@@ -23,11 +23,12 @@ AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight deca
 ``train.optimizer`` builds), without step hooks; one process; a learner compiled on the CPU without CUDA graphs
 whose tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates them
 between the meta-gradient and the step), and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own
-(MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA). Anything else takes the separate update, with the
-same results. As there, the norm that the guard and the clipping use is that of every gradient the learner
-computes, also where the optimizer holds only some of the tensors; a tensor the optimizer holds that gets no
-meta-gradient (``learner.not_meta_learned``: CAVIA's context) is skipped, as ``torch.optim`` skips a parameter
-without ``.grad``: no step and no state.
+(MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA) or has its fused form
+(:meth:`~metagrad.algorithms.MetaLearner._fused_gradient` and ``_fused_draws``: Reptile). Anything else takes the
+separate update, with the same results. As there, the norm that the guard and the clipping use is that of every
+gradient the learner computes, also where the optimizer holds only some of the tensors; a tensor the optimizer
+holds that gets no meta-gradient (``learner.not_meta_learned``: CAVIA's context) is skipped, as ``torch.optim``
+skips a parameter without ``.grad``: no step and no state.
 """
 
 from __future__ import annotations
@@ -60,11 +61,18 @@ def unfused_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks
     reason = _setting_reason(learner, optimizer, tasks, world_size)
     if reason is not None:
         return reason
-    if any(_overrides(learner, m) for m in ("backward", "meta_gradient", "_meta_step", "_compile_target")):
-        return f"{type(learner).__name__} has its own meta-step"
+    name = type(learner).__name__
+    own_step = any(_overrides(learner, m) for m in ("_meta_step", "_compile_target"))
+    if any(_overrides(learner, m) for m in ("backward", "meta_gradient")) or (
+        own_step and not _overrides(learner, "_fused_gradient")
+    ):
+        return f"{name} has its own meta-step"
     mine = {id(p) for p in learner._named_parameters().values()} | {id(p) for p in learner._learned_tensors().values()}
     if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
         return "the optimizer holds tensors that are not the learner's"
+    rule = {id(p) for p in learner._learned_tensors().values()}
+    if own_step and any(id(p) in rule for g in optimizer.param_groups for p in g["params"]):
+        return f"the optimizer holds the inner rule's tensors, which {name}'s meta-step does not differentiate"
     return None
 
 
@@ -136,8 +144,10 @@ class FusedUpdate:
         tensors |= {id(p): ("m", k) for k, p in learner._learned_tensors().items()}
         # Which tensor each of the optimizer's parameters is, by group: fixed for this optimizer. Those the
         # meta-gradient leaves out (learner.not_meta_learned) get no gradient, which torch.optim skips: so here.
-        self._all_keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
-        self.keys = tuple(tuple(k for k in group if not _left_out(learner, k)) for group in self._all_keys)
+        out = learner.not_meta_learned
+        keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
+        self._skipped = tuple(tuple(kind == "p" and k in out for kind, k in group) for group in keys)
+        self.keys = tuple(tuple(k for k in group if not (k[0] == "p" and k[1] in out)) for group in keys)
         self._ids = _ids(optimizer)
         self._backward = type(learner).backward
         self._source = learner._compiled  # a learner compiled again (other options) gets a new update
@@ -161,10 +171,9 @@ class FusedUpdate:
         if not self.adam:
             return [], [], []
         steps, avgs, squares = [], [], []
-        learner = self.learner
-        for group, keys in zip(self.optimizer.param_groups, self._all_keys, strict=True):
-            for p, key in zip(group["params"], keys, strict=True):
-                if _left_out(learner, key):  # no gradient: no state either, as torch.optim leaves it
+        for group, skipped in zip(self.optimizer.param_groups, self._skipped, strict=True):
+            for p, skip in zip(group["params"], skipped, strict=True):
+                if skip:  # no gradient: no state either, as torch.optim leaves it
                     continue
                 state = self.optimizer.state[p]
                 if not state:
@@ -207,15 +216,20 @@ class FusedUpdate:
         if lrs != self._lrs[0]:  # a new tensor only when a learning rate changed
             self._lrs = (lrs, torch.tensor(lrs, dtype=torch.float64))
         hyper = tuple((*g.get("betas", (0.0, 0.0)), g.get("eps", 0.0)) for g in groups)
-        n = batch.batch_size if isinstance(batch, Draws) else len(batch)
+        if isinstance(batch, Draws):
+            n, points = batch.batch_size, batch.shots + batch.queries
+        else:
+            n, points = len(batch), batch.support_x.shape[1] + batch.query_x.shape[1]
+        draws = learner._fused_draws(n, points, generator)  # after the tasks' draws, as the separate path
+        extra = _detach(learner.extra_state)
         norm_meta = tuple(k for k, p in rule_tensors.items() if p.requires_grad)
-        args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, *self._state(), self._lrs[1], hyper,
-                norm_meta)  # fmt: skip
+        args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, draws, extra, *self._state(),
+                self._lrs[1], hyper, norm_meta)  # fmt: skip
 
-        def separately() -> Any:  # for a failure's explanation only: the plain meta-gradient, eagerly
+        def separately() -> Any:  # for a failure's explanation only: the plain meta-step, eagerly
             b = batch.batch().to(device, _dtype(named)) if isinstance(batch, Draws) else batch
             plain = (b.support_x, b.support_y, b.query_x, b.query_y)
-            return learner._meta_gradient(learned, frozen, meta, plain, weights, first_order, eager=True)
+            return learner._fused_gradient(learned, frozen, meta, plain, weights, first_order, 1.0 / n, draws, extra)
 
         try:
             with torch.no_grad(), learner._task_randomness(generator, device):
@@ -243,6 +257,8 @@ class FusedUpdate:
         weights: Tensor | None,
         first_order: bool,
         scale: float,
+        draws: tuple[Tensor, ...],
+        extra: dict[str, Tensor],
         steps: list[Tensor],
         avgs: list[Tensor],
         squares: list[Tensor],
@@ -255,12 +271,16 @@ class FusedUpdate:
             batch = family.assemble(tasks, *shape)
             dtype = next(iter(learned.values())).dtype
             tasks = tuple(t.to(dtype) if t.is_floating_point() else t for t in _fields(batch))
-        gp, gm, metrics = self.learner._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale)
+        learner = self.learner
+        gp, gm, metrics, written = learner._fused_gradient(learned, frozen, meta, tasks, weights, first_order, scale,
+                                                           draws, extra)  # fmt: skip
+        for k, v in written.items():  # the learner's own state (Reptile's inner Adam), whatever the guard says
+            _assign(extra[k], v)
         trees = {"p": (learned, gp), "m": (meta, gm)}
         targets = [[trees[kind][0][k] for kind, k in keys] for keys in self.keys]
         grads = [[trees[kind][1][k] for kind, k in keys] for keys in self.keys]
         # The norm of every gradient learner.backward would write (the optimizer may hold only some of them).
-        flat = [*gp.values(), *(gm[k] for k in norm_meta)]
+        flat = [*gp.values(), *(gm[k] for k in norm_meta if k in gm)]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in flat]))
         finite = torch.isfinite(norm) & torch.isfinite(metrics["loss"])
         if self.clip:
@@ -281,12 +301,12 @@ class FusedUpdate:
                     root = torch.sqrt(1 - beta2**t)
                     denom = new_square.sqrt() / root.to(p.dtype) + eps
                     new_p = p - step_size.to(p.dtype) * new_avg / denom
-                    step.copy_(torch.where(finite, new_step, step))
-                    avg.copy_(torch.where(finite, new_avg, avg))
-                    square.copy_(torch.where(finite, new_square, square))
+                    _assign(step, torch.where(finite, new_step, step))
+                    _assign(avg, torch.where(finite, new_avg, avg))
+                    _assign(square, torch.where(finite, new_square, square))
                 else:
                     new_p = p - lr.to(p.dtype) * g
-                p.copy_(torch.where(finite, new_p, p))
+                _assign(p, torch.where(finite, new_p, p))
                 i += 1
         out = torch.stack([norm, finite.to(norm.dtype), *(v.to(norm.dtype).reshape(()) for v in metrics.values())])
         return out, tuple(metrics)
@@ -335,9 +355,15 @@ def _assembling_class(family: type, sample: Any, assemble: Any) -> bool:
     return None not in owners and issubclass(owners[1], owners[0])  # (None: served by __getattr__)
 
 
-def _left_out(learner: MetaLearner, key: tuple[str, str]) -> bool:
-    """Whether the optimizer's tensor ``key`` (("p", name) or ("m", name)) gets no meta-gradient."""
-    return key[0] == "p" and key[1] in learner.not_meta_learned
+def _assign(target: Tensor, value: Tensor) -> None:
+    """``target.copy_(value)`` in the compiled update, through a one-element view where ``target`` has no
+    dimensions: Dynamo (PyTorch 2.13) silently drops an in-place write to a 0-dim float64 CPU tensor that is an
+    input of the compiled function (Adam's step count in float64, a scalar parameter or its moments in float64
+    training). ``tests/test_fused_update.py`` has the canary."""
+    if target.dim() == 0:
+        target.view(1).copy_(value.reshape(1))
+    else:
+        target.copy_(value)
 
 
 def _device(named: dict[str, Tensor]) -> torch.device:

@@ -687,6 +687,31 @@ class MetaLearner(nn.Module):
         """The pure function :meth:`compile` compiles: the chunk gradient (Reptile: its whole step)."""
         return self._chunk_gradient
 
+    # ----- the meta-step inside the trainer's fused update (metagrad.fused_update) ------------------------------
+    def _fused_draws(self, tasks: int, points: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        """Random numbers the meta-step draws from the trainer's generator besides the tasks' (eagerly, right
+        after them, as the separate path draws them): none here; Reptile's mini-batches. ``points``: a task's
+        support and query points together."""
+        return ()
+
+    def _fused_gradient(
+        self,
+        learned: Params,
+        frozen: Params,
+        meta: Params,
+        tasks: Task,
+        weights: Tensor | None,
+        first_order: bool,
+        scale: float,
+        draws: tuple[Tensor, ...],
+        extra: Params,
+    ) -> tuple[Params, Params, dict[str, Tensor], Params]:
+        """The meta-step that the fused update compiles with the optimizer's step: what :meth:`_meta_step` computes
+        for the whole batch in one process, plus the new values of ``extra`` (:attr:`extra_state`'s tensors) that
+        it writes. A learner with a meta-step of its own (Reptile) overrides this and :meth:`_fused_draws` to
+        train through the fused update too."""
+        return (*self._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale), {})
+
     def _run_compiled(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the compiled meta-step. Under CUDA graphs (``compile(mode="reduce-overhead")`` on a GPU) its
         outputs live in the graph's static memory, which the next replay overwrites (the next chunk's, or the

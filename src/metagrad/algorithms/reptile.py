@@ -128,6 +128,36 @@ class Reptile(MetaLearner):
     def _compile_target(self) -> Any:
         return self._reptile_step
 
+    @property
+    def not_meta_learned(self) -> frozenset[str]:  # type: ignore[override]
+        """The trainable parameters the inner loop does not adapt (``adapt_only``): Reptile moves only the adapted
+        weights, so the others get no update."""
+        fast = set(self.fast)
+        return frozenset(n for n, p in self._named_parameters().items() if p.requires_grad and n not in fast)
+
+    def _fused_draws(self, tasks: int, points: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        # A fresh random mini-batch (without replacement) per task and inner step, from the trainer's stream.
+        keys = torch.rand((tasks, self.inner_steps, points), generator=generator)
+        return (keys.argsort(dim=-1)[..., : min(self.inner_batch, points)],)
+
+    def _fused_gradient(
+        self,
+        learned: Params,
+        frozen: Params,
+        meta: Params,
+        tasks: tuple[Tensor, ...],
+        weights: Tensor | None,
+        first_order: bool,
+        scale: float,
+        draws: tuple[Tensor, ...],
+        extra: Params,
+    ) -> tuple[Params, Params, dict[str, Tensor], Params]:
+        # _meta_step's work for the whole batch in one process: the support and query points pooled.
+        sx, sy, qx, qy = tasks
+        x, y = torch.cat([sx, qx], dim=1), torch.cat([sy, qy], dim=1)
+        delta, state, metrics = self._reptile_step({**frozen, **learned}, meta, extra, (x, y, *draws))
+        return delta, {}, metrics, state if self.persist_inner_state else {}
+
     def _meta_step(
         self,
         batch: TaskBatch,
@@ -142,10 +172,8 @@ class Reptile(MetaLearner):
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
         b, n = x.shape[:2]
-        mb = min(self.inner_batch, n)
-        # A fresh random mini-batch (without replacement) per task and inner step, from the trainer's stream.
-        keys = torch.rand((b, self.inner_steps, n), generator=generator)
-        idx = keys.argsort(dim=-1)[..., :mb].to(x.device)
+        (idx,) = self._fused_draws(b, n, generator)
+        idx = idx.to(x.device)
         scale = 1.0
         if shard[1] > 1:  # weighted so that the plain mean over the ranks is the whole batch's (uneven shards too)
             scale = shard_weight(b, shard[1], shard[0])
