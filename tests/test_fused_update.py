@@ -35,11 +35,13 @@ def cfg_of(*overrides: str) -> Config:
     return load_config(overrides=[*TINY, *overrides])
 
 
-def trainer_of(tmp_path: Path, name: str, overrides: list[str], fused: bool, backend: str = "aot_eager") -> Trainer:
+def trainer_of(tmp_path: Path, name: str, overrides: list[str], fused: bool, backend: str | None = "aot_eager"
+               ) -> Trainer:  # fmt: skip
     cfg = cfg_of(*overrides, f"train.fused_update={str(fused).lower()}")
     trainer = Trainer(cfg, tmp_path / name)
     # Compiled by hand (aot_eager: no C++ build), as train.compile would with Inductor: the same fused graph.
-    trainer.learner.compile(backend=backend)
+    if backend is not None:
+        trainer.learner.compile(backend=backend)
     return trainer
 
 
@@ -76,8 +78,9 @@ CASES = {
     "cavia": ["algorithm.name=cavia", "algorithm.inner_steps=2", "train.meta_lr=0.01"],
     # A meta-step of its own (_fused_gradient): mini-batches drawn after the tasks, the inner Adam's state persisted.
     "reptile-inner-adam": [
-        "algorithm.name=reptile", "algorithm.inner_optimizer=adam", "algorithm.inner_batch=5", "train.optimizer=sgd",
-        "train.meta_lr=1.0", "train.lr_schedule=linear", "train.meta_lr_final=0.0",
+        "algorithm.name=reptile", "algorithm.inner_steps=2", "algorithm.inner_optimizer=adam",
+        "algorithm.inner_batch=5", "train.optimizer=sgd", "train.meta_lr=1.0", "train.lr_schedule=linear",
+        "train.meta_lr_final=0.0",
     ],  # fmt: skip
 }
 
@@ -85,7 +88,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_fused_update_trains_as_the_separate_parts(tmp_path: Path, case: str) -> None:
     fused = trainer_of(tmp_path, "fused", CASES[case], fused=True)
-    separate = trainer_of(tmp_path, "separate", CASES[case], fused=False)
+    separate = trainer_of(tmp_path, "separate", CASES[case], fused=False, backend=None)  # eager: the reference
     if case == "enhanced":  # Adam's other hyper-parameters, per group
         for trainer in (fused, separate):
             trainer.optimizer.param_groups[0].update(betas=(0.5, 0.95), eps=1e-3)
@@ -355,10 +358,12 @@ def test_an_optimizer_of_some_tensors_clips_by_the_norm_of_all(tmp_path: Path) -
     assert_close_runs(fused, separate)
 
 
-def _with_model(trainer: Trainer, model: torch.nn.Module) -> Trainer:
-    """``trainer`` training MAML on a user's own network (float64, compiled with aot_eager)."""
+def _with_model(trainer: Trainer, model: torch.nn.Module, compiled: bool = True) -> Trainer:
+    """``trainer`` training MAML on a user's own network (float64, compiled with aot_eager unless not
+    ``compiled``: the eager reference)."""
     trainer.learner = type(trainer.learner)(model.double(), inner_lr=0.01, vectorize=True)
-    trainer.learner.compile(backend="aot_eager")
+    if compiled:
+        trainer.learner.compile(backend="aot_eager")
     trainer.optimizer = torch.optim.Adam(trainer.learner.parameters(), lr=0.05, fused=True)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
     return trainer
@@ -372,7 +377,7 @@ def test_a_users_module_with_dropout_and_layer_norm_trains_as_the_separate_parts
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
                                     torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))  # fmt: skip
-        trainer = _with_model(trainer_of(tmp_path, f"user-{fused}", [], fused=fused), model)
+        trainer = _with_model(trainer_of(tmp_path, f"user-{fused}", [], fused=fused, backend=None), model, fused)
         runs.append((trainer, [trainer.step() for _ in range(3)]))
     (fused, mf), (separate, ms) = runs
     assert fused._fused is not None and separate._fused is None and fused.learner.random
@@ -416,7 +421,7 @@ def test_a_scalar_parameter_trains_as_the_separate_parts(tmp_path: Path) -> None
     runs = []
     for fused in (True, False):
         torch.manual_seed(0)
-        trainer = _with_model(trainer_of(tmp_path, f"scalar-{fused}", [], fused=fused), _Scaled())
+        trainer = _with_model(trainer_of(tmp_path, f"scalar-{fused}", [], fused=fused, backend=None), _Scaled(), fused)
         for _ in range(3):
             trainer.step()
         runs.append(trainer)
