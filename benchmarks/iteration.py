@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rows' rates then include its small cost)")  # fmt: skip
     ap.add_argument("--algorithm", default="maml", help="a sinusoid preset (the JAX peer runs MAML only)")
     ap.add_argument("--update", nargs="+", choices=("fused", "separate"), default=["fused"],
-                    help="train.fused_update: one row each")
+                    help="train.fused_update: one row each")  # fmt: skip
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)

@@ -131,7 +131,7 @@ def test_concat_is_concatenation_to_the_input():
         expected = net.net[2](net.net[1](widened(torch.cat([x, c.expand(5, 3)], 1))))
         torch.testing.assert_close(net(x), expected)
     assert len(net.net[0]._forward_hooks) == 1  # registered once, not for each pass
-    with pytest.raises(ConfigError, match="already feeds another ContextNetwork"):
+    with pytest.raises(ConfigError, match="already feeds a ContextNetwork still in use"):
         ContextNetwork(net.net, context=2)  # one layer, one context: two would both be fed in
 
 
@@ -220,3 +220,39 @@ def test_a_never_called_context_layer_is_refused_before_compiling_with_a_loss_of
     lrn.compile(backend="eager")
     with pytest.raises(ConfigError, match="never called"):
         lrn.meta_gradient(Sinusoid().sample(2, 3, 3, torch.Generator().manual_seed(0)), 0)
+
+
+def test_the_hook_follows_its_wrapper_through_copies_and_lets_a_network_go():
+    """The context's hook holds its wrapper weakly: copies of the wrapper feed their own context, a copy of the
+    network alone is the plain network, and a wrapper no longer in use (a failed wrap) lets the network be wrapped
+    again, where one still in use is refused until its unwrap()."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    net = MLP(1, (6,), 1)
+    with pytest.raises(ConfigError):
+        CAVIA(ContextNetwork(net, 3, "film", "0"), inner_steps=-1)  # built, then the learner refused
+    wrapper = ContextNetwork(net, 3, "film", "0")  # the failed wrap's hook no longer counts
+    with torch.no_grad():
+        wrapper.film.bias.normal_()  # a trained FiLM: the zero context still shifts the layer
+    x = torch.randn(5, 1)
+    out = wrapper(x)
+    buffer = io.BytesIO()
+    torch.save(wrapper, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(wrapper), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(twin(x), out)
+        with torch.no_grad():
+            twin.film.bias.zero_()
+        assert not torch.allclose(twin(x), out)  # its own context and FiLM, not the original's
+    plain = copy.deepcopy(wrapper).unwrap()
+    torch.testing.assert_close(copy.deepcopy(wrapper.net)(x), plain(x))  # the network copied alone: plain
+    assert not torch.allclose(plain(x), out)
+    with pytest.raises(ConfigError, match="still in use"):
+        ContextNetwork(net, 3, "film", "0")
+    assert wrapper.unwrap() is net and not net[0]._forward_hooks
+    with pytest.raises(ConfigError, match="unwrapped"):
+        wrapper(x)
+    torch.testing.assert_close(net(x), plain(x))
+    ContextNetwork(net, 3, "film", "0")  # free again

@@ -431,8 +431,9 @@ def test_a_scalar_parameter_trains_as_the_separate_parts(tmp_path: Path) -> None
 
 
 def test_canary_dynamo_still_drops_writes_to_0_dim_float64_inputs() -> None:
-    """PyTorch 2.13: ``t.copy_(...)`` on a 0-dim float64 CPU input of a compiled function is left out of the graph,
-    without a word. Fails the day PyTorch keeps the write: ``fused_update._assign`` may then write directly."""
+    """PyTorch 2.13: ``t.copy_(...)`` on a 0-dim float64 CPU input of a function compiled with AOTAutograd's
+    backends is lost, without a word. Fails the day PyTorch keeps the write: ``fused_update._assign`` may then
+    write directly."""
 
     def bump(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t.copy_(t + x.sum())
@@ -442,3 +443,37 @@ def test_canary_dynamo_still_drops_writes_to_0_dim_float64_inputs() -> None:
     with torch.no_grad():
         torch.compile(bump, backend="aot_eager")(t, torch.ones(2, dtype=torch.float64))
     assert t.item() == 0.0, "Dynamo now keeps in-place writes to 0-dim float64 inputs: drop _assign's view"
+
+
+def test_reptile_adapting_some_weights_moves_only_those_as_the_separate_parts(tmp_path: Path) -> None:
+    """Reptile moves only the weights its inner loop adapts (adapt_only): the optimizer's other tensors get no
+    update and no state, fused as separately; a subclass with a meta-step of its own keeps the separate path."""
+    from metagrad.algorithms import Reptile
+    from metagrad.models import MLP
+
+    runs = []
+    for fused in (True, False):
+        trainer = trainer_of(tmp_path, f"reptile-{fused}", ["algorithm.name=reptile", "algorithm.inner_steps=2"],
+                             fused=fused, backend=None)  # fmt: skip
+        torch.manual_seed(0)
+        trainer.learner = Reptile(MLP(1, (8, 8), 1).double(), inner_steps=2, inner_batch=5, adapt_only=["4."])
+        if fused:
+            trainer.learner.compile(backend="aot_eager")
+        trainer.optimizer = torch.optim.SGD(trainer.learner.parameters(), lr=0.5)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: 1.0)
+        before = {k: v.clone() for k, v in trainer.learner.params.items()}
+        for _ in range(2):
+            trainer.step()
+        runs.append(trainer)
+        moved = {k for k, v in trainer.learner.params.items() if not torch.equal(v, before[k])}
+        assert moved == {"4.weight", "4.bias"}, moved
+    assert runs[0]._fused is not None and runs[1]._fused is None
+    assert_close_runs(*runs)
+
+    class OwnStep(Reptile):
+        def _meta_step(self, *args, **kwargs):  # e.g. a scaled move: the inherited fused form knows nothing of it
+            return super()._meta_step(*args, **kwargs)
+
+    own = OwnStep(MLP(1, (4,), 1))
+    own.compile(backend="aot_eager")
+    assert "own meta-step" in unfused_reason(own, torch.optim.SGD(own.parameters(), lr=0.1), 4, 1)

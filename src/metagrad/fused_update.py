@@ -24,7 +24,7 @@ AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight deca
 whose tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates them
 between the meta-gradient and the step), and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own
 (MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA) or has its fused form
-(:meth:`~metagrad.algorithms.MetaLearner._fused_gradient` and ``_fused_draws``: Reptile). Anything else takes the
+(:meth:`~metagrad.algorithms.MetaLearner._fused_gradient` and ``_step_draws``: Reptile). Anything else takes the
 separate update, with the same results. As there, the norm that the guard and the clipping use is that of every
 gradient the learner computes, also where the optimizer holds only some of the tensors; a tensor the optimizer
 holds that gets no meta-gradient (``learner.not_meta_learned``: CAVIA's context) is skipped, as ``torch.optim``
@@ -55,6 +55,11 @@ def _overrides(learner: MetaLearner, name: str) -> bool:
     return getattr(type(learner), name) is not getattr(MetaLearner, name)
 
 
+def _owner(learner: MetaLearner, name: str) -> type:
+    """The class in ``learner``'s hierarchy that defines the method ``name``."""
+    return next(k for k in type(learner).__mro__ if name in vars(k))
+
+
 def unfused_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks: int, world_size: int) -> str | None:
     """Why a training step of ``learner`` with ``optimizer`` on ``tasks`` tasks cannot run as one compiled
     function, or None when it can."""
@@ -63,9 +68,11 @@ def unfused_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks
         return reason
     name = type(learner).__name__
     own_step = any(_overrides(learner, m) for m in ("_meta_step", "_compile_target"))
-    if any(_overrides(learner, m) for m in ("backward", "meta_gradient")) or (
-        own_step and not _overrides(learner, "_fused_gradient")
-    ):
+    # The fused form must be at least as specific as the meta-step: a subclass of Reptile with a _meta_step of
+    # its own inherits a _fused_gradient that knows nothing of it.
+    fused_form = _owner(learner, "_fused_gradient")
+    stale = any(not issubclass(fused_form, _owner(learner, m)) for m in ("_meta_step", "_compile_target"))
+    if any(_overrides(learner, m) for m in ("backward", "meta_gradient")) or (own_step and stale):
         return f"{name} has its own meta-step"
     mine = {id(p) for p in learner._named_parameters().values()} | {id(p) for p in learner._learned_tensors().values()}
     if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
@@ -144,10 +151,10 @@ class FusedUpdate:
         tensors |= {id(p): ("m", k) for k, p in learner._learned_tensors().items()}
         # Which tensor each of the optimizer's parameters is, by group: fixed for this optimizer. Those the
         # meta-gradient leaves out (learner.not_meta_learned) get no gradient, which torch.optim skips: so here.
-        out = learner.not_meta_learned
+        excluded = self._excluded = learner.not_meta_learned  # (fixed by the learner's options: read once)
         keys = tuple(tuple(tensors[id(p)] for p in g["params"]) for g in optimizer.param_groups)
-        self._skipped = tuple(tuple(kind == "p" and k in out for kind, k in group) for group in keys)
-        self.keys = tuple(tuple(k for k in group if not (k[0] == "p" and k[1] in out)) for group in keys)
+        self._skipped = tuple(tuple(kind == "p" and k in excluded for kind, k in group) for group in keys)
+        self.keys = tuple(tuple(k for k in group if not (k[0] == "p" and k[1] in excluded)) for group in keys)
         self._ids = _ids(optimizer)
         self._backward = type(learner).backward
         self._source = learner._compiled  # a learner compiled again (other options) gets a new update
@@ -208,7 +215,7 @@ class FusedUpdate:
             tasks, sizes, device = _fields(batch), None, batch.support_x.device
         weights, first_order = learner.schedule(iteration)
         params = _detach(named)
-        learned, frozen = learner._split_learned(params, named)
+        learned, frozen = learner._split_learned(params, named, self._excluded)
         rule_tensors = learner._learned_tensors()  # learner.meta_state's tensors, from the learner's cached index
         meta = _detach(rule_tensors)
         groups = self.optimizer.param_groups
@@ -220,7 +227,7 @@ class FusedUpdate:
             n, points = batch.batch_size, batch.shots + batch.queries
         else:
             n, points = len(batch), batch.support_x.shape[1] + batch.query_x.shape[1]
-        draws = learner._fused_draws(n, points, generator)  # after the tasks' draws, as the separate path
+        draws = learner._step_draws(n, points, generator)  # after the tasks' draws, as the separate path
         extra = _detach(learner.extra_state)
         norm_meta = tuple(k for k, p in rule_tensors.items() if p.requires_grad)
         args = (learned, frozen, meta, tasks, sizes, weights, first_order, 1.0 / n, draws, extra, *self._state(),
@@ -280,7 +287,7 @@ class FusedUpdate:
         targets = [[trees[kind][0][k] for kind, k in keys] for keys in self.keys]
         grads = [[trees[kind][1][k] for kind, k in keys] for keys in self.keys]
         # The norm of every gradient learner.backward would write (the optimizer may hold only some of them).
-        flat = [*gp.values(), *(gm[k] for k in norm_meta if k in gm)]
+        flat = [*gp.values(), *((gm[k] for k in norm_meta) if gm else ())]  # (Reptile differentiates no rule)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in flat]))
         finite = torch.isfinite(norm) & torch.isfinite(metrics["loss"])
         if self.clip:
@@ -357,9 +364,10 @@ def _assembling_class(family: type, sample: Any, assemble: Any) -> bool:
 
 def _assign(target: Tensor, value: Tensor) -> None:
     """``target.copy_(value)`` in the compiled update, through a one-element view where ``target`` has no
-    dimensions: Dynamo (PyTorch 2.13) silently drops an in-place write to a 0-dim float64 CPU tensor that is an
-    input of the compiled function (Adam's step count in float64, a scalar parameter or its moments in float64
-    training). ``tests/test_fused_update.py`` has the canary."""
+    dimensions: ``torch.compile`` (PyTorch 2.13, with AOTAutograd's backends: Inductor, ``aot_eager``) silently
+    drops an in-place write to a 0-dim float64 CPU tensor that is an input of the compiled function (Adam's step
+    count in float64, a scalar parameter or its moments in float64 training). ``tests/test_fused_update.py`` has
+    the canary."""
     if target.dim() == 0:
         target.view(1).copy_(value.reshape(1))
     else:

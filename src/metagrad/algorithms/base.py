@@ -688,7 +688,7 @@ class MetaLearner(nn.Module):
         return self._chunk_gradient
 
     # ----- the meta-step inside the trainer's fused update (metagrad.fused_update) ------------------------------
-    def _fused_draws(self, tasks: int, points: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+    def _step_draws(self, tasks: int, points: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
         """Random numbers the meta-step draws from the trainer's generator besides the tasks' (eagerly, right
         after them, as the separate path draws them): none here; Reptile's mini-batches. ``points``: a task's
         support and query points together."""
@@ -708,7 +708,7 @@ class MetaLearner(nn.Module):
     ) -> tuple[Params, Params, dict[str, Tensor], Params]:
         """The meta-step that the fused update compiles with the optimizer's step: what :meth:`_meta_step` computes
         for the whole batch in one process, plus the new values of ``extra`` (:attr:`extra_state`'s tensors) that
-        it writes. A learner with a meta-step of its own (Reptile) overrides this and :meth:`_fused_draws` to
+        it writes. A learner with a meta-step of its own (Reptile) overrides this and :meth:`_step_draws` to
         train through the fused update too."""
         return (*self._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale), {})
 
@@ -790,11 +790,13 @@ class MetaLearner(nn.Module):
             return out
         return tuple({k: v * scale for k, v in tree.items()} for tree in out)  # type: ignore[return-value]
 
-    def _split_learned(self, params: Params, named: Mapping[str, Tensor]) -> tuple[Params, Params]:
-        """``params`` as the meta-learned ones (``named`` requires grad, not in :attr:`not_meta_learned`) and the
-        rest, which the meta-gradient holds fixed."""
-        out = self.not_meta_learned
-        learned = {k: v for k, v in params.items() if named[k].requires_grad and k not in out}
+    def _split_learned(
+        self, params: Params, named: Mapping[str, Tensor], excluded: frozenset[str] | None = None
+    ) -> tuple[Params, Params]:
+        """``params`` as the meta-learned ones (``named`` requires grad, not in :attr:`not_meta_learned`, or in
+        ``excluded`` where the caller has it at hand) and the rest, which the meta-gradient holds fixed."""
+        excluded = self.not_meta_learned if excluded is None else excluded
+        learned = {k: v for k, v in params.items() if named[k].requires_grad and k not in excluded}
         return learned, {k: v for k, v in params.items() if k not in learned}
 
     @contextlib.contextmanager

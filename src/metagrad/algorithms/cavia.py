@@ -15,7 +15,9 @@ ways (:class:`ContextNetwork`):
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +52,9 @@ class ContextNetwork(nn.Module):
     ``torch.compile`` at every pass (Dynamo cannot trace the registration inside ``vmap`` or ``grad``), so the
     compiled meta-step ran in pieces, slower than eagerly. While wrapped, ``net``'s own forward passes are
     therefore conditioned on ``context`` too (a zero context: nothing for ``"concat"``, FiLM's bias for
-    ``"film"``); one layer feeds one ContextNetwork."""
+    ``"film"``); :meth:`unwrap` gives the plain network back. One layer feeds one ContextNetwork in use; the hook
+    holds it weakly, so a wrapper that is no longer referenced (a failed or discarded wrap) lets another wrap the
+    network, and a copy of the network alone (``copy.deepcopy(wrapper.net)``, ``torch.save``) is the plain one."""
 
     def __init__(self, net: nn.Module, context: int, conditioning: str = "concat", layer: str | None = None) -> None:
         super().__init__()
@@ -90,11 +94,17 @@ class ContextNetwork(nn.Module):
         # What the learner reads from its model: per-step batch norm and the parameters adapted in the outer loop only.
         self.per_step = bool(getattr(net, "per_step", False))
         self.meta_only = tuple("net." + p for p in getattr(net, "meta_only", ()))
-        if any(getattr(h, "__func__", None) is ContextNetwork._feed for h in target._forward_hooks.values()):
-            raise ConfigError(f"the model's layer {layer!r} already feeds another ContextNetwork's context: wrap a "
-                              "network of its own")  # fmt: skip
+        if any(h.owner is not None for h in _feeds(target).values()):
+            raise ConfigError(f"the model's layer {layer!r} already feeds a ContextNetwork still in use: wrap a "
+                              "network of its own, or give that one back first with its unwrap()")  # fmt: skip
+        _remove_feeds(target)  # those of wrappers no longer in use
         self._feeds = 0  # eager passes through the layer: a layer the forward pass never calls is refused
-        target.register_forward_hook(self._feed)
+        target.register_forward_hook(_ContextFeed(self))
+
+    def unwrap(self) -> nn.Module:
+        """``net`` without this wrapper's hook, as it was before it was wrapped (this wrapper no longer runs)."""
+        _remove_feeds(self.net.get_submodule(self.layer), self)
+        return self.net
 
     @staticmethod
     def _channels(module: nn.Module) -> int:
@@ -122,11 +132,49 @@ class ContextNetwork(nn.Module):
         before = self._feeds
         out = self.net(x, *args, **kwargs)
         if self._feeds == before:  # the network never called that module: the context would silently do nothing
+            if not any(h.owner is self for h in _feeds(self.net.get_submodule(self.layer)).values()):
+                raise ConfigError("this ContextNetwork was unwrapped (unwrap()): wrap the network again")
             raise ConfigError(
                 f"CAVIA's context layer {self.layer!r} is never called by {type(self.net).__name__}'s forward pass "
                 "(it uses the layer's weights directly?): choose a layer the forward pass calls"
             )
         return out
+
+
+class _ContextFeed:
+    """The forward hook by which a :class:`ContextNetwork` feeds its context in. It holds the wrapper weakly (see
+    ContextNetwork); pickled or deep-copied with it, it follows the copy of the wrapper."""
+
+    def __init__(self, owner: ContextNetwork | None) -> None:
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    @property
+    def owner(self) -> ContextNetwork | None:
+        return self._owner() if self._owner is not None else None
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+        owner = self.owner
+        return None if owner is None else owner._feed(module, inputs, output)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _ContextFeed, (self.owner,)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ContextFeed:
+        # The network copied alone: its wrapper's copy is referenced by nothing else and goes, and so does the feed.
+        owner = self.owner
+        return _ContextFeed(copy.deepcopy(owner, memo) if owner is not None else None)
+
+
+def _feeds(layer: nn.Module) -> dict[int, _ContextFeed]:
+    return {k: h for k, h in layer._forward_hooks.items() if isinstance(h, _ContextFeed)}
+
+
+def _remove_feeds(layer: nn.Module, owner: ContextNetwork | None = None) -> None:
+    """Remove ``owner``'s feed from ``layer`` (default: the feeds of wrappers no longer in use)."""
+    for key, hook in _feeds(layer).items():
+        if hook.owner is owner:
+            for hooks in (layer._forward_hooks, layer._forward_hooks_with_kwargs, layer._forward_hooks_always_called):
+                hooks.pop(key, None)
 
 
 @dataclass

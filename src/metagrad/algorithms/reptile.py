@@ -135,7 +135,7 @@ class Reptile(MetaLearner):
         fast = set(self.fast)
         return frozenset(n for n, p in self._named_parameters().items() if p.requires_grad and n not in fast)
 
-    def _fused_draws(self, tasks: int, points: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+    def _step_draws(self, tasks: int, points: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
         # A fresh random mini-batch (without replacement) per task and inner step, from the trainer's stream.
         keys = torch.rand((tasks, self.inner_steps, points), generator=generator)
         return (keys.argsort(dim=-1)[..., : min(self.inner_batch, points)],)
@@ -172,7 +172,7 @@ class Reptile(MetaLearner):
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
         b, n = x.shape[:2]
-        (idx,) = self._fused_draws(b, n, generator)
+        (idx,) = self._step_draws(b, n, generator)
         idx = idx.to(x.device)
         scale = 1.0
         if shard[1] > 1:  # weighted so that the plain mean over the ranks is the whole batch's (uneven shards too)
