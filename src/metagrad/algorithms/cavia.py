@@ -94,11 +94,11 @@ class ContextNetwork(nn.Module):
         # What the learner reads from its model: per-step batch norm and the parameters adapted in the outer loop only.
         self.per_step = bool(getattr(net, "per_step", False))
         self.meta_only = tuple("net." + p for p in getattr(net, "meta_only", ()))
-        if any(h.owner is not None for h in _feeds(target).values()):
+        if any(h.owner is not None for h in _context_feeds(target).values()):
             raise ConfigError(f"the model's layer {layer!r} already feeds a ContextNetwork still in use: wrap a "
                               "network of its own, or give that one back first with its unwrap()")  # fmt: skip
         _remove_feeds(target)  # those of wrappers no longer in use
-        self._feeds = 0  # eager passes through the layer: a layer the forward pass never calls is refused
+        self._passes_fed = 0  # eager passes through the layer: a layer the forward pass never calls is refused
         target.register_forward_hook(_ContextFeed(self))
 
     def unwrap(self) -> nn.Module:
@@ -119,7 +119,7 @@ class ContextNetwork(nn.Module):
 
     def _feed(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         if not torch.compiler.is_compiling():  # (no state changes in a compiled graph)
-            self._feeds += 1
+            self._passes_fed += 1
         if self.conditioning == "concat":
             return output + F.linear(self.context, self.context_weight)
         gamma, beta = self.film(self.context).chunk(2)
@@ -129,10 +129,10 @@ class ContextNetwork(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if torch.compiler.is_compiling():  # checked on the eager passes (CAVIA makes one before it compiles)
             return self.net(x, *args, **kwargs)
-        before = self._feeds
+        before = self._passes_fed
         out = self.net(x, *args, **kwargs)
-        if self._feeds == before:  # the network never called that module: the context would silently do nothing
-            if not any(h.owner is self for h in _feeds(self.net.get_submodule(self.layer)).values()):
+        if self._passes_fed == before:  # the network never called that module: the context would silently do nothing
+            if not any(h.owner is self for h in _context_feeds(self.net.get_submodule(self.layer)).values()):
                 raise ConfigError("this ContextNetwork was unwrapped (unwrap()): wrap the network again")
             raise ConfigError(
                 f"CAVIA's context layer {self.layer!r} is never called by {type(self.net).__name__}'s forward pass "
@@ -165,13 +165,13 @@ class _ContextFeed:
         return _ContextFeed(copy.deepcopy(owner, memo) if owner is not None else None)
 
 
-def _feeds(layer: nn.Module) -> dict[int, _ContextFeed]:
+def _context_feeds(layer: nn.Module) -> dict[int, _ContextFeed]:
     return {k: h for k, h in layer._forward_hooks.items() if isinstance(h, _ContextFeed)}
 
 
 def _remove_feeds(layer: nn.Module, owner: ContextNetwork | None = None) -> None:
     """Remove ``owner``'s feed from ``layer`` (default: the feeds of wrappers no longer in use)."""
-    for key, hook in _feeds(layer).items():
+    for key, hook in _context_feeds(layer).items():
         if hook.owner is owner:
             for hooks in (layer._forward_hooks, layer._forward_hooks_with_kwargs, layer._forward_hooks_always_called):
                 hooks.pop(key, None)
