@@ -19,6 +19,9 @@ as a first run on a new machine does:
 - ``no-memory-planning``: the same options without Inductor's ``memory_planning`` (one allocation per intermediate
   tensor).
 
+``--warm`` also times each variant's first step again in a fresh process on the cache folder the cold run filled,
+as a second ``metagrad train`` on the same machine meets it (Inductor's and AOTAutograd's caches).
+
 Inductor keeps its precompiled C++ headers in its default folder (``/tmp/torchinductor_$USER/precompiled_headers``),
 which ``TORCHINDUCTOR_CACHE_DIR`` does not move: they are built once per machine and set of compiler flags and
 reused by every run here, so the first round of a variant may include their build (about 140 MB each).
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", choices=("default", "probing", "build-separate", "no-memory-planning"),
                     default=["default", "probing", "build-separate"])  # fmt: skip
     ap.add_argument("--no-probes", action="store_true", help="skip timing the instruction-set probes alone")
+    ap.add_argument("--warm", action="store_true",
+                    help="also time each first step again, in a fresh process on the cache it filled")  # fmt: skip
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     results: dict = {"probes": {"cold": [], "warm": []}, "compile": []}
@@ -112,15 +117,23 @@ def main(argv: list[str] | None = None) -> int:
                 for variant, got in rows.items():
                     cache = os.path.join(d, f"cache-{steps}-{variant}-{r}")
                     got.append(child(variant, steps, cache, os.path.join(d, f"run-{steps}-{variant}-{r}")))
+                    if args.warm:  # a second run on this machine: the same cache, filled by the first
+                        again = child(variant, steps, cache, os.path.join(d, f"run-{steps}-{variant}-{r}-warm"))
+                        got[-1]["warm_seconds"] = again["seconds"]
             for variant, got in rows.items():
                 first = statistics.median(g["seconds"] for g in got)
                 step = statistics.median(g["step_us"] for g in got)
                 each = ", ".join(f"{g['seconds']:.1f}" for g in got)
                 print(f"  {steps} inner step(s), {variant:<8} cold compile (first step) {first:5.1f} s ({each}); "
                       f"then {step:.0f} µs a step")  # fmt: skip
+                if args.warm:
+                    warm = [g["warm_seconds"] for g in got]
+                    print(f"    on the filled cache (a second run): {statistics.median(warm):5.1f} s "
+                          f"({', '.join(f'{w:.1f}' for w in warm)})")  # fmt: skip
                 results["compile"].append({"steps": steps, "variant": variant,
                                            "first_step_s": [g["seconds"] for g in got],
-                                           "step_us": [g["step_us"] for g in got]})  # fmt: skip
+                                           "step_us": [g["step_us"] for g in got],
+                                           "warm_first_step_s": [g.get("warm_seconds") for g in got]})  # fmt: skip
     if args.json:
         import torch
 
