@@ -17,6 +17,7 @@ import torch
 
 from metagrad import (
     CAVIA,
+    IMAML,
     MAML,
     MLP,
     ContextNetwork,
@@ -56,6 +57,9 @@ _FACTORIES: dict[str, Callable[[int, bool], MetaLearner]] = {
     "maml_enhanced": lambda k, vec: MAMLEnhanced(MLP(), inner_steps=k, vectorize=vec),
     # configs/sinusoid/cavia.toml: a 5-dimensional context concatenated to the input, inner lr 1.
     "cavia": lambda k, vec: CAVIA(ContextNetwork(MLP(), 5), inner_lr=1.0, inner_steps=k, vectorize=vec),
+    # configs/sinusoid/imaml.toml: λ = 100, 5 CG steps, a backtracking inner line search of 4 halvings.
+    "imaml": lambda k, vec: IMAML(MLP(), inner_lr=0.01, inner_steps=k, lam=100.0, cg_steps=5, line_search=4,
+                                  vectorize=vec),  # fmt: skip
 }
 ALGORITHMS: tuple[str, ...] = tuple(_FACTORIES)
 

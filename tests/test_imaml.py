@@ -216,9 +216,21 @@ def test_vectorize_k_differentiates_k_tasks_at_a_time():
         torch.testing.assert_close(mc[k], mw[k], rtol=1e-12, atol=1e-14)
 
 
-def test_compile_refuses_in_one_line():
-    with pytest.raises(ConfigError, match="iMAML.*not compiled"):
-        learner(steps=1).compile()
+def test_compiled_meta_gradient_is_one_graph_and_the_eager_one():
+    """The inner solve (with the line search), the Hessian-vector products and CG are branch-free: compiled, the
+    implicit meta-gradient is one graph, in float64 the eager one (AOTAutograd's capture, as Inductor gets it)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = (learner(steps=2, cg_steps=2, line_search=1) for _ in range(2))
+    compiled.compile(backend="aot_eager", fullgraph=True)
+    b = batch()
+    (ge, _, me), (gc, _, mc) = eager.meta_gradient(b), compiled.meta_gradient(b)
+    assert counters["stats"]["unique_graphs"] == 1
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], rtol=1e-12, atol=1e-14, msg=k)
+    torch.testing.assert_close(mc["loss"], me["loss"], rtol=1e-12, atol=0)
 
 
 def _proximal_objective(lrn: IMAML, phi: dict, theta: dict, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -12,8 +12,10 @@ Trainable parameters that the inner loop does not adapt (``adapt_only``) get the
 ``∂L_query/∂w − (1/λ) ∂/∂w ⟨∇φ L_support(φ, w), v⟩``. The inner rule's learned tensors get no gradient (the
 solution of the inner problem does not depend on how it was reached), so the rule must be a fixed one.
 
-``vectorize=k`` solves and differentiates ``k`` tasks at a time, as for the other algorithms. ``compile()``
-(``train.compile``) is refused with a :class:`~metagrad.errors.ConfigError`: the CG meta-gradient runs eagerly.
+``vectorize=k`` solves and differentiates ``k`` tasks at a time, as for the other algorithms, and ``compile()``
+(``train.compile``) compiles the whole implicit meta-gradient, inner solve, line search and CG included, as one
+graph: everything is branch-free. On the sinusoid preset's step, Inductor's code ran 16× the eager rate after a
+cold compile of about 70 s (``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -250,10 +252,4 @@ class IMAML(MetaLearner):
         aux = {k: v.sum() * scale for k, v in aux.items()}
         gp = {k: grads[k].sum(0) * scale if k in grads else torch.zeros_like(v) for k, v in params.items()}
         return gp, {k: torch.zeros_like(v) for k, v in meta.items()}, {"loss": aux["post_loss"], **aux}
-
-    def compile(self, **options: Any) -> None:  # type: ignore[override]
-        """Refused: iMAML's conjugate-gradient meta-gradient is not compiled (it runs eagerly)."""
-        raise ConfigError(
-            "iMAML's conjugate-gradient meta-gradient is not compiled; set train.compile = false (or drop --compile)"
-        )
 
