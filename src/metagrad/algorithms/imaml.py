@@ -14,7 +14,7 @@ solution of the inner problem does not depend on how it was reached), so the rul
 
 ``vectorize=k`` solves and differentiates ``k`` tasks at a time, as for the other algorithms, and ``compile()``
 (``train.compile``) compiles the whole implicit meta-gradient, inner solve, line search and CG included, as one
-graph: everything is branch-free. On the sinusoid preset's step, Inductor's code ran 16× the eager rate after a
+graph: everything is branch-free. On the sinusoid preset's step, Inductor's code ran 14× the eager rate after a
 cold compile of about 70 s (``docs/results.md``).
 """
 
