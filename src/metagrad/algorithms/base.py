@@ -918,13 +918,17 @@ class MetaLearner(nn.Module):
                 )
         self._x_ndim = batch.support_x.dim() - 1
 
-    def _check_targets(self, batch: TaskBatch) -> None:
-        """Labels that index the model's outputs, or regression targets of the outputs' shape."""
+    def _output_shape(self, batch: TaskBatch) -> tuple[int, ...]:
+        """The network's output shape on one task's support inputs: one plain forward pass per input shape."""
         key = (tuple(batch.support_x.shape[1:]), batch.support_x.dtype, batch.support_x.device)
-        if key not in self._output_shapes:  # one plain forward pass per input shape, to learn the output's
+        if key not in self._output_shapes:
             with torch.no_grad(), self._random_layers(False):
                 self._output_shapes[key] = tuple(self.network(_detach(self.params), batch.support_x[0]).shape)
-        out_shape = self._output_shapes[key]
+        return self._output_shapes[key]
+
+    def _check_targets(self, batch: TaskBatch) -> None:
+        """Labels that index the model's outputs, or regression targets of the outputs' shape."""
+        out_shape = self._output_shape(batch)
         for field in ("support_y", "query_y"):
             y = getattr(batch, field)
             if self.loss_name == "cross_entropy":

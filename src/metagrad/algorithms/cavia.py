@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad.algorithms.base import Params, Task, _detach
+from metagrad.algorithms.base import Params, Task
 from metagrad.algorithms.maml import MAML
 from metagrad.errors import ConfigError
 from metagrad.inner.sgd import SGD
@@ -256,12 +256,9 @@ class CAVIA(MAML):
 
     def _check_batch(self, batch: TaskBatch, named: Mapping[str, Tensor]) -> None:
         super()._check_batch(batch, named)
-        # One plain forward pass per input shape, also with a loss of the user's (which skips the targets' check):
+        # The plain forward pass per input shape also with a loss of the user's (which skips the targets' check):
         # ContextNetwork checks there, eagerly, that the network calls the context's layer.
-        key = (tuple(batch.support_x.shape[1:]), batch.support_x.dtype, batch.support_x.device)
-        if key not in self._output_shapes:
-            with torch.no_grad(), self._random_layers(False):
-                self._output_shapes[key] = tuple(self.network(_detach(self.params), batch.support_x[0]).shape)
+        self._output_shape(batch)
 
     def adapt(
         self,
