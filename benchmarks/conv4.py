@@ -7,6 +7,7 @@ Run from the repository root (learn2learn's virtual environment from ``bash ../s
     python benchmarks/conv4.py --ways 20 --paths auto --no-peer # 20-way (the peer's script is 5-way only)
     python benchmarks/conv4.py --ways 5 20                      # both (learn2learn beside the 5-way rows)
     python benchmarks/conv4.py --paths auto vmap chunk:8 compiled --json docs/data/conv4_cpu.json
+    python benchmarks/conv4.py --paths auto --allocator kept default --peer-allocator default kept
 
 Protocol (``../shared/peers/common_conv4.py``, the peer scripts' own): Omniglot-sized 1x28x28 standard-normal
 images (timing only), ``--ways``-way 1-shot with 15 queries per class, meta-batch 32, Conv-4 with 64 filters
@@ -31,6 +32,13 @@ convolutions and matrix products (the exact second-order computation; element-wi
 true floor is higher), and ``floor_s`` divides them by the best rate this machine reaches on a large matrix
 product at the same thread count, measured in the same run (``peak GF/s``). ``vs floor`` is ``floor_s`` over
 the measured seconds per iteration (1 = at the floor).
+
+The allocator (in brackets after each row's name): metagrad's rows keep freed memory for reuse
+(``metagrad.allocator.keep_freed_memory``), as ``metagrad train`` and :class:`metagrad.Trainer` do on the CPU;
+``--allocator default`` leaves glibc's defaults. learn2learn's rows run with glibc's defaults, and
+``--peer-allocator kept`` with the same two settings through glibc's environment variables
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): the comparison on equal allocators. Both options take
+several values, run in turn; ``vs l2l`` is beside the peer's row on the same allocator where there is one.
 
 Absolute figures on a shared machine are noisy: the load average is printed, and only ratios measured in the
 same round are compared.
@@ -104,6 +112,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from metagrad.tasks.base import TaskBatch
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("allocator", "kept") == "kept":
+        from metagrad.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("this C library is not glibc: run with --allocator default")
     learner = _configure(_learner(spec["path"], spec["ways"], spec["steps"]), spec["diagnostics"])
     batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(spec["ways"], spec["meta_batch"])))
     opt = torch.optim.Adam(learner.parameters(), lr=META_LR)
@@ -174,11 +187,18 @@ def run_metagrad(spec: dict[str, Any]) -> dict[str, Any] | None:
     return _run([sys.executable, __file__, "--worker", json.dumps(spec)], env)
 
 
-def run_peer(args: argparse.Namespace, steps: int, threads: int) -> dict[str, Any] | None:
+# glibc's environment variables for metagrad.allocator.keep_freed_memory's settings (its largest int values)
+KEPT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def run_peer(args: argparse.Namespace, steps: int, threads: int, allocator: str) -> dict[str, Any] | None:
     script = PEERS / "bench_conv4_l2l.py"
     cmd = [str(args.peer_python), str(script), "--threads", str(threads), "--steps", str(steps),
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--meta-batch", str(args.meta_batch)]  # fmt: skip
-    row = _run(cmd, {**os.environ, "OMP_NUM_THREADS": str(threads)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if allocator == "kept":
+        env |= KEPT_ENV
+    row = _run(cmd, env)
     if row is None:
         return None
     return {"it_per_s": row["it_per_s_median"], "first_s": row["first_call_s"], "peak_mib": row["peak_rss_mib"]}
@@ -198,6 +218,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--diagnostics", action="store_true",
                     help="keep the pre-adaptation query loss (a query forward pass per task; the peer has none)")
     ap.add_argument("--no-peer", action="store_true", help="leave learn2learn out")
+    ap.add_argument("--allocator", choices=("kept", "default"), nargs="+", default=["kept"],
+                    help="metagrad's rows: freed memory kept for reuse, as metagrad train runs, or glibc's defaults")
+    ap.add_argument("--peer-allocator", choices=("default", "kept"), nargs="+", default=["default"],
+                    help="learn2learn's rows: glibc's defaults, or the same settings as metagrad's kept rows")
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
     return ap.parse_args(argv)
@@ -214,30 +238,36 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
             rate = peak_rate(threads)
             floor_s = flops / rate
             for rnd in range(args.rounds):
-                base = run_peer(args, steps, threads) if peer else None
-                if base is not None:
-                    rows.append({"impl": "learn2learn", "ways": ways, "steps": steps, "threads": threads,
-                                 "round": rnd, **base})  # fmt: skip
-                for path in args.paths:
-                    spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
-                            "meta_batch": args.meta_batch, "warmup": args.warmup, "iters": args.iters,
-                            "diagnostics": args.diagnostics}  # fmt: skip
-                    got = run_metagrad(spec)
-                    if got is None:
-                        continue
-                    row = {"impl": f"metagrad {path}", "ways": ways, "steps": steps, "threads": threads,
-                           "round": rnd, **got}  # fmt: skip
+                bases: dict[str, dict[str, Any]] = {}  # the peer's row by allocator
+                for allocator in args.peer_allocator if peer else ():
+                    base = run_peer(args, steps, threads, allocator)
                     if base is not None:
-                        row["vs_l2l"] = got["it_per_s"] / base["it_per_s"]
-                    row["vs_floor"] = floor_s * got["it_per_s"]
-                    rows.append(row)
+                        bases[allocator] = base
+                        rows.append({"impl": f"learn2learn ({allocator})", "ways": ways, "steps": steps,
+                                     "threads": threads, "round": rnd, "allocator": allocator, **base})  # fmt: skip
+                for path in args.paths:
+                    for allocator in args.allocator:
+                        spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
+                                "meta_batch": args.meta_batch, "warmup": args.warmup, "iters": args.iters,
+                                "diagnostics": args.diagnostics, "allocator": allocator}  # fmt: skip
+                        got = run_metagrad(spec)
+                        if got is None:
+                            continue
+                        row = {"impl": f"metagrad {path} ({allocator})", "ways": ways, "steps": steps,
+                               "threads": threads, "round": rnd, "allocator": allocator, **got}  # fmt: skip
+                        # beside the peer on the same allocator where it ran on it, else on the first
+                        base = bases.get(allocator, next(iter(bases.values()), None))
+                        if base is not None:
+                            row["vs_l2l"] = got["it_per_s"] / base["it_per_s"]
+                        row["vs_floor"] = floor_s * got["it_per_s"]
+                        rows.append(row)
             print(f"\nsteps {steps}, threads {threads}: {flops / 1e9:.0f} GFLOP per iteration, peak "
                   f"{rate / 1e9:.0f} GF/s, floor {floor_s:.2f} s/it; load {os.getloadavg()[0]:.2f}")  # fmt: skip
-            print(f"  {'implementation':<22} {'it/s':>7} {'s/it':>7} {'vs l2l':>7} {'vs floor':>8} {'peak MiB':>9}"
+            print(f"  {'implementation':<32} {'it/s':>7} {'s/it':>7} {'vs l2l':>7} {'vs floor':>8} {'peak MiB':>9}"
                   f" {'first_s':>8}")  # fmt: skip
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
-                    print(f"  {r['impl']:<22} {r['it_per_s']:7.3f} {1 / r['it_per_s']:7.2f} "
+                    print(f"  {r['impl']:<32} {r['it_per_s']:7.3f} {1 / r['it_per_s']:7.2f} "
                           f"{r.get('vs_l2l', float('nan')):7.2f} {r.get('vs_floor', float('nan')):8.2f} "
                           f"{r['peak_mib']:9.0f} {r['first_s']:8.1f}")  # fmt: skip
             for r in rows:

@@ -226,6 +226,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     cfg, learner, meta = load_learner(args.run, args.checkpoint, device)
+    if cfg.train.keep_freed_memory and device.type == "cpu":  # as the run trained
+        from metagrad.allocator import keep_freed_memory
+
+        keep_freed_memory()
     set_bn_statistics(learner, args.bn_statistics or cfg.eval.bn_statistics)
     scored = {"checkpoint": args.checkpoint, "iteration": meta.get("iteration")}  # which weights were scored
     if args.benchmark == "omniglot-runs":

@@ -88,6 +88,9 @@ class TrainConfig(_Checked):
     # batch norm (model.bn = "per_step") computes its own statistics and is precise either way.
     precise_norms: bool = True
     threads: int = 0
+    # On the CPU, glibc's malloc keeps the memory it frees for the next iteration instead of returning it to the
+    # system (metagrad.allocator, process-wide): a Conv-4 step no longer faults its memory in again every time
+    keep_freed_memory: bool = True
     # Also write metrics.jsonl's records as TensorBoard scalars to RUN/tensorboard (extra: metagrad[tensorboard]).
     tensorboard: bool = False
 

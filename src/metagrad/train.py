@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metagrad.algorithms import MetaLearner
+from metagrad.allocator import keep_freed_memory
 from metagrad.build import DTYPES, build_learner, build_task, resolve_device
 from metagrad.callbacks import TensorBoardLogger
 from metagrad.checkpoint import (
@@ -153,6 +154,8 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.world, self.device = init_world(resolve_device(t.device))
+        if t.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         try:
             self._build(progress)
             self.callbacks = list(callbacks)
