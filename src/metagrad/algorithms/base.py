@@ -610,10 +610,12 @@ class MetaLearner(nn.Module):
           C++. On the sinusoid MAML step that compiled 30-45 % faster from cold (fewer C++ builds) and ran a few
           percent faster. (Built apart from the kernels, ``cpp_wrapper_build_separate``, it compiled 0.7 s and
           3.2 s faster from cold but ran 3 % and 1 % slower: not chosen, ``docs/results.md``.)
-        - ``memory_planning``, when no ``mode`` is given: the step's intermediate tensors are carved out of
-          one allocation per call instead of one each (49 on the sinusoid step). That took 2-4 % off a sinusoid
-          training iteration at one inner step and cost 1-2 % at five, with the same weights to the bit
-          (``benchmarks/compile_ab.py``). (Leaving out the compiled code's own checks of its inputs' sizes and
+        - ``memory_planning``, when no ``mode`` is given and the network has no convolution: the step's
+          intermediate tensors are carved out of one allocation per call instead of one each (49 on the sinusoid
+          step). That took 2-4 % off a sinusoid training iteration at one inner step and cost 1-2 % at five, with
+          the same weights to the bit (``benchmarks/compile_ab.py``). On Conv-4's five-step meta-step (PyTorch
+          2.13) Inductor's planner recursed past Python's limit and the compile failed (``RecursionError``).
+          (Leaving out the compiled code's own checks of its inputs' sizes and
           strides, ``size_asserts``, gained at most a few percent, mostly within the noise: not worth a safety
           check, ``docs/results.md``.)
         - ``cpp.vec_isa_ok``, unless already set (``TORCHINDUCTOR_VEC_ISA_OK``): Inductor takes the vector
@@ -635,6 +637,8 @@ class MetaLearner(nn.Module):
             from metagrad.graph_passes import cpu_passes
 
             inductor = dict(_CPU_INDUCTOR) if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
+            if any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules()):
+                inductor.pop("memory_planning", None)  # Inductor's planner overflowed the recursion limit on Conv-4
             inductor["post_grad_custom_post_pass"] = cpu_passes()
             if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
                 inductor["cpp.vec_isa_ok"] = True
