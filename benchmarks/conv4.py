@@ -116,7 +116,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         from metagrad.allocator import keep_freed_memory
 
         if not keep_freed_memory():
-            raise SystemExit("this C library is not glibc: run with --allocator default")
+            raise SystemExit("freed memory not kept (not glibc, glibc refused, or the environment chooses the "
+                             "allocator): run with --allocator default")
     learner = _configure(_learner(spec["path"], spec["ways"], spec["steps"]), spec["diagnostics"])
     batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(spec["ways"], spec["meta_batch"])))
     opt = torch.optim.Adam(learner.parameters(), lr=META_LR)
@@ -187,8 +188,14 @@ def run_metagrad(spec: dict[str, Any]) -> dict[str, Any] | None:
     return _run([sys.executable, __file__, "--worker", json.dumps(spec)], env)
 
 
-# glibc's environment variables for metagrad.allocator.keep_freed_memory's settings (its largest int values)
-KEPT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**31 - 1), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+def _kept_env() -> dict[str, str]:
+    """glibc's environment variables for metagrad.allocator.keep_freed_memory's settings (glibc before 2.35
+    refuses an mmap threshold above 32 MiB)."""
+    import platform
+
+    version = tuple(int(v) for v in (platform.libc_ver()[1] or "0.0").split(".")[:2])
+    mmap = 2**31 - 1 if version >= (2, 35) else 32 * 2**20
+    return {"MALLOC_MMAP_THRESHOLD_": str(mmap), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def run_peer(args: argparse.Namespace, steps: int, threads: int, allocator: str) -> dict[str, Any] | None:
@@ -197,7 +204,7 @@ def run_peer(args: argparse.Namespace, steps: int, threads: int, allocator: str)
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--meta-batch", str(args.meta_batch)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if allocator == "kept":
-        env |= KEPT_ENV
+        env |= _kept_env()
     row = _run(cmd, env)
     if row is None:
         return None
@@ -219,9 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="keep the pre-adaptation query loss (a query forward pass per task; the peer has none)")
     ap.add_argument("--no-peer", action="store_true", help="leave learn2learn out")
     ap.add_argument("--allocator", choices=("kept", "default"), nargs="+", default=["kept"],
-                    help="metagrad's rows: freed memory kept for reuse, as metagrad train runs, or glibc's defaults")
+                    help="metagrad's rows: freed memory kept, as metagrad train runs, or glibc's defaults")  # fmt: skip
     ap.add_argument("--peer-allocator", choices=("default", "kept"), nargs="+", default=["default"],
-                    help="learn2learn's rows: glibc's defaults, or the same settings as metagrad's kept rows")
+                    help="learn2learn's rows: glibc's defaults, or metagrad's kept settings")  # fmt: skip
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     ap.add_argument("--json", type=Path, help="write the rows and machine facts here")
     return ap.parse_args(argv)

@@ -226,7 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     cfg, learner, meta = load_learner(args.run, args.checkpoint, device)
-    if cfg.train.keep_freed_memory and device.type == "cpu":  # as the run trained
+    if cfg.train.keep_freed_memory and device.type == "cpu":  # the run's setting (on where it predates it)
         from metagrad.allocator import keep_freed_memory
 
         keep_freed_memory()

@@ -154,8 +154,6 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.world, self.device = init_world(resolve_device(t.device))
-        if t.keep_freed_memory and self.device.type == "cpu":
-            keep_freed_memory()
         try:
             self._build(progress)
             self.callbacks = list(callbacks)
@@ -164,6 +162,8 @@ class Trainer:
         except BaseException:
             shutdown_world(self.world)
             raise
+        if t.keep_freed_memory and self.device.type == "cpu":  # (after the build: its temporaries go back)
+            keep_freed_memory()
         self.iteration = self.start_iteration = 0
         self.seconds = 0.0
         self.best = math.inf
