@@ -103,3 +103,29 @@ def test_the_users_own_allocator_choice_is_left_alone(monkeypatch, name: str, va
 
     monkeypatch.setenv(name, value)
     assert keep_freed_memory() is False
+
+
+def test_an_older_glibc_gets_the_largest_mmap_threshold_it_takes_and_never_a_trim_threshold_alone(monkeypatch) -> None:
+    """glibc before the limit was lifted refuses an mmap threshold above 32 MiB. A trim threshold alone would freeze
+    the mmap threshold at 128 KiB and fault more than glibc's defaults, so it is set only after an mmap one."""
+    from metagrad import allocator
+
+    for env in ("LD_PRELOAD", "GLIBC_TUNABLES", *allocator._USER_SETTINGS):
+        monkeypatch.delenv(env, raising=False)
+
+    class OldGlibc:
+        def __init__(self, largest: int) -> None:
+            self.largest, self.calls = largest, []
+
+        def mallopt(self, param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return int(param != allocator._M_MMAP_THRESHOLD or value <= self.largest)
+
+    old, mmap, trim = OldGlibc(32 * 2**20), allocator._M_MMAP_THRESHOLD, allocator._M_TRIM_THRESHOLD
+    monkeypatch.setattr(allocator, "_glibc", lambda: old)
+    assert allocator.keep_freed_memory() is True
+    assert old.calls == [(mmap, 2**31 - 1), (mmap, 32 * 2**20), (trim, 2**31 - 1)]
+    none = OldGlibc(0)  # refuses every mmap threshold: nothing else is set
+    monkeypatch.setattr(allocator, "_glibc", lambda: none)
+    assert allocator.keep_freed_memory() is False
+    assert [param for param, _ in none.calls] == [mmap, mmap]

@@ -27,8 +27,8 @@ import sys
 
 __all__ = ["keep_freed_memory", "release_freed_memory"]
 
-# mallopt's parameters (glibc's malloc.h); its largest value (an int); and the largest mmap threshold that glibc
-# before 2.35 accepts (HEAP_MAX_SIZE / 2 on 64 bits: 32 MiB), which still keeps Conv-4's 15 MiB activations.
+# mallopt's parameters (glibc's malloc.h); its largest value (an int); and the largest mmap threshold that older
+# glibc accepts (HEAP_MAX_SIZE / 2 on 64 bits: 32 MiB; 2.36 takes more), which keeps Conv-4's 15 MiB activations.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _LARGEST = 2**31 - 1
 _OLD_GLIBC_LARGEST = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
@@ -72,7 +72,7 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None or _user_chose():
         return False
-    # The mmap threshold first: glibc before 2.35 refuses one above 32 MiB, and a trim threshold alone (which
+    # The mmap threshold first: older glibc refuses one above 32 MiB, and a trim threshold alone (which
     # also freezes the mmap threshold where it is, 128 KiB at first) would fault more than glibc's defaults do.
     if not (libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST) or libc.mallopt(_M_MMAP_THRESHOLD, _OLD_GLIBC_LARGEST)):
         return False
