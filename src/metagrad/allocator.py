@@ -4,8 +4,8 @@ On Linux, glibc's ``malloc`` serves large blocks with fresh ``mmap`` calls and g
 its heap back to the kernel (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``; both adapt up to a few tens of MiB).
 A CPU meta-training step allocates and frees the same large activations every iteration (a Conv-4 5-way query
 pass: 15 MiB per layer and task), so every iteration faulted its memory in again, page by page, zeroed by the
-kernel: about 300,000 page faults and 0.5 s of system time in a 4.3 s step (``benchmarks/conv4.py``, one
-thread). :func:`keep_freed_memory` raises both thresholds, so that memory, once used, stays in the process
+kernel: about 300,000 page faults and 0.5 s of system time in a 4.3 s step (``benchmarks/conv4.py``'s
+protocol, one thread). :func:`keep_freed_memory` raises both thresholds, so that memory, once used, stays in the process
 and is reused: the same step then takes about 15 page faults. The peak memory stays close to glibc's (within
 1-4 % on Conv-4 5-way, 5-12 % higher at 20 ways and 5 steps, where reused blocks fragment the heap), and the
 process keeps it until :func:`release_freed_memory`. PyTorch's performance guide recommends jemalloc or
