@@ -541,11 +541,14 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"vectorize must be true, false, 'auto' or a positive number of tasks, got {value!r}")
         if value == "auto":
             # None: decided by the device at each call (the learner may be moved after it is built).
-            convolves = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
-            vmapped = None if convolves else True
+            vmapped = None if self._convolves() else True
         else:
             vmapped = value is True or (value is not False and int(value) > 1)
         self.__dict__["_vectorize"], self.__dict__["_vmapped"] = value, vmapped
+
+    def _convolves(self) -> bool:
+        """Whether the network has a convolution (what ``vectorize="auto"`` and :meth:`compile` decide by)."""
+        return any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
 
     @property
     def vmapped(self) -> bool:
@@ -637,7 +640,7 @@ class MetaLearner(nn.Module):
             from metagrad.graph_passes import cpu_passes
 
             inductor = dict(_CPU_INDUCTOR) if mode is None else dict(list_mode_options(mode, options.get("dynamic")))
-            if any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules()):
+            if self._convolves():
                 inductor.pop("memory_planning", None)  # Inductor's planner overflowed the recursion limit on Conv-4
             inductor["post_grad_custom_post_pass"] = cpu_passes()
             if inductor_config.cpp.vec_isa_ok is None:  # unless TORCHINDUCTOR_VEC_ISA_OK or the caller decided
