@@ -67,6 +67,10 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Every rank has joined before any may leave: gloo's init returns on one rank while another is still
+        # connecting, and a rank that then stopped on bad input (rank 0's one-line error) made the other's
+        # connection fail with a traceback.
+        dist.barrier()
         # A rank that fails between here and shutdown_world (e.g. on a config error) still leaves the group before
         # the interpreter starts finalizing; a no-op after shutdown_world.
         atexit.register(_destroy_process_group)
