@@ -8,6 +8,7 @@ Run from the repository root (JAX's virtual environment from ``bash ../shared/pe
     python benchmarks/iteration.py --no-peer --steps 1 --profile 50 --profile-out prof.txt  # where the time goes
     python benchmarks/iteration.py --no-peer --steps 1 --profile 200 --kernels              # ... kernel by kernel
     python benchmarks/iteration.py --algorithm cavia --update fused separate    # another preset, both updates
+    python benchmarks/iteration.py --steps 1 --unguarded       # ... and the cost of Dynamo's guard checks
 
 Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
 K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
@@ -22,6 +23,12 @@ core (``taskset -c 0``); each row in a fresh process, one after another; ``vs JA
 JAX peer implements MAML only, so its row is then left out. ``--update`` chooses ``train.fused_update``: ``fused``
 (the default: the whole update in one compiled call, :mod:`metagrad.fused_update`) and/or ``separate``, one
 row each, so that ``--update fused separate`` shows what fusing is worth for that algorithm.
+
+``--unguarded`` adds a diagnostic row: in the same process, right after the timed blocks, the same steps again
+without Dynamo's guard checks (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), i.e. what the checks
+that keep the compiled step in step with the Python state cost per iteration. Unsafe (a changed setting would run
+a stale graph), so never how ``metagrad train`` runs: it shows how much of the gap to JAX, whose jit checks no
+Python state, those checks are.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ def profile_steps(trainer: Any, steps: int, out: Path) -> None:
 def worker(
     steps: int, seconds: float, device: str = "cpu", mode: str = "default", profile: int = 0,
     profile_out: Path | None = None, kernels: bool = False, algorithm: str = "maml", fused: bool = True,
+    unguarded: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -95,13 +103,11 @@ def worker(
         end = time.perf_counter() + 1.0
         while time.perf_counter() < end:
             trainer.step()
-        blocks = []
-        for _ in range(5):  # medians of blocks: one iteration is ~1 ms, below the timer's useful resolution
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 5:
-                trainer.step()
-                n += 1
-            blocks.append(n / (time.perf_counter() - t0))
+        blocks = _rates(trainer, seconds)
+        bare = None
+        if unguarded:  # diagnostic only: the cached graph runs without Dynamo checking the Python state
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                bare = statistics.median(_rates(trainer, seconds))
         if profile and profile_out is not None:
             try:  # the timing above must come back even if the profiler fails on this machine
                 profile_steps(trainer, profile, profile_out)
@@ -109,7 +115,21 @@ def worker(
                 profile_out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
         fused_used = trainer._fused is not None
         trainer.close()
-    return {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used}
+    out = {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used}
+    return out if bare is None else {**out, "unguarded_it_per_s": bare}
+
+
+def _rates(trainer: Any, seconds: float) -> list[float]:
+    """Iterations per second in 5 blocks of ``seconds / 5`` (medians of blocks: one iteration is well under a
+    millisecond, below the timer's useful resolution)."""
+    blocks = []
+    for _ in range(5):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 5:
+            trainer.step()
+            n += 1
+        blocks.append(n / (time.perf_counter() - t0))
+    return blocks
 
 
 def _json_line(cmd: list[str], env: dict[str, str]) -> dict[str, Any] | None:
@@ -139,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithm", default="maml", help="a sinusoid preset (the JAX peer runs MAML only)")
     ap.add_argument("--update", nargs="+", choices=("fused", "separate"), default=["fused"],
                     help="train.fused_update: one row each")  # fmt: skip
+    ap.add_argument("--unguarded", action="store_true",
+                    help="also time each row's steps without Dynamo's guard checks (unsafe; diagnostic row)")
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.worker is not None:
         out = Path(args.profile_out.format(steps=args.worker))
         got = worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out, args.kernels,
-                     args.algorithm, args.update == ["fused"])  # fmt: skip
+                     args.algorithm, args.update == ["fused"], args.unguarded)  # fmt: skip
         print(json.dumps(got))
         return 0
     peer = not args.no_peer and args.algorithm == "maml"
@@ -155,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     pin = ["taskset", "-c", "0"]
     rows = []
     print(f"sinusoid {args.algorithm}, whole training iteration, 1 core; load average {os.getloadavg()[0]:.2f}")
-    print(f"  {'implementation':<36} {'steps':>5} {'it/s':>8} {'vs JAX':>7} {'first_s':>8}")
+    print(f"  {'implementation':<40} {'steps':>5} {'it/s':>8} {'vs JAX':>7} {'first_s':>8}")
     for steps in args.steps:
         base = None
         if peer:
@@ -175,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--profile-out", str(Path(args.profile_out).resolve()), "--algorithm", args.algorithm,
                        "--update", update]  # fmt: skip
                 cmd += ["--kernels"] if args.kernels else []
+                cmd += ["--unguarded"] if args.unguarded else []
                 got = _json_line(cmd, env)
             if got is not None:
                 impl = "metagrad Trainer.step"
@@ -185,9 +208,16 @@ def main(argv: list[str] | None = None) -> int:
                 if base is not None:
                     row["vs_jax"] = got["it_per_s"] / base["it_per_s"]
                 rows.append(row)
+                if "unguarded_it_per_s" in got:
+                    bare = {"impl": impl + ", no guard checks", "steps": steps, "algorithm": args.algorithm,
+                            "update": update, "it_per_s": got["unguarded_it_per_s"], "first_s": float("nan"),
+                            "diagnostic": "skip_guard_eval_unsafe"}  # fmt: skip
+                    if base is not None:
+                        bare["vs_jax"] = bare["it_per_s"] / base["it_per_s"]
+                    rows.append(bare)
         for r in rows:
             if r["steps"] == steps:
-                print(f"  {r['impl']:<36} {steps:>5} {r['it_per_s']:8.0f} {r.get('vs_jax', float('nan')):7.2f} "
+                print(f"  {r['impl']:<40} {steps:>5} {r['it_per_s']:8.0f} {r.get('vs_jax', float('nan')):7.2f} "
                       f"{r['first_s']:8.1f}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
