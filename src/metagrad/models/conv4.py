@@ -200,7 +200,11 @@ class Conv3x3(nn.Conv2d):
         n, c, h, w = x.shape
         if c * 9 > 64 or _nchw_pass(x):  # an inner pass: oneDNN's NCHW convolution beat the product + a copy
             return super().forward(x)
-        patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * h * w, c * 9)
+        # The 3x3 patches as [n*h*w, c*9], features in the weight's (c, kh, kw) order: nine shifted views of the
+        # padded channels-last input stacked in one copy, 1.6-3x faster than `F.unfold` (im2col) and a transpose.
+        padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+        shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+        patches = torch.stack(shifted, dim=-1).reshape(n * h * w, c * 9)
         # Contiguous, so that autograd computes the weight's gradient as patches.T @ grad ([9, N] @ [N, 64]): for
         # a transposed view it keeps the view's layout, grad.T @ patches ([64, N] @ [N, 9]), 7x slower in oneMKL.
         weight = self.weight.reshape(self.out_channels, c * 9).t().contiguous()
