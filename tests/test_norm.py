@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from meta_gradcheck import assert_vmap_equals_loop, central_difference
+from meta_gradcheck import assert_every_tensor_matches_central_differences, assert_vmap_equals_loop
 from torch import nn
 from torch.func import grad, vmap
 
@@ -276,6 +276,7 @@ def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(mo
     torch.testing.assert_close(m_v["loss"], m_l["loss"], rtol=1e-12, atol=0)
     if model_name == "conv4_transductive":  # batch norm cancels the conv biases: their exact gradient is 0
         assert all(grads_v[f"convs.{i}.bias"].abs().max() < 1e-12 * scale for i in range(4))
-    # Conv-4's ReLU and max-pooling make the inner gradient piecewise: a step small enough not to cross a kink.
-    analytic, fd = central_difference(loop, batch, gp_v, gm_v)
-    torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
+    # Every tensor on its own (a wrong derivative in one batch norm's learned rate hid beside the large gradients
+    # along one direction through all of them). Conv-4's ReLU and max-pooling make the inner gradient piecewise:
+    # unit directions and a step small enough not to cross a kink.
+    assert_every_tensor_matches_central_differences(loop, batch, gp_v, gm_v)
