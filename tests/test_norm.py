@@ -243,6 +243,8 @@ MODELS = {
 ALGORITHMS = {
     "maml": lambda m: MAML(m, inner_lr=0.5, inner_steps=2, loss="cross_entropy"),
     "maml_enhanced": lambda m: MAMLEnhanced(m, inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
+    # ANIL: the body's meta-gradient comes through the head's inner gradient only (mixed second derivatives).
+    "anil": lambda m: MAML(m, inner_lr=0.5, inner_steps=2, loss="cross_entropy", adapt_only=MAML.last_layer(m)),
 }
 
 
