@@ -12,7 +12,8 @@ from meta_gradcheck import assert_every_tensor_matches_central_differences, asse
 from torch import nn
 from torch.func import grad, vmap
 
-from metagrad.algorithms import MAML, MAMLEnhanced
+from metagrad.algorithms import MAML, MAMLEnhanced, MetaSGD
+from metagrad.inner import SGD, Chain, Curvature
 from metagrad.models import norm
 from metagrad.models.conv4 import Conv4, PerStepBatchNorm2d
 from metagrad.tasks import TaskBatch
@@ -245,6 +246,12 @@ ALGORITHMS = {
     "maml_enhanced": lambda m: MAMLEnhanced(m, inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
     # ANIL: the body's meta-gradient comes through the head's inner gradient only (mixed second derivatives).
     "anil": lambda m: MAML(m, inner_lr=0.5, inner_steps=2, loss="cross_entropy", adapt_only=MAML.last_layer(m)),
+    # The other inner rules on every norm model: learned per-parameter rates, the curvature without learned rates.
+    # (Inner Adam is checked on the MLP, tests/test_stateful_rules.py: here its normalisation of near-zero inner
+    # gradients curves the meta-loss so that a central difference's truncation error, shrinking as h^2, is 4e-5 at
+    # h = 1e-6 on the user MLP.)
+    "metasgd": lambda m: MetaSGD(m, inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
+    "curvature_sgd": lambda m: MAML(m, Chain(Curvature(), SGD(0.3)), inner_steps=2, loss="cross_entropy"),
 }
 
 
