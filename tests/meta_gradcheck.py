@@ -4,6 +4,8 @@ or along one direction in each tensor on its own."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from metagrad.algorithms.base import MetaLearner
@@ -81,17 +83,66 @@ def assert_every_tensor_matches_central_differences(
     the others' is caught too, which one direction through all of them cannot promise. Two meta-losses a tensor."""
     weights, first_order = learner.schedule(0)
     tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    def meta_loss(p: dict, m: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return learner.meta_loss(p, m, tasks, weights, first_order)[0]
+
+    _every_tensor(learner, meta_loss, {**gp, **gm}, seed, h, rtol, atol)
+
+
+def assert_first_order_matches_frozen_inner_gradients(
+    learner: MetaLearner, batch: TaskBatch, gp: dict, gm: dict, *, seed: int = 3, h: float = 1e-6,
+    rtol: float = 1e-6, atol: float = 1e-9,
+) -> None:  # fmt: skip
+    """A first-order meta-gradient (``learner`` trains first order; its tasks run one after another) equals, tensor
+    by tensor, float64 central differences of the meta-loss with every inner gradient frozen at its value at the
+    learner's own weights: the inner rule's updates are replayed from the recorded gradients (their dependence on
+    the rule's learned tensors, e.g. learned rates, stays), which is what first order differentiates."""
+    weights, first_order = learner.schedule(0)
+    assert first_order and not learner.vmapped, "a first-order learner running its tasks in a loop"
+    tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    rule, recorded, replay = learner.rule, [], []
+    update = rule.update_with_state
+
+    def frozen(grads: dict, state: dict, meta: dict, step: int) -> tuple[dict, dict]:
+        if replay:  # the recorded inner gradients, in the order they were taken
+            grads = replay.pop(0)
+        else:
+            recorded.append({k: v.detach() for k, v in grads.items()})
+        return update(grads, state, meta, step)
+
+    rule.update_with_state = frozen
+    try:
+        with torch.no_grad():
+            learner.meta_loss(dict(learner.params), dict(learner.meta_state), tasks, weights, True)
+
+        def meta_loss(p: dict, m: dict) -> torch.Tensor:
+            replay[:] = recorded
+            with torch.no_grad():
+                out = learner.meta_loss(p, m, tasks, weights, True)[0]
+            assert not replay, "every recorded inner gradient replayed"
+            return out
+
+        _every_tensor(learner, meta_loss, {**gp, **gm}, seed, h, rtol, atol)
+    finally:
+        del rule.update_with_state
+
+
+def _every_tensor(
+    learner: MetaLearner, meta_loss: Callable[[dict, dict], torch.Tensor], grads: dict, seed: int, h: float,
+    rtol: float, atol: float,
+) -> None:  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     params, meta = dict(learner.params), dict(learner.meta_state)
-    for k, grad in {**gp, **gm}.items():
+    for k, grad in grads.items():
         d = torch.randn(grad.shape, generator=g, dtype=grad.dtype)
         d /= d.norm()
 
         def f(t: float, k: str = k, d: torch.Tensor = d) -> torch.Tensor:
             p = {**params, k: params[k] + t * d} if k in params else params
             m = {**meta, k: meta[k] + t * d} if k in meta else meta
-            with torch.no_grad():
-                return learner.meta_loss(p, m, tasks, weights, first_order)[0]
+            return meta_loss(p, m)
 
         fd = (f(h) - f(-h)) / (2 * h)
         torch.testing.assert_close((grad * d).sum(), fd, rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")

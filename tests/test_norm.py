@@ -8,7 +8,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from meta_gradcheck import assert_every_tensor_matches_central_differences, assert_vmap_equals_loop
+from meta_gradcheck import (
+    assert_every_tensor_matches_central_differences,
+    assert_first_order_matches_frozen_inner_gradients,
+    assert_vmap_equals_loop,
+)
 from torch import nn
 from torch.func import grad, vmap
 
@@ -289,3 +293,21 @@ def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(mo
     # along one direction through all of them). Conv-4's ReLU and max-pooling make the inner gradient piecewise:
     # unit directions and a step small enough not to cross a kink.
     assert_every_tensor_matches_central_differences(loop, batch, gp_v, gm_v)
+
+
+FIRST_ORDER = ("maml", "maml_enhanced", "metasgd", "anil")
+
+
+@pytest.mark.parametrize("algorithm", FIRST_ORDER)
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_first_order_meta_gradient_vmap_equals_loop_equals_frozen_inner_gradients(model_name, algorithm):
+    """First order on every norm model: vmap == loop, and both equal, tensor by tensor, central differences of the
+    meta-loss with the inner gradients frozen (the learned rates and curvature still differentiated)."""
+    vec, batch = _learner(model_name, algorithm, True)
+    loop, _ = _learner(model_name, algorithm, False)
+    for learner in (vec, loop):
+        learner.first_order = True
+    gp_v, gm_v, _ = vec.meta_gradient(batch, 0)
+    gp_l, gm_l, _ = loop.meta_gradient(batch, 0)
+    assert_vmap_equals_loop({**gp_v, **gm_v}, {**gp_l, **gm_l})
+    assert_first_order_matches_frozen_inner_gradients(loop, batch, gp_v, gm_v)
