@@ -4,6 +4,7 @@ or along one direction in each tensor on its own."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -77,15 +78,17 @@ def central_difference(
 def assert_every_tensor_matches_central_differences(
     learner: MetaLearner, batch: TaskBatch, gp: dict, gm: dict, *, seed: int = 3, h: float = 1e-6,
     rtol: float = 1e-6, atol: float = 1e-9,
+    randomness: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> None:  # fmt: skip
     """Each tensor's own directional derivative (a random unit direction in that tensor alone) equals a float64
     central difference of the meta-loss to ``rtol``: a wrong derivative in a tensor whose gradient is small beside
-    the others' is caught too, which one direction through all of them cannot promise. Two meta-losses a tensor."""
+    the others' is caught too, which one direction through all of them cannot promise. Two meta-losses a tensor.
+    ``randomness``: the context each meta-loss runs in (a seeded one, for dropout: the same masks every time)."""
     weights, first_order = learner.schedule(0)
     tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
     def meta_loss(p: dict, m: dict) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), randomness():
             return learner.meta_loss(p, m, tasks, weights, first_order)[0]
 
     _every_tensor(learner, meta_loss, {**gp, **gm}, seed, h, rtol, atol)

@@ -311,3 +311,27 @@ def test_first_order_meta_gradient_vmap_equals_loop_equals_frozen_inner_gradient
     gp_l, gm_l, _ = loop.meta_gradient(batch, 0)
     assert_vmap_equals_loop({**gp_v, **gm_v}, {**gp_l, **gm_l})
     assert_first_order_matches_frozen_inner_gradients(loop, batch, gp_v, gm_v)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_dropout_in_training_meta_gradient_equals_central_differences_with_the_same_masks(vectorize):
+    """A user's CNN with dropout on (training mode) and batch norm, second-order Meta-SGD: with the step's
+    randomness seeded, the meta-gradient equals every tensor's central difference taken with the same masks.
+    vmap and the loop draw different masks, so each path is checked on its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.SiLU(), nn.Dropout(0.3), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(48, 2),
+    )  # fmt: skip
+    learner = MetaSGD(model, inner_lr=0.3, inner_steps=2, loss="cross_entropy", vectorize=vectorize).to("cpu", F64)
+    assert learner.random and learner.training
+    batch = _image_batch()
+    gp, gm, _ = learner.meta_gradient(batch, 0, torch.Generator().manual_seed(7))
+
+    def same_masks():
+        return learner._task_randomness(torch.Generator().manual_seed(7), torch.device("cpu"))
+
+    assert_every_tensor_matches_central_differences(learner, batch, gp, gm, randomness=same_masks)
+    # The masks matter: other masks give another gradient.
+    other = learner.meta_gradient(batch, 0, torch.Generator().manual_seed(8))[0]
+    assert not torch.allclose(other["0.weight"], gp["0.weight"], rtol=1e-3)
