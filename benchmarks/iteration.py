@@ -24,7 +24,8 @@ JAX peer implements MAML only, so its row is then left out. ``--update`` chooses
 (the default: the whole update in one compiled call, :mod:`metagrad.fused_update`) and/or ``separate``, one
 row each, so that ``--update fused separate`` shows what fusing is worth for that algorithm.
 
-``--unguarded`` adds a diagnostic row: in the same process, right after the timed blocks, the same steps again
+``--unguarded`` adds a diagnostic row: in the same process, right after the timed blocks (always second, so a
+drift of the machine within the row would bias it), the same steps again
 without Dynamo's guard checks (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), i.e. what the checks
 that keep the compiled step in step with the Python state cost per iteration. Unsafe (a changed setting would run
 a stale graph), so never how ``metagrad train`` runs: it shows how much of the gap to JAX, whose jit checks no
@@ -210,15 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 if "unguarded_it_per_s" in got:
                     bare = {"impl": impl + ", no guard checks", "steps": steps, "algorithm": args.algorithm,
-                            "update": update, "it_per_s": got["unguarded_it_per_s"], "first_s": float("nan"),
+                            "update": update, "it_per_s": got["unguarded_it_per_s"], "first_s": None,
                             "diagnostic": "skip_guard_eval_unsafe"}  # fmt: skip
                     if base is not None:
                         bare["vs_jax"] = bare["it_per_s"] / base["it_per_s"]
                     rows.append(bare)
         for r in rows:
             if r["steps"] == steps:
+                first = "" if r["first_s"] is None else f"{r['first_s']:8.1f}"
                 print(f"  {r['impl']:<40} {steps:>5} {r['it_per_s']:8.0f} {r.get('vs_jax', float('nan')):7.2f} "
-                      f"{r['first_s']:8.1f}")  # fmt: skip
+                      f"{first:>8}")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"protocol": f"sinusoid-{args.algorithm}-mb25-k10", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -329,6 +329,70 @@ def test_what_torch_func_cannot_run_is_one_clear_error_naming_the_module():
     assert torch.isfinite(MAML(nn.Sequential(nn.Linear(1, 8), Noise(), nn.Linear(8, 1))).backward(batch)["loss"])
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_in_place_writes_from_the_graph_are_one_clear_error_on_both_paths(vectorize):
+    """A buffer updated in place from the activations (a running average) and an in-place activation whose input
+    the derivative needs are refused with a ModelError naming the module, vmapped or in the task loop (which
+    differentiates with torch.autograd); the buffer keeps no graph afterwards (it would chain every later
+    iteration's graph onto it)."""
+
+    class Average(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(8))
+
+        def forward(self, x):
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return x
+
+    batch = Sinusoid().sample(2, 5, 5, gen(0))
+    learner = MAML(nn.Sequential(nn.Linear(1, 8), Average(), nn.Tanh(), nn.Linear(8, 1)), vectorize=vectorize)
+    with pytest.raises(ModelError, match=r"module 1 \(Average\).*in place"):
+        learner.meta_gradient(batch, 0)
+    assert learner.model[1].mean.grad_fn is None
+    copy.deepcopy(learner)
+    learner = MAML(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.ReLU(inplace=True), nn.Linear(8, 1)),
+                   vectorize=vectorize)  # fmt: skip
+    with pytest.raises(ModelError, match="in place"):
+        learner.meta_gradient(batch, 0)
+
+
+def test_the_task_loop_under_inference_mode_and_no_grad_gives_the_same_numbers():
+    """torch.autograd records nothing in inference mode: the task loop then takes torch.func's transforms, whose
+    numbers it gives everywhere else (meta-gradient, adaptation)."""
+    batch = Sinusoid().sample(2, 5, 5, gen(0))
+    learner = MAML(MLP(), inner_lr=0.1, inner_steps=2, vectorize=False)
+    want, adapted = learner.meta_gradient(batch, 0)[0], learner.adapt(batch.support_x[0], batch.support_y[0])
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            got = learner.meta_gradient(batch, 0)[0]
+            moved = learner.adapt(batch.support_x[0], batch.support_y[0])
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+            torch.testing.assert_close(moved[k], adapted[k], rtol=1e-6, atol=1e-7, msg=k)
+        assert any(not torch.equal(moved[k], learner.params[k]) for k in moved)
+
+
+def test_an_inner_objective_that_also_reads_the_weights_is_differentiated_as_torch_func_does():
+    """The inner gradient is with respect to the adapted weights alone, also at the first step, where they are the
+    same tensors as ``params`` (the task loop differentiates a view of them)."""
+
+    class Anchored(MAML):
+        def inner_objective(self, params, adapted, x, y, step, anchor=None):
+            pull = sum((adapted[k] * params[k]).sum() for k in adapted)
+            return super().inner_objective(params, adapted, x, y, step, anchor) + 0.5 * pull
+
+    batch = Sinusoid().sample(3, 5, 5, gen(0))
+    torch.manual_seed(0)
+    vec = Anchored(MLP(), inner_lr=0.1, inner_steps=2, vectorize=True).double()
+    loop = copy.deepcopy(vec)
+    loop.vectorize = False
+    b = batch.to("cpu", torch.float64)
+    want, got = vec.meta_gradient(b, 0)[0], loop.meta_gradient(b, 0)[0]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
 def test_compiled_module_path_equals_eager_with_dropout_off():
     batch = Sinusoid().sample(4, 5, 5, gen(0))
     eager = MAML(MLP(), inner_lr=0.01)

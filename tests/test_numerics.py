@@ -264,4 +264,5 @@ def test_inner_pass_hint_is_per_thread_and_restored_after_an_error() -> None:
     learner.inner_objective = failing
     with pytest.raises(RuntimeError, match="boom"):
         learner.meta_gradient(_episodes())
-    assert calls == [True] and not in_inner_pass()
+    # (The task loop's failure in torch.autograd is rerun once under torch.func, for an explanation.)
+    assert calls and all(calls) and not in_inner_pass()

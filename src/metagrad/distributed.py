@@ -66,14 +66,17 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # (bound to this rank's GPU: NCCL's barrier then needs no guess of the device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        # A rank that fails between here and shutdown_world (e.g. on a config error) still leaves the group before
+        # the interpreter starts finalizing; a no-op after shutdown_world.
+        atexit.register(_destroy_process_group)
         # Every rank has joined before any may leave: gloo's init returns on one rank while another is still
         # connecting, and a rank that then stopped on bad input (rank 0's one-line error) made the other's
         # connection fail with a traceback.
         dist.barrier()
-        # A rank that fails between here and shutdown_world (e.g. on a config error) still leaves the group before
-        # the interpreter starts finalizing; a no-op after shutdown_world.
-        atexit.register(_destroy_process_group)
     return World(rank, size, local_rank), device
 
 

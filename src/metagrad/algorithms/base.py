@@ -18,6 +18,7 @@ core reads the module's tensors (detached aliases, never copies), so nothing goe
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import itertools
@@ -66,12 +67,30 @@ METRICS: dict[str, tuple[str, Loss]] = {
 _HIGHER_IS_BETTER = {"accuracy"}
 
 
+# Set while a failure is explained again under torch.func (MetaLearner._failing_module): per thread and task.
+_TRANSFORMS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("metagrad_transforms_only", default=False)
+
+
 def _plain_autograd() -> bool:
     """Whether a derivative here may be taken with ``torch.autograd`` rather than ``torch.func``: no transform is
-    active and nothing is being traced by ``torch.compile`` (Dynamo traces ``torch.func``'s transforms, not
-    ``torch.autograd.grad``). The same derivatives; ``torch.func`` wraps every operation and every custom autograd
-    function at each transform level, which cost Conv-4's task loop 15-20 % at five inner steps."""
-    return not (torch.compiler.is_compiling() or torch._C._functorch.get_interpreter_stack())
+    active, nothing is being traced by ``torch.compile`` (Dynamo traces ``torch.func``'s transforms, not
+    ``torch.autograd.grad``) and inference mode is off (no graph is recorded there). The same derivatives;
+    ``torch.func`` wraps every operation and every custom autograd function at each transform level, which cost
+    Conv-4's task loop 15-20 % at five inner steps."""
+    if torch.compiler.is_compiling():  # first: Dynamo traces no context variable
+        return False
+    if _TRANSFORMS_ONLY.get() or torch.is_inference_mode_enabled():
+        return False
+    return not torch._C._functorch.get_interpreter_stack()
+
+
+@contextlib.contextmanager
+def _transforms_only() -> Iterator[None]:
+    token = _TRANSFORMS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _TRANSFORMS_ONLY.reset(token)
 
 
 def _autograd(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> list[Tensor]:
@@ -87,10 +106,11 @@ def _autograd(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> lis
 
 
 def _variables(tree: Mapping[str, Tensor]) -> Params:
-    """Each tensor as one that autograd differentiates with respect to: itself where it is already recorded (a
-    weight of the outer graph, so that the inner gradient stays differentiable), else a fresh leaf (the same
-    memory)."""
-    return {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in tree.items()}
+    """Each tensor as one that autograd differentiates with respect to: a view of it where it is already recorded
+    (a weight of the outer graph, so that the inner gradient stays differentiable; a view, so that a use of the
+    same tensor through another path, e.g. an ``inner_objective`` that also reads ``params``, is not counted, as
+    ``torch.func.grad`` does not count it), else a fresh leaf (the same memory)."""
+    return {k: v.view_as(v) if v.requires_grad else v.detach().requires_grad_() for k, v in tree.items()}
 
 
 def _detach(tree: Mapping[str, Tensor]) -> Params:
@@ -119,6 +139,9 @@ def _is_random(module: nn.Module) -> bool:
 _TRANSFORM_FAILURES = {
     "in-place operation": "it updates a tensor in place in its forward pass (a buffer or a captured tensor): "
     "compute it out of place, or update it outside the learner",
+    "modified by an inplace operation": "it modifies in place a tensor that its derivative needs (e.g. "
+    "ReLU(inplace=True) right after a Tanh or Sigmoid, whose derivative reads their output): compute it out of "
+    "place",
     "random operation": "it draws random numbers but is not marked as random: set `stochastic = True` on it so "
     "that every task draws its own (as for nn.Dropout)",
     ".item()": "it reads a tensor's value in Python (.item(), bool(), a data-dependent if): keep the computation in "
@@ -456,10 +479,11 @@ class MetaLearner(nn.Module):
         adapted = {k: params[k] for k in fast}
         if _plain_autograd():  # the task loop, eagerly (see _chunk_gradient)
             # Second order where something outside records this step (the meta-gradient's graph).
-            create_graph = not first_order and torch.is_grad_enabled()
+            create_graph = not first_order and torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
             with inner_pass(), torch.enable_grad():
                 adapted = _variables(adapted)
                 grads = _autograd(objective(adapted), list(adapted.values()), create_graph)
+            self._refuse_buffer_writes()
             g = dict(zip(adapted, grads, strict=True))
         else:
             with inner_pass():
@@ -469,6 +493,16 @@ class MetaLearner(nn.Module):
             g = _detach(g)
         update, state = rule.update_with_state(g, state, meta, step)
         return {**params, **{k: params[k] - update[k] for k in fast}}, state
+
+    def _refuse_buffer_writes(self) -> None:
+        """After a pass differentiated with torch.autograd: a module that wrote into one of its buffers from the
+        graph (an in-place update inside the forward pass, which torch.func refuses) fails as under torch.func. The
+        buffer is cut loose first: holding the graph, it would chain every later iteration's graph onto it."""
+        touched = [b for b in self.model.buffers() if b.grad_fn is not None]
+        for b in touched:
+            b.detach_()
+        if touched:
+            raise RuntimeError("a buffer of the model was updated by an in-place operation from the graph")
 
     def inner_objective(
         self, params: Params, adapted: Params, x: Tensor, y: Tensor, step: int, anchor: Params | None = None
@@ -569,6 +603,7 @@ class MetaLearner(nn.Module):
             m = {k: v.detach().requires_grad_() for k, v in meta.items()}
             loss, aux = objective(p, m)
             grads = _autograd(loss, [*p.values(), *m.values()], create_graph=False)
+        self._refuse_buffer_writes()
         gp, gm = dict(zip(p, grads[: len(p)], strict=True)), dict(zip(m, grads[len(p) :], strict=True))
         return gp, gm, {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
 
@@ -859,6 +894,14 @@ class MetaLearner(nn.Module):
             yield
         except RuntimeError as e:
             explained = self._transform_error(e, rerun)
+            if explained is None and _plain_autograd():
+                # The eager task loop failed in torch.autograd (e.g. "modified by an inplace operation"): torch.func,
+                # which the explanations know, meets the same network in a rerun.
+                try:
+                    with _transforms_only():
+                        rerun()
+                except RuntimeError as again:
+                    explained = self._transform_error(again, rerun)
             if explained is None:
                 raise
             raise explained from (e if isinstance(explained, CompileError) else None)  # (the backend's traceback)
@@ -893,7 +936,8 @@ class MetaLearner(nn.Module):
             handles.append(module.register_forward_pre_hook(lambda m, a, label=label: stack.append(label)))
             handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
         try:
-            rerun()
+            with _transforms_only():  # (the failure as torch.func meets it, also where the task loop used autograd)
+                rerun()
         except Exception:  # noqa: BLE001 - the failure is the point; only the stack matters here
             pass
         finally:
