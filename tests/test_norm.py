@@ -237,8 +237,8 @@ def _per_step_conv4() -> nn.Module:
 
 
 MODELS = {
-    "conv4_transductive": (lambda: Conv4(ways=2, hidden=3, image_size=16), lambda: _image_batch(side=16)),
-    "conv4_per_step": (_per_step_conv4, lambda: _image_batch(side=16)),
+    "conv4_transductive": (lambda: Conv4(ways=2, hidden=3, image_size=16), lambda: _image_batch(tasks=2, side=16)),
+    "conv4_per_step": (_per_step_conv4, lambda: _image_batch(tasks=2, side=16)),
     "user_cnn_batchnorm_instancenorm": (_user_cnn, _image_batch),
     # The same network in channels-last memory (its activations follow the weights'): on the CPU its batch norms
     # take the precise-statistics path (models/norm.py, _PreciseBatchNorm) where no vmap is active.
