@@ -18,7 +18,6 @@ core reads the module's tensors (detached aliases, never copies), so nothing goe
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import dataclasses
 import itertools
@@ -39,7 +38,7 @@ from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, ParameterIndex, TensorView
 from metagrad.numerics import tf32 as tf32_numerics
 from metagrad.tasks.base import TaskBatch, shard_weight
-from metagrad.transforms import inner_pass
+from metagrad.transforms import inner_pass, plain_autograd, transforms_only
 
 __all__ = ["MetaLearner", "LOSSES", "METRICS", "Task"]
 
@@ -65,32 +64,6 @@ METRICS: dict[str, tuple[str, Loss]] = {
     "cross_entropy": ("accuracy", _accuracy),
 }
 _HIGHER_IS_BETTER = {"accuracy"}
-
-
-# Set while a failure is explained again under torch.func (MetaLearner._failing_module): per thread and task.
-_TRANSFORMS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("metagrad_transforms_only", default=False)
-
-
-def _plain_autograd() -> bool:
-    """Whether a derivative here may be taken with ``torch.autograd`` rather than ``torch.func``: no transform is
-    active, nothing is being traced by ``torch.compile`` (Dynamo traces ``torch.func``'s transforms, not
-    ``torch.autograd.grad``) and inference mode is off (no graph is recorded there). The same derivatives;
-    ``torch.func`` wraps every operation and every custom autograd function at each transform level, which cost
-    Conv-4's task loop 15-20 % at five inner steps."""
-    if torch.compiler.is_compiling():  # first: Dynamo traces no context variable
-        return False
-    if _TRANSFORMS_ONLY.get() or torch.is_inference_mode_enabled():
-        return False
-    return not torch._C._functorch.get_interpreter_stack()
-
-
-@contextlib.contextmanager
-def _transforms_only() -> Iterator[None]:
-    token = _TRANSFORMS_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _TRANSFORMS_ONLY.reset(token)
 
 
 def _autograd(loss: Tensor, inputs: Sequence[Tensor], create_graph: bool) -> list[Tensor]:
@@ -477,7 +450,7 @@ class MetaLearner(nn.Module):
             return self.inner_objective(params, adapted, x, y, step, anchor)
 
         adapted = {k: params[k] for k in fast}
-        if _plain_autograd():  # the task loop, eagerly (see _chunk_gradient)
+        if plain_autograd():  # the task loop, eagerly (see _chunk_gradient)
             # Second order where something outside records this step (the meta-gradient's graph).
             create_graph = not first_order and torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
             with inner_pass(), torch.enable_grad():
@@ -594,7 +567,7 @@ class MetaLearner(nn.Module):
             loss, aux = self._loss_sum({**frozen, **p}, m, tasks, weights, first_order)
             return loss * scale, {k: v * scale for k, v in aux.items()}
 
-        if self.vmapped or not _plain_autograd():
+        if self.vmapped or not plain_autograd():
             (gp, gm), (loss, aux) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(params, meta)
             return gp, gm, {"loss": loss, **aux}
         # The task loop, eagerly: the same derivatives with torch.autograd, without torch.func's wrappers.
@@ -894,11 +867,11 @@ class MetaLearner(nn.Module):
             yield
         except RuntimeError as e:
             explained = self._transform_error(e, rerun)
-            if explained is None and _plain_autograd():
+            if explained is None and plain_autograd():
                 # The eager task loop failed in torch.autograd (e.g. "modified by an inplace operation"): torch.func,
                 # which the explanations know, meets the same network in a rerun.
                 try:
-                    with _transforms_only():
+                    with transforms_only():
                         rerun()
                 except RuntimeError as again:
                     explained = self._transform_error(again, rerun)
@@ -936,7 +909,7 @@ class MetaLearner(nn.Module):
             handles.append(module.register_forward_pre_hook(lambda m, a, label=label: stack.append(label)))
             handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
         try:
-            with _transforms_only():  # (the failure as torch.func meets it, also where the task loop used autograd)
+            with transforms_only():  # (the failure as torch.func meets it, also where the task loop used autograd)
                 rerun()
         except Exception:  # noqa: BLE001 - the failure is the point; only the stack matters here
             pass
