@@ -867,7 +867,7 @@ class MetaLearner(nn.Module):
             yield
         except RuntimeError as e:
             explained = self._transform_error(e, rerun)
-            if explained is None and plain_autograd():
+            if explained is None and not self.vmapped and plain_autograd():
                 # The eager task loop failed in torch.autograd (e.g. "modified by an inplace operation"): torch.func,
                 # which the explanations know, meets the same network in a rerun.
                 try:
