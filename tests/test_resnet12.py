@@ -8,7 +8,11 @@ import json
 
 import pytest
 import torch
-from meta_gradcheck import assert_vmap_equals_loop, central_difference
+from meta_gradcheck import (
+    assert_first_order_matches_frozen_inner_gradients,
+    assert_vmap_equals_loop,
+    central_difference,
+)
 from test_images_sets import make_split_folders
 
 from metagrad.algorithms import MAML, MAMLEnhanced
@@ -92,6 +96,29 @@ def test_resnet12_meta_gradient_vmap_equals_loop_equals_finite_difference(algori
     analytic, fd = central_difference(loop, batch, gp_v, gm_v, unit=True)
     torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
     assert abs(analytic * (1 + 1e-4) - fd) > 1e-6 * abs(fd) + 1e-9  # the tolerance would catch a 1e-4 error
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_resnet12_with_running_statistics_first_and_second_order(first_order):
+    """Batch norms that track running statistics (which the meta-step reads and never writes): vmap == loop, second
+    order against a central difference along a direction that weighs every tensor alike, first order against every
+    tensor's central difference with the inner gradients frozen."""
+    batch = _batch()
+    vec = _learner("maml", True, running_statistics=True)
+    loop = _learner("maml", False, running_statistics=True)
+    assert loop.tracks_statistics
+    for learner in (vec, loop):
+        learner.first_order = first_order
+    before = {k: v.clone() for k, v in loop.model.named_buffers()}
+    gp_v, gm_v, _ = vec.meta_gradient(batch, 0)
+    gp_l, gm_l, _ = loop.meta_gradient(batch, 0)
+    assert all(torch.equal(v, before[k]) for k, v in loop.model.named_buffers())
+    assert_vmap_equals_loop({**gp_v, **gm_v}, {**gp_l, **gm_l})
+    if first_order:
+        assert_first_order_matches_frozen_inner_gradients(loop, batch, gp_v, gm_v)
+    else:
+        analytic, fd = central_difference(loop, batch, gp_v, gm_v)
+        torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
 
 
 def test_resnet12_with_dropblock_draws_per_task_masks_from_the_generator():
