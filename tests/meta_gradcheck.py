@@ -109,16 +109,19 @@ def assert_first_order_matches_frozen_inner_gradients(
     update = rule.update_with_state
 
     def frozen(grads: dict, state: dict, meta: dict, step: int) -> tuple[dict, dict]:
-        if replay:  # the recorded inner gradients, in the order they were taken
-            grads = replay.pop(0)
-        else:
+        if recording:
             recorded.append({k: v.detach() for k, v in grads.items()})
+        else:  # the recorded inner gradients, in the order they were taken
+            grads = replay.pop(0)
         return update(grads, state, meta, step)
 
     rule.update_with_state = frozen
     try:
+        recording = True
         with torch.no_grad():
             learner.meta_loss(dict(learner.params), dict(learner.meta_state), tasks, weights, True)
+        recording = False
+        assert recorded, "the inner rule was called"
 
         def meta_loss(p: dict, m: dict) -> torch.Tensor:
             replay[:] = recorded
