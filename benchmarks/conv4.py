@@ -66,13 +66,13 @@ PEER_PYTHON = Path(os.environ.get("PEERS_VENVS", "/tmp")) / "peers-venv-l2l" / "
 SHOTS, QUERIES, META_BATCH, HIDDEN, IMAGE, INNER_LR, META_LR = 1, 15, 32, 64, 28, 0.4, 1e-3
 
 
-def make_data(ways: int, meta_batch: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+def make_data(ways: int, meta_batch: int, seed: int = 0, queries: int = QUERIES) -> tuple[np.ndarray, ...]:
     """The peers' fixed random episodes (``common_conv4.make_data``, the same draws for 5 ways)."""
     rng = np.random.default_rng(seed)
     sx = rng.standard_normal((meta_batch, ways * SHOTS, 1, IMAGE, IMAGE), dtype=np.float32)
-    qx = rng.standard_normal((meta_batch, ways * QUERIES, 1, IMAGE, IMAGE), dtype=np.float32)
+    qx = rng.standard_normal((meta_batch, ways * queries, 1, IMAGE, IMAGE), dtype=np.float32)
     sy = np.tile(np.repeat(np.arange(ways), SHOTS), (meta_batch, 1)).astype(np.int64)
-    qy = np.tile(np.repeat(np.arange(ways), QUERIES), (meta_batch, 1)).astype(np.int64)
+    qy = np.tile(np.repeat(np.arange(ways), queries), (meta_batch, 1)).astype(np.int64)
     return sx, sy, qx, qy
 
 
@@ -83,12 +83,12 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.models.conv4 import Conv4
 
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
-             "vmap-compiled": True}
+             "vmap-compiled": True, "graphs": True}
     vectorize: bool | int | str = paths.get(path, "")
     if path.startswith("chunk:"):
         vectorize = int(path.split(":", 1)[1])
     if vectorize == "":
-        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled, vmap-compiled or "
+        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled, vmap-compiled, graphs or "
                          "imprecise-norms")
     torch.manual_seed(0)
     learner = MAML(Conv4(1, ways, HIDDEN, IMAGE), inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy",
@@ -112,20 +112,36 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from metagrad.tasks.base import TaskBatch
 
     torch.set_num_threads(spec["threads"])
-    if spec.get("allocator", "kept") == "kept":
+    device = torch.device(spec.get("device", "cpu"))
+    if spec.get("allocator", "kept") == "kept" and device.type == "cpu":
         from metagrad.allocator import keep_freed_memory
 
         if not keep_freed_memory():
             raise SystemExit("freed memory not kept (not glibc, glibc refused, or the environment chooses the "
                              "allocator): run with --allocator default")
-    learner = _configure(_learner(spec["path"], spec["ways"], spec["steps"]), spec["diagnostics"])
-    batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(spec["ways"], spec["meta_batch"])))
-    opt = torch.optim.Adam(learner.parameters(), lr=META_LR)
+    learner = _configure(_learner(spec["path"], spec["ways"], spec["steps"]), spec["diagnostics"]).to(device)
+    data = make_data(spec["ways"], spec["meta_batch"], queries=spec.get("queries", QUERIES))
+    batch = TaskBatch(*(torch.from_numpy(a) for a in data)).to(device)
+    opt = torch.optim.Adam(learner.parameters(), lr=META_LR, fused=device.type == "cuda" or None)
+    if spec["path"] == "graphs":  # the trainer's update on a GPU: metagrad.fused_update in CUDA graphs
+        from metagrad.fused_update import FusedUpdate, unfused_reason
 
-    def step() -> None:
-        opt.zero_grad()
-        learner.backward(batch)
-        opt.step()
+        reason = unfused_reason(learner, opt, spec["meta_batch"], 1, graphed=True)
+        if reason is not None:
+            raise SystemExit(f"not replayed: {reason}")
+        update = FusedUpdate(learner, opt, None, graphs=True)
+        calls = iter(range(10**9))
+
+        def step() -> None:
+            update(batch, next(calls), None)  # (reads its metrics: a host synchronisation, as the trainer's)
+    else:
+
+        def step() -> None:
+            opt.zero_grad()
+            learner.backward(batch)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
     t0 = time.perf_counter()
     step()
@@ -138,40 +154,53 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": _peak_mib()}
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mib()
+    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak}
 
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def count_flops(ways: int, steps: int, meta_batch: int) -> float:
+def count_flops(ways: int, steps: int, meta_batch: int, queries: int = QUERIES, device: str = "cpu") -> float:
     """Convolution and matrix-product FLOPs of one meta-iteration (one task counted, times the meta-batch)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from metagrad.tasks.base import TaskBatch
 
-    learner = _configure(_learner("loop", ways, steps), False)
-    batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(ways, 1)))
+    learner = _configure(_learner("loop", ways, steps), False).to(device)
+    batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(ways, 1, queries=queries))).to(device)
     with FlopCounterMode(display=False) as counter:
         learner.meta_gradient(batch)
     return float(counter.get_total_flops()) * meta_batch
 
 
-def peak_rate(threads: int, seconds: float = 2.0) -> float:
-    """The best FLOP/s of a 1024^3 float32 matrix product at ``threads`` threads (best of several)."""
+def peak_rate(threads: int, seconds: float = 2.0, device: str = "cpu") -> float:
+    """The best FLOP/s of a 1024^3 float32 matrix product at ``threads`` threads (best of several; on a GPU,
+    4096^3 without TF32, as metagrad computes)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    n = 1024 if device == "cpu" else 4096
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     a @ b
+    sync()
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best
+    return 2 * n**3 / best
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -219,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--paths", nargs="+", default=["auto", "vmap"])
     ap.add_argument("--meta-batch", type=int, default=META_BATCH)
+    ap.add_argument("--queries", type=int, default=QUERIES, help="query images per class (the peers': 15)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (learn2learn's rows: the CPU only)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3, help="timed iterations per row (median)")
     ap.add_argument("--rounds", type=int, default=1, help="times each setting's rows run in turn")
@@ -237,12 +268,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[str, Any]]:
     """Every (steps, threads) setting of one ``ways``-way protocol, printed as it goes; its rows."""
     rows: list[dict[str, Any]] = []
-    print(f"Conv-4 {ways}-way {SHOTS}-shot, {QUERIES} queries/class, meta-batch {args.meta_batch}; "
+    print(f"Conv-4 {ways}-way {SHOTS}-shot, {args.queries} queries/class, meta-batch {args.meta_batch}, "
+          f"{args.device}; "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     for steps in args.steps:
-        flops = count_flops(ways, steps, args.meta_batch)
+        flops = count_flops(ways, steps, args.meta_batch, args.queries, args.device)
         for threads in args.threads:
-            rate = peak_rate(threads)
+            rate = peak_rate(threads, device=args.device)
             floor_s = flops / rate
             for rnd in range(args.rounds):
                 bases: dict[str, dict[str, Any]] = {}  # the peer's row by allocator
@@ -256,7 +288,8 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                     for allocator in args.allocator:
                         spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
                                 "meta_batch": args.meta_batch, "warmup": args.warmup, "iters": args.iters,
-                                "diagnostics": args.diagnostics, "allocator": allocator}  # fmt: skip
+                                "diagnostics": args.diagnostics, "allocator": allocator, "device": args.device,
+                                "queries": args.queries}  # fmt: skip
                         got = run_metagrad(spec)
                         if got is None:
                             continue
@@ -288,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    args.no_peer = args.no_peer or args.device != "cpu"  # (the peer's script runs on the CPU)
     peer_found = args.peer_python.exists() and (PEERS / "bench_conv4_l2l.py").exists()
     if not args.no_peer and 5 in args.ways and not peer_found:
         print(f"learn2learn not found ({args.peer_python}): run `bash ../shared/peers/setup.sh` or pass --no-peer")
@@ -298,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         ways = "+".join(str(w) for w in args.ways)
-        payload = {"protocol": f"conv4-{ways}w1s-q15-mb{args.meta_batch}", "cpu": os.cpu_count(),
+        payload = {"protocol": f"conv4-{ways}w1s-q{args.queries}-mb{args.meta_batch}", "cpu": os.cpu_count(),
+                   "device": _device_name(args.device),
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}  # fmt: skip
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0

@@ -77,7 +77,7 @@ def profile_steps(trainer: Any, steps: int, out: Path) -> None:
 def worker(
     steps: int, seconds: float, device: str = "cpu", mode: str = "default", profile: int = 0,
     profile_out: Path | None = None, kernels: bool = False, algorithm: str = "maml", fused: bool = True,
-    unguarded: bool = False,
+    unguarded: bool = False, compiled: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -93,7 +93,7 @@ def worker(
     cfg = preset(algorithm)
     cfg.algorithm.inner_steps = steps
     cfg.train.fused_update = fused
-    cfg.train.compile, cfg.train.threads, cfg.train.iterations = True, 1, 10**9
+    cfg.train.compile, cfg.train.threads, cfg.train.iterations = compiled, 1, 10**9
     cfg.train.device, cfg.train.compile_mode = device, mode
     cfg.train.val_every = cfg.train.checkpoint_every = 10**9  # iterations only: no validation or checkpoint
     with tempfile.TemporaryDirectory() as d:
@@ -115,8 +115,11 @@ def worker(
             except Exception as e:  # noqa: BLE001
                 profile_out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
         fused_used = trainer._fused is not None
+        graphs = None if trainer._fused is None else trainer._fused.graphs
         trainer.close()
     out = {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used}
+    if graphs is not None:  # the update replayed from metagrad's CUDA graphs (train.cuda_graphs)
+        out |= {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
     return out if bare is None else {**out, "unguarded_it_per_s": bare}
 
 
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithm", default="maml", help="a sinusoid preset (the JAX peer runs MAML only)")
     ap.add_argument("--update", nargs="+", choices=("fused", "separate"), default=["fused"],
                     help="train.fused_update: one row each")  # fmt: skip
+    ap.add_argument("--compile", nargs="+", choices=("on", "off"), default=["on"],
+                    help="train.compile: one row each (off on a GPU: the eager update in metagrad's CUDA graphs)")
     ap.add_argument("--unguarded", action="store_true",
                     help="also time each row's steps without Dynamo's guard checks (unsafe; diagnostic row)")
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         out = Path(args.profile_out.format(steps=args.worker))
         got = worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out, args.kernels,
-                     args.algorithm, args.update == ["fused"], args.unguarded)  # fmt: skip
+                     args.algorithm, args.update == ["fused"], args.unguarded, args.compile == ["on"])  # fmt: skip
         print(json.dumps(got))
         return 0
     peer = not args.no_peer and args.algorithm == "maml"
@@ -190,22 +195,28 @@ def main(argv: list[str] | None = None) -> int:
                 base = {"impl": row["impl"], "steps": steps, "it_per_s": row["its_per_s_median"],
                         "first_s": row["compile_s"]}  # fmt: skip
                 rows.append(base)
-        for update in args.update:
+        for update, compiled in ((u, c) for c in args.compile for u in args.update):
             with tempfile.TemporaryDirectory() as cache:  # a cold Inductor compile, as a first run meets it
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
                 cmd = [*pin, sys.executable, __file__, "--worker", str(steps), "--seconds", str(args.seconds),
                        "--device", args.device, "--compile-mode", args.compile_mode, "--profile", str(args.profile),
                        "--profile-out", str(Path(args.profile_out).resolve()), "--algorithm", args.algorithm,
-                       "--update", update]  # fmt: skip
+                       "--update", update, "--compile", compiled]  # fmt: skip
                 cmd += ["--kernels"] if args.kernels else []
                 cmd += ["--unguarded"] if args.unguarded else []
                 got = _json_line(cmd, env)
             if got is not None:
                 impl = "metagrad Trainer.step"
-                impl += "" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})"
+                if compiled == "off":
+                    impl += " (eager)" if args.device == "cpu" else f" ({args.device}, eager)"
+                else:
+                    impl += "" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})"
+                if got.get("cuda_graphs"):
+                    impl += " + graphs" if not got.get("cuda_graphs_failed") else " (graph capture failed)"
                 if args.update != ["fused"] or not got["fused"]:  # which update ran (fused where it applies)
                     impl += " (fused)" if got["fused"] else " (separate)"
-                row = {"impl": impl, "steps": steps, "algorithm": args.algorithm, "update": update, **got}
+                row = {"impl": impl, "steps": steps, "algorithm": args.algorithm, "update": update,
+                       "compile": compiled, **got}  # fmt: skip
                 if base is not None:
                     row["vs_jax"] = got["it_per_s"] / base["it_per_s"]
                 rows.append(row)

@@ -87,3 +87,93 @@ def test_cuda_graphs_give_the_eager_meta_gradient_over_several_iterations() -> N
             for k in expected:
                 torch.testing.assert_close(previous[0][k], previous[1][k], rtol=1e-4, atol=1e-6)
         previous = (grads, expected)
+
+
+REPLAYED = ["maml-adam-cosine-clipped", "enhanced-msl", "maml-first-order-first", "reptile-inner-adam", "cavia",
+            "metasgd-sgd"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REPLAYED)
+def test_the_update_replayed_from_real_cuda_graphs_trains_as_the_separate_parts(tmp_path, case: str) -> None:
+    """train.cuda_graphs (on by default on a GPU): the eager update captured in a CUDA graph, float64, six steps
+    (a changing learning rate, the multi-step loss's weights and its end, first then second order, Reptile's
+    draws) against the separate parts on the same GPU."""
+    from test_cuda_graph import GRAPHED_CASES, run_both
+    from test_fused_update import assert_close_runs, cfg_of
+
+    from metagrad import Trainer
+
+    overrides = [*GRAPHED_CASES[case], "train.device=cuda"]
+    graphed = Trainer(cfg_of(*overrides), tmp_path / "graphed")
+    separate = Trainer(cfg_of(*overrides, "train.cuda_graphs=false"), tmp_path / "separate")
+    run_both(graphed, separate, 6, rtol=1e-10, strict=False)
+    graphs = graphed._fused.graphs
+    assert graphs.failed is None and graphs.captures >= 1 and separate._fused is None
+    assert_close_runs(graphed, separate, rtol=1e-10)
+
+
+def test_a_setting_changed_between_real_cuda_graph_replays_is_captured_again(tmp_path) -> None:
+    """The inner learning rate is a Python number inside the graph: a stale graph would train with the old one."""
+    from test_cuda_graph import change_inner_lr, run_both
+    from test_fused_update import assert_close_runs, cfg_of
+
+    from metagrad import Trainer
+
+    overrides = ["train.meta_lr=0.01", "train.device=cuda"]
+    graphed = Trainer(cfg_of(*overrides), tmp_path / "graphed")
+    separate = Trainer(cfg_of(*overrides, "train.cuda_graphs=false"), tmp_path / "separate")
+    run_both(graphed, separate, 3, rtol=1e-10, strict=False)
+    for trainer in (graphed, separate):
+        change_inner_lr(trainer)
+    run_both(graphed, separate, 3, rtol=1e-10, strict=False)
+    assert graphed._fused.graphs.captures == 2
+    assert_close_runs(graphed, separate, rtol=1e-10)
+
+
+def test_a_conv4_update_replayed_from_cuda_graphs_matches_the_separate_parts() -> None:
+    """The Lake protocol's path: Conv-4 with transductive batch norm, vmap, second order, cross-entropy."""
+    from metagrad.config import load_config
+    from metagrad.fused_update import FusedUpdate, unfused_reason
+    from metagrad.tasks import TaskBatch
+    from metagrad.train import _optimizer
+
+    cfg = load_config(None, ["task.name=omniglot", "model.name=conv4", "model.channels=8", "task.image_size=16",
+                             "task.ways=3", "algorithm.inner_steps=2", "train.meta_lr=0.01"])  # fmt: skip
+    learner = build_learner(cfg).to("cuda", torch.float64)
+    reference = copy.deepcopy(learner)
+    opt, ref_opt = _optimizer(cfg, learner), _optimizer(cfg, reference)
+    assert unfused_reason(learner, opt, 4, 1, graphed=True) is None
+    update = FusedUpdate(learner, opt, None, graphs=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        sx, qx = torch.rand(4, 3, 1, 16, 16, generator=g), torch.rand(4, 6, 1, 16, 16, generator=g)
+        sy, qy = torch.tensor([[0, 1, 2]] * 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 4)
+        batch = TaskBatch(sx, sy, qx, qy).to("cuda", torch.float64)
+        norm, finite, values = update(batch, i, None)
+        ref_opt.zero_grad()
+        metrics = reference.backward(batch, i)
+        ref_opt.step()
+        assert finite
+        assert abs(values["loss"] - metrics["loss"].item()) <= 1e-10 * abs(metrics["loss"].item())
+    assert update.graphs.captures == 1 and update.graphs.failed is None
+    for (k, a), b in zip(learner.state_dict().items(), reference.state_dict().values(), strict=True):
+        # A convolution's bias before batch norm has a meta-gradient of 0 up to rounding, which Adam divides by
+        # the rounding's own square root: its moves (1e-10 here) are noise.
+        atol = 1e-8 if k.startswith("model.convs.") and k.endswith(".bias") else 1e-12
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=atol, msg=k)
+
+
+def test_the_compiled_update_replayed_from_cuda_graphs_trains_as_the_separate_parts(tmp_path) -> None:
+    """train.compile on a GPU: Inductor's update (Triton kernels) captured in metagrad's CUDA graph."""
+    from test_cuda_graph import run_both
+    from test_fused_update import assert_close_runs, cfg_of
+
+    from metagrad import Trainer
+
+    overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine", "train.grad_clip=1e-3", "train.device=cuda"]
+    graphed = Trainer(cfg_of(*overrides, "train.compile=true"), tmp_path / "graphed")
+    separate = Trainer(cfg_of(*overrides, "train.cuda_graphs=false"), tmp_path / "separate")
+    run_both(graphed, separate, 5, rtol=1e-10, strict=False)
+    graphs = graphed._fused.graphs
+    assert graphs.failed is None and graphs.captures == 1 and graphed.learner._compiled is not None
+    assert_close_runs(graphed, separate, rtol=1e-10)

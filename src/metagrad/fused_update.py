@@ -34,6 +34,7 @@ skips a parameter without ``.grad``: no step and no state.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,10 @@ from torch import Tensor
 from torch.optim import optimizer as torch_optimizer
 
 from metagrad.algorithms.base import MetaLearner, _detach, _with_own_code
+from metagrad.cuda_graph import CapturedFunction, Graph
 from metagrad.errors import CompileError
 from metagrad.tasks.base import TaskBatch
+from metagrad.transforms import transforms_only
 
 __all__ = ["Draws", "FusedUpdate", "assembles", "unfused_reason"]
 
@@ -60,10 +63,12 @@ def _owner(learner: MetaLearner, name: str) -> type:
     return next(k for k in type(learner).__mro__ if name in vars(k))
 
 
-def unfused_reason(learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks: int, world_size: int) -> str | None:
+def unfused_reason(
+    learner: MetaLearner, optimizer: torch.optim.Optimizer, tasks: int, world_size: int, graphed: bool = False
+) -> str | None:
     """Why a training step of ``learner`` with ``optimizer`` on ``tasks`` tasks cannot run as one compiled
-    function, or None when it can."""
-    reason = _setting_reason(learner, optimizer, tasks, world_size)
+    function (``graphed``: as one CUDA graph on the learner's GPU, compiled or not), or None when it can."""
+    reason = _setting_reason(learner, optimizer, tasks, world_size, graphed=graphed)
     if reason is not None:
         return reason
     name = type(learner).__name__
@@ -89,13 +94,16 @@ def _setting_reason(
     tasks: int,
     world_size: int,
     ids: tuple[tuple[int, ...], ...] | None = None,
+    graphed: bool = False,
 ) -> str | None:
     """The part of :func:`unfused_reason` that settings may change between two steps (checked at every step).
     ``ids``: the optimizer's parameters (by ``id``, per group) that a fused update was built for, if any."""
-    if learner._compiled is None:
+    if learner._compiled is None and not graphed:
         return "the learner is not compiled"
     if learner._cuda_graphs:
         return "the learner's compiled step captures CUDA graphs"
+    if graphed and learner.random and learner.training:
+        return "the network draws random numbers (dropout), which a CUDA graph would replay unchanged"
     if world_size > 1:
         return "the meta-gradient is all-reduced between the processes before the update"
     if learner.task_chunk(tasks) != tasks:
@@ -128,8 +136,8 @@ def _setting_reason(
         for p in params:
             if not p.requires_grad:
                 return "the optimizer holds a frozen tensor (requires_grad=False)"
-            if not p.is_cpu:
-                return "the learner is not on the CPU (the fused update was measured on the CPU only)"
+            if not graphed and not p.is_cpu:
+                return "the learner is not on the CPU (the compiled fused update was measured on the CPU only)"
     return None
 
 
@@ -142,9 +150,24 @@ class FusedUpdate:
     """``update(batch, iteration, generator)``: one meta-iteration of ``learner`` with ``optimizer``, as one call
     of a compiled function (see the module docstring). Returns ``(grad_norm, finite, metrics)``: the meta-gradient's
     global norm before clipping, whether the update was applied (the meta-loss and gradient were finite), and the
-    metrics as floats. ``clip``: the global-norm bound (``train.grad_clip``), or None."""
+    metrics as floats. ``clip``: the global-norm bound (``train.grad_clip``), or None.
 
-    def __init__(self, learner: MetaLearner, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+    ``graphs``: run the update from CUDA graphs (:class:`~metagrad.cuda_graph.CapturedFunction` on the learner's
+    device), compiled if the learner is, else eagerly: a graph's replay launches the whole update at once. The
+    tasks, any draws, the multi-step loss weights and the learning rates are the graph's inputs; the Python values
+    the update reads (first order or not, the weights' presence, the optimizer's betas and eps, the batch's shapes,
+    the learner's and its modules' public settings: :func:`_settings`) key a graph of its own. A network's own
+    Python code is replayed as captured: one that branches on anything else between steps needs
+    ``train.cuda_graphs = false``. ``graph``: what captures (tests: :class:`~metagrad.cuda_graph.ReplayedCalls`)."""
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        optimizer: torch.optim.Optimizer,
+        clip: float | None,
+        graphs: bool = False,
+        graph: Callable[[], Graph] | None = None,
+    ) -> None:
         self.learner, self.optimizer, self.clip = learner, optimizer, clip
         self.adam = type(optimizer) is torch.optim.Adam
         tensors = {id(p): ("p", k) for k, p in learner._named_parameters().items()}
@@ -160,7 +183,14 @@ class FusedUpdate:
         self._source = learner._compiled  # a learner compiled again (other options) gets a new update
         self._checked: set[tuple[int, int, int, int]] = set()  # (family, tasks, shots, queries) whose draws passed
         self._lrs: tuple[tuple[float, ...], Tensor | None] = ((), None)
-        self._compiled = torch.compile(_with_own_code(self._update), **learner._torch_compile_options)
+        if learner._compiled is None:
+            self._compiled = self._update
+        else:
+            self._compiled = torch.compile(_with_own_code(self._update), **learner._torch_compile_options)
+        self.graphs: CapturedFunction | None = None
+        if graphs:
+            device = _device(learner._named_parameters())
+            self.graphs = CapturedFunction(device, **({} if graph is None else {"graph": graph}))
 
     def applies(self, learner: MetaLearner, optimizer: torch.optim.Optimizer, clip: float | None, tasks: int,
                 world_size: int) -> bool:  # fmt: skip
@@ -169,7 +199,10 @@ class FusedUpdate:
         same = learner is self.learner and optimizer is self.optimizer and clip == self.clip
         if not (same and learner._compiled is self._source and type(learner).backward is self._backward):
             return False
-        return _setting_reason(learner, optimizer, tasks, world_size, self._ids) is None
+        graphed = self.graphs is not None
+        if graphed and _device(learner._named_parameters()) != self.graphs.device:
+            return False
+        return _setting_reason(learner, optimizer, tasks, world_size, self._ids, graphed) is None
 
     def _state(self) -> tuple[list[Tensor], ...]:
         """Adam's state tensors in group order (created as ``torch.optim.Adam(fused=True)`` creates them on its
@@ -240,7 +273,11 @@ class FusedUpdate:
 
         try:
             with torch.no_grad(), learner._task_randomness(generator, device):
-                out, names = self._compiled(*args)
+                if self.graphs is None:
+                    out, names = self._compiled(*args)
+                else:
+                    with learner._numerics(next(iter(named.values()))):
+                        out, names = self._replayed(args)
         except RuntimeError as e:  # (a try block costs nothing on the way through; a context manager would)
             explained = learner._transform_error(e, separately)
             if explained is None:
@@ -253,6 +290,26 @@ class FusedUpdate:
             for p in self._created:
                 del self.optimizer.state[p]
         return norm, bool(finite), dict(zip(names, values, strict=True))
+
+    def _replayed(self, args: tuple[Any, ...]) -> tuple[Tensor, tuple[str, ...]]:
+        """``self._compiled(*args)`` through the CUDA graphs (see the class docstring)."""
+        (learned, frozen, meta, tasks, sizes, weights, first_order, scale, draws, extra, steps, avgs, squares, lrs,
+         hyper, norm_meta) = args  # fmt: skip
+        inputs = [*tasks, *draws, lrs, *(() if weights is None else (weights,))]
+        state = [*learned.values(), *frozen.values(), *meta.values(), *extra.values(), *steps, *avgs, *squares]
+        family = None if sizes is None else (id(sizes[0]), *sizes[1:])
+        settings = _settings(self.learner)
+        key = (family, weights is None, first_order, scale, hyper, norm_meta, len(tasks), len(draws), settings)
+        n, d = len(tasks), len(draws)
+
+        def body(x: list[Tensor]) -> tuple[Tensor, tuple[str, ...]]:
+            w = None if weights is None else x[n + d + 1]
+            with transforms_only():  # (torch.func's meta-step: the eager task loop's autograd needs grad mode)
+                tasks_, draws_, lrs_ = tuple(x[:n]), tuple(x[n : n + d]), x[n + d]
+                return self._compiled(learned, frozen, meta, tasks_, sizes, w, first_order, scale, draws_, extra,
+                                      steps, avgs, squares, lrs_, hyper, norm_meta)  # fmt: skip
+
+        return self.graphs(key, body, inputs, state)
 
     def _update(
         self,
@@ -372,6 +429,19 @@ def _assign(target: Tensor, value: Tensor) -> None:
         target.view(1).copy_(value.reshape(1))
     else:
         target.copy_(value)
+
+
+_PLAIN = frozenset({bool, int, float, str, type(None)})
+
+
+def _settings(learner: MetaLearner) -> tuple[Any, ...]:
+    """The public plain Python values (numbers, strings, flags) of the learner and every module in it, and how
+    it vectorises: the inner rule's learning rate, ``inner_steps``, ``training``, a layer's ``eps``. A graph
+    captured with one of them replays it unchanged, so they key the graphs (Dynamo guards a compiled step on them
+    likewise); about 12 µs a call on the sinusoid MLP. Private ones are left out: a module's own counters change
+    at every call (CAVIA counts the passes through its context layer)."""
+    plain = (v for m in learner.modules() for k, v in m.__dict__.items() if k[0] != "_" and type(v) in _PLAIN)
+    return (learner.vectorize, *plain)
 
 
 def _device(named: dict[str, Tensor]) -> torch.device:

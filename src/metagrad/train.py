@@ -47,6 +47,7 @@ from metagrad.checkpoint import (
     write_atomic,
 )
 from metagrad.config import Config
+from metagrad.cuda_graph import Graph
 from metagrad.distributed import average_meta_step, init_world, on_main, shutdown_world
 from metagrad.errors import CheckpointError, ConfigError, DivergenceError, RunError
 from metagrad.evaluate import VAL_SEED, fixed_tasks
@@ -171,6 +172,7 @@ class Trainer:
         self._window: list[dict[str, float]] = []
         self._opened = False
         self._fused: FusedUpdate | None = None  # built at the first step it applies to
+        self._capture: Callable[[], Graph] | None = None  # (tests: a stand-in for CUDA graphs on the CPU)
 
     def _build(self, progress: bool) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -364,9 +366,10 @@ class Trainer:
         fused = self._fused
         if fused is not None and fused.applies(self.learner, self.optimizer, t.grad_clip, tasks, size):
             return fused
-        if unfused_reason(self.learner, self.optimizer, tasks, size) is not None:
+        graphed = (t.cuda_graphs and self.device.type == "cuda") or self._capture is not None
+        if unfused_reason(self.learner, self.optimizer, tasks, size, graphed) is not None:
             return None
-        fused = self._fused = FusedUpdate(self.learner, self.optimizer, t.grad_clip)
+        fused = self._fused = FusedUpdate(self.learner, self.optimizer, t.grad_clip, graphed, self._capture)
         return fused
 
     def _assembled_in_graph(self) -> bool:

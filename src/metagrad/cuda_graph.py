@@ -1,0 +1,141 @@
+"""A function's GPU work captured once in a CUDA graph and replayed (``torch.cuda.CUDAGraph``), without
+``torch.compile``: what :class:`~metagrad.Trainer` runs a whole training update through on a GPU
+(``train.cuda_graphs``, :mod:`metagrad.fused_update`).
+
+An eager meta-step launches hundreds of small kernels from Python, one at a time (the sinusoid MLP's: a few
+microseconds of arithmetic each), so a GPU spends most of an iteration waiting for the host. A replayed graph
+launches them all at once, at the cost of a capture the size of one call, where Inductor's CUDA graphs
+(``compile(mode="reduce-overhead")``) first compile the step: minutes for Conv-4 (``docs/results.md``).
+
+A graph replays the same kernels on the same memory with the values found there at replay. So the function must
+be a pure function of two kinds of tensors, and of values the caller's ``key`` names:
+
+- ``inputs``: tensors whose values change from call to call (the tasks, the learning rates). The graph reads its
+  own copies; every call copies the new values in (from the host too) before the replay.
+- ``state``: tensors read and written in place, the same memory at every call (the weights, the optimizer's
+  moments). A call whose state lives elsewhere (a resumed optimizer's new state, a learner moved) captures again.
+
+Anything else the function reads (a Python number, a shape, a branch taken) is fixed in the graph at capture,
+and must be in ``key``. The function may not synchronise with the host (``.item()``, printing a tensor), draw
+random numbers, or allocate memory that outlives the call except its outputs, which live in the graph's memory
+and are overwritten by the next replay: read them before the next call.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["CapturedFunction", "Graph", "ReplayedCalls"]
+
+
+class Graph(Protocol):
+    """What :class:`CapturedFunction` needs of a graph: ``capture`` records ``body(static)`` without running its
+    kernels; ``replay`` runs them; ``output`` is what ``body`` returned, valid after a replay."""
+
+    output: Any
+
+    def capture(self, body: Callable[[list[Tensor]], Any], static: list[Tensor]) -> None: ...
+
+    def replay(self) -> None: ...
+
+
+class _CUDAGraph:
+    """``torch.cuda.CUDAGraph``, captured on PyTorch's side stream with a memory pool of its own."""
+
+    def __init__(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, body: Callable[[list[Tensor]], Any], static: list[Tensor]) -> None:
+        with torch.cuda.graph(self.graph):
+            self.output = body(static)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class ReplayedCalls:
+    """A stand-in for a CUDA graph on any device, for tests: ``replay`` calls the captured body on the static
+    inputs. It checks what :class:`CapturedFunction` does around a graph (which tensors are copied in, when a new
+    graph is captured), not what a real capture fixes."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def capture(self, body: Callable[[list[Tensor]], Any], static: list[Tensor]) -> None:
+        self._body, self._static = body, static
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.output = self._body(self._static)
+
+
+@dataclass
+class _Captured:
+    graph: Graph
+    static: list[Tensor]
+    where: tuple[int, ...]  # the state's memory at capture
+
+
+class CapturedFunction:
+    """``call(key, body, inputs, state)``: ``body(inputs)`` run from a graph captured for ``key`` (see the module
+    docstring for what ``inputs``, ``state`` and ``key`` must cover). The first call of a key runs ``body``
+    eagerly (PyTorch initialises its libraries lazily, which a capture may not do; and a real call is no waste);
+    the second captures it and replays the graph; later ones copy the inputs in and replay. ``device``: where the
+    graph runs (inputs elsewhere are copied there). At most ``keep`` graphs are kept, the least recently used
+    dropped. If a capture fails, the reason is warned once and every later call runs eagerly (:attr:`failed`)."""
+
+    def __init__(self, device: torch.device, graph: Callable[[], Graph] = _CUDAGraph, keep: int = 4) -> None:
+        self.device, self._graph, self.keep = torch.device(device), graph, keep
+        self._captured: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self._warm: set[Hashable] = set()
+        self.failed: str | None = None
+        self.captures = 0
+
+    def __call__(
+        self, key: Hashable, body: Callable[[list[Tensor]], Any], inputs: Sequence[Tensor], state: Sequence[Tensor]
+    ) -> Any:
+        key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
+        where = tuple(t.data_ptr() for t in state)
+        entry = self._captured.get(key)
+        if entry is not None and entry.where == where:
+            for s, x in zip(entry.static, inputs, strict=True):
+                s.copy_(x, non_blocking=True)
+            entry.graph.replay()
+            self._captured.move_to_end(key)
+            return entry.graph.output
+        here = [x.to(self.device, non_blocking=True) for x in inputs]
+        if self.failed is None and any(t.device != self.device for t in state):
+            # A graph records only the device's kernels: a write elsewhere would happen once, at the capture.
+            self.failed = f"state outside {self.device} ({next(t.device for t in state if t.device != self.device)})"
+            warnings.warn(f"the update is not captured in a CUDA graph: {self.failed}", RuntimeWarning, stacklevel=3)
+        if self.failed is not None or (key, where) not in self._warm:
+            self._warm.add((key, where))
+            return body(here)
+        static = [torch.empty_like(x).copy_(x) for x in here]  # (fresh memory: ``here`` may be the caller's)
+        try:
+            graph = self._graph()
+            graph.capture(body, static)
+        except Exception as e:  # noqa: BLE001 - any failure: nothing ran, the call runs eagerly below
+            self.failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            warnings.warn(
+                f"capturing the update in a CUDA graph failed ({self.failed}): it runs eagerly from now on "
+                "(train.cuda_graphs = false runs it so from the start)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._captured.clear()
+            return body(here)
+        self.captures += 1
+        self._captured.pop(key, None)  # (the same key on other state: its graph is stale)
+        self._captured[key] = _Captured(graph, static, where)
+        while len(self._captured) > self.keep:
+            self._captured.popitem(last=False)
+        graph.replay()
+        return graph.output

@@ -1,0 +1,197 @@
+"""The training update replayed from a graph (metagrad.cuda_graph, train.cuda_graphs), on the CPU with a stand-in
+that calls the captured body again at every replay: what goes into the graph's inputs, when a graph is captured
+again, the guard and the fallbacks. tests/test_cuda.py runs the same comparisons through real CUDA graphs."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_fused_update import CASES, assert_close_runs, cfg_of
+
+from metagrad import Trainer
+from metagrad.cuda_graph import CapturedFunction, ReplayedCalls
+from metagrad.errors import DivergenceError
+from metagrad.fused_update import unfused_reason
+
+GRAPHED_CASES = {
+    **CASES,
+    # The multi-step loss's weights change every epoch of 2 iterations: an input of the graph, not a constant.
+    "enhanced-msl": [
+        "algorithm.name=maml_enhanced", "algorithm.inner_steps=2", "algorithm.multi_step_loss=true",
+        "algorithm.epoch_iterations=2", "algorithm.msl_epochs=2", "train.meta_lr=0.01",
+    ],  # fmt: skip
+    # First order for the first 3 iterations, then second: another graph.
+    "maml-first-order-first": ["algorithm.first_order_iterations=3", "train.meta_lr=0.01"],
+}
+
+
+def graphed_trainer(tmp_path: Path, name: str, overrides: list[str], graph: type = ReplayedCalls) -> Trainer:
+    trainer = Trainer(cfg_of(*overrides), tmp_path / name)
+    trainer._capture = graph
+    return trainer
+
+
+def separate_trainer(tmp_path: Path, name: str, overrides: list[str]) -> Trainer:
+    return Trainer(cfg_of(*overrides, "train.fused_update=false"), tmp_path / name)
+
+
+def replays(trainer: Trainer) -> int:
+    return sum(entry.graph.replays for entry in trainer._fused.graphs._captured.values())
+
+
+def run_both(graphed: Trainer, separate: Trainer, steps: int, rtol: float = 1e-12, strict: bool = True) -> None:
+    """``steps`` training steps of each, their metrics compared (``strict``: any warning is an error)."""
+    with warnings.catch_warnings():
+        if strict:
+            warnings.simplefilter("error")  # e.g. the LR scheduler's "step() before optimizer.step()"
+        for _ in range(steps):
+            mg, ms = graphed.step(), separate.step()
+            assert mg.keys() == ms.keys()
+            for k in mg:
+                assert math.isclose(mg[k], ms[k], rel_tol=rtol, abs_tol=1e-300), k
+
+
+@pytest.mark.parametrize("case", list(GRAPHED_CASES))
+def test_the_replayed_update_trains_as_the_separate_parts(tmp_path: Path, case: str) -> None:
+    graphed = graphed_trainer(tmp_path, "graphed", GRAPHED_CASES[case])
+    separate = separate_trainer(tmp_path, "separate", GRAPHED_CASES[case])
+    run_both(graphed, separate, 6)
+    assert graphed._fused is not None and graphed._fused.graphs is not None and separate._fused is None
+    assert graphed.learner._compiled is None  # a graph needs no compile
+    # One eager call, then a capture and replays; a new key (first to second order, the multi-step loss's end)
+    # starts over.
+    captures = 2 if case in ("maml-first-order-first", "enhanced-msl") else 1
+    assert graphed._fused.graphs.captures == captures and graphed._fused.graphs.failed is None
+    assert replays(graphed) == 6 - 2 * captures + captures  # a capture replays at once
+    assert_close_runs(graphed, separate)
+    if case.startswith("reptile"):  # the inner Adam's state carried over through the graph's writes
+        a, b = graphed.learner.extra_state, separate.learner.extra_state
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=0, msg=k)
+
+
+def test_new_optimizer_state_is_captured_again(tmp_path: Path) -> None:
+    """A graph writes the memory it was captured on: after load_state_dict (a resume) Adam's state is new tensors,
+    which a stale graph would never update."""
+    overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine"]
+    graphed = graphed_trainer(tmp_path, "graphed", overrides)
+    separate = separate_trainer(tmp_path, "separate", overrides)
+    run_both(graphed, separate, 3)
+    for trainer in (graphed, separate):
+        trainer.optimizer.load_state_dict(copy.deepcopy(trainer.optimizer.state_dict()))
+    run_both(graphed, separate, 4)
+    assert graphed._fused.graphs.captures == 2
+    assert_close_runs(graphed, separate)
+
+
+def change_inner_lr(trainer: Trainer) -> None:
+    trainer.learner.rule.lr = 0.02  # a Python number the update reads: fixed in a graph at its capture
+
+
+def test_a_changed_setting_is_captured_again(tmp_path: Path) -> None:
+    overrides = ["train.meta_lr=0.01"]
+    graphed = graphed_trainer(tmp_path, "graphed", overrides)
+    separate = separate_trainer(tmp_path, "separate", overrides)
+    run_both(graphed, separate, 3)
+    for trainer in (graphed, separate):
+        change_inner_lr(trainer)
+    run_both(graphed, separate, 3)
+    assert graphed._fused.graphs.captures == 2
+    assert_close_runs(graphed, separate)
+
+
+def test_a_checkpoint_resumes_into_a_new_graph(tmp_path: Path) -> None:
+    overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine"]
+    straight = separate_trainer(tmp_path, "straight", overrides)
+    for _ in range(6):
+        straight.step()
+    first = graphed_trainer(tmp_path, "switch", overrides)
+    for _ in range(3):
+        first.step()
+    first.save()
+    first.close()
+    resumed = graphed_trainer(tmp_path, "switch", overrides)
+    resumed.resume()
+    for _ in range(3):
+        resumed.step()
+    assert resumed._fused.graphs.captures == 1
+    assert_close_runs(straight, resumed)
+
+
+def test_a_non_finite_replay_changes_nothing(tmp_path: Path) -> None:
+    trainer = graphed_trainer(tmp_path, "nan", ["train.meta_lr=0.01"])
+    for _ in range(3):
+        trainer.step()
+    assert replays(trainer) == 2
+    with torch.no_grad():
+        next(trainer.learner.parameters()).mul_(1e200)
+    before = {k: v.clone() for k, v in trainer.learner.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state_dict()["state"].items()}
+    with pytest.raises(DivergenceError, match="at iteration 4: meta-loss"):
+        trainer.step()
+    assert replays(trainer) == 3
+    for k, v in trainer.learner.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for i, state in trainer.optimizer.state_dict()["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, moments[i][k]), (i, k)
+
+
+class _Refusing(ReplayedCalls):
+    def capture(self, body, static) -> None:  # noqa: ANN001 - the protocol's
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+
+def test_a_failed_capture_warns_once_and_trains_eagerly(tmp_path: Path) -> None:
+    overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine"]
+    graphed = graphed_trainer(tmp_path, "graphed", overrides, graph=_Refusing)
+    separate = separate_trainer(tmp_path, "separate", overrides)
+    graphed.step(), separate.step()
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed .RuntimeError: operation not permitted"):
+        graphed.step()
+    separate.step()
+    run_both(graphed, separate, 2)  # (no second warning: run_both turns warnings into errors)
+    assert graphed._fused.graphs.failed.startswith("RuntimeError")
+    assert_close_runs(graphed, separate)
+
+
+def test_dropout_is_not_replayed(tmp_path: Path) -> None:
+    trainer = graphed_trainer(tmp_path, "dropout", ["train.meta_lr=0.01"])
+    learner, optimizer = trainer.learner, trainer.optimizer
+    assert unfused_reason(learner, optimizer, 4, 1, graphed=True) is None
+    assert "not compiled" in unfused_reason(learner, optimizer, 4, 1)
+    learner.random = True
+    assert "random numbers" in unfused_reason(learner, optimizer, 4, 1, graphed=True)
+    trainer.step()
+    assert trainer._fused is None
+
+
+def test_captured_function_copies_inputs_and_keys_python_values() -> None:
+    calls = []
+
+    def body_of(scale: float):
+        def body(x: list[torch.Tensor]) -> torch.Tensor:
+            calls.append(scale)
+            state.add_(x[0] * scale)
+            return state.clone()
+
+        return body
+
+    state = torch.zeros(3)
+    f = CapturedFunction(torch.device("cpu"), graph=ReplayedCalls)
+    for i in range(4):
+        out = f(("scale", 2.0), body_of(2.0), [torch.full((3,), float(i))], [state])
+    assert torch.equal(out, torch.full((3,), 2.0 * (0 + 1 + 2 + 3)))
+    f(("scale", 3.0), body_of(3.0), [torch.ones(3)], [state])  # another key: eager first
+    assert f.captures == 1 and calls[-1] == 3.0
+    f(("scale", 2.0), body_of(2.0), [torch.ones(1)], [state])  # another shape: another key
+    assert f.captures == 1
+    state = torch.zeros(3)  # new memory: captured again
+    f(("scale", 2.0), body_of(2.0), [torch.ones(3)], [state])
+    f(("scale", 2.0), body_of(2.0), [torch.ones(3)], [state])
+    assert f.captures == 2 and torch.equal(state, torch.full((3,), 4.0))
