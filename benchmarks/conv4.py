@@ -82,6 +82,7 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.algorithms.maml import MAML
     from metagrad.models.conv4 import Conv4
 
+    path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
              "vmap-compiled": True, "graphs": True}
     vectorize: bool | int | str = paths.get(path, "")
@@ -97,6 +98,8 @@ def _learner(path: str, ways: int, steps: int) -> Any:
         learner.compile()
     # PyTorch's channels-last CPU batch norm as it is: faster, float32 statistics less precise
     learner.precise_norms = path != "imprecise-norms"
+    learner.tf32 = "tf32" in options
+    learner.autocast = torch.bfloat16 if "bf16" in options else None
     return learner
 
 
@@ -123,7 +126,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     data = make_data(spec["ways"], spec["meta_batch"], queries=spec.get("queries", QUERIES))
     batch = TaskBatch(*(torch.from_numpy(a) for a in data)).to(device)
     opt = torch.optim.Adam(learner.parameters(), lr=META_LR, fused=device.type == "cuda" or None)
-    if spec["path"] == "graphs":  # the trainer's update on a GPU: metagrad.fused_update in CUDA graphs
+    if spec["path"].split("+")[0] == "graphs":  # the trainer's update on a GPU: metagrad.fused_update in CUDA graphs
         from metagrad.fused_update import FusedUpdate, unfused_reason
 
         reason = unfused_reason(learner, opt, spec["meta_batch"], 1, graphed=True)

@@ -49,22 +49,32 @@ part() {  # part NAME LIMIT_S COMMAND...
     tar czf "$OUT/device_check.tgz" -C "$WORK" --exclude='*.pt' . 2>/dev/null  # also after each part: a hard kill skips the trap
 }
 
-# Verbose, with a traceback of any test still running after 60 s.
-part cuda_tests 150 "$PY" -m pytest -v -o faulthandler_timeout=60 -p no:cacheprovider tests/test_cuda.py \
-    tests/test_cuda_graph.py tests/test_numerics.py -k "cuda or tf32 or graph or replay"
-part iteration 130 bash -c "\"$PY\" benchmarks/iteration.py --no-peer --device cuda --compile off --steps 1 5 \
-    --update fused separate --seconds 2 --json $WORK/iteration_cuda_graphs.json --profile 50 \
-    --profile-out '$WORK/iteration_profile_{steps}.txt' \
-  && \"$PY\" benchmarks/iteration.py --no-peer --device cuda --compile on --steps 1 --seconds 2 \
-    --json $WORK/iteration_cuda_compiled_graphs.json \
+want() {  # PARTS="cuda_tests iteration ..." runs only those (a second, shorter call); all by default
+    [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]
+}
+
+# Verbose, with a traceback of any test still running after 60 s. The TF32 test first: it ran last before, after
+# a capture that had failed, and failed.
+want cuda_tests && part cuda_tests 150 "$PY" -m pytest -v -o faulthandler_timeout=60 -p no:cacheprovider \
+    tests/test_numerics.py tests/test_cuda.py tests/test_cuda_graph.py -k "cuda or tf32 or graph or replay"
+# One row kind per call: each row profiles into the same file name.
+want iteration && part iteration 40 "$PY" benchmarks/iteration.py --no-peer --device cuda --compile off --steps 1 5 \
+    --seconds 2 --json "$WORK/iteration_cuda_graphs.json" --profile 50 --profile-out "$WORK/iteration_profile_{steps}.txt"
+want iteration_compiled && part iteration_compiled 90 "$PY" benchmarks/iteration.py --no-peer --device cuda \
+    --compile on --steps 1 --seconds 2 --json "$WORK/iteration_cuda_compiled_graphs.json" --profile 50 \
+    --profile-out "$WORK/iteration_profile_compiled_{steps}.txt"
+want iteration_separate && part iteration_separate 90 bash -c "\"$PY\" benchmarks/iteration.py --no-peer \
+    --device cuda --compile off --update separate --steps 1 5 --seconds 2 \
+    --json $WORK/iteration_cuda_separate.json \
   && \"$PY\" benchmarks/iteration.py --no-peer --device cuda --compile-mode reduce-overhead --steps 1 --seconds 2 \
     --json $WORK/iteration_cuda_reduce_overhead.json"
-part conv4_20way 60 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 --queries 5 \
-    --threads 4 --paths vmap graphs --iters 5 --warmup 2 --json "$WORK/conv4_20way_cuda.json"
-part lake20 170 timeout -s INT 165 "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml --device cuda \
-    --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 train.val_every=100000 \
-    train.checkpoint_every=500 train.keep_last=2
-"$PY" - "$WORK/lake20/metrics.jsonl" <<'PY' | tee "$WORK/lake20_rate.txt"
+want conv4_20way && part conv4_20way 75 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
+    --queries 5 --threads 4 --paths ${CONV4_PATHS:-vmap graphs graphs+tf32 graphs+bf16} --iters 5 --warmup 2 \
+    --json "$WORK/conv4_20way_cuda.json"
+want lake20 && part lake20 170 timeout -s INT 165 "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
+    --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \
+    train.val_every=100000 train.checkpoint_every=500 train.keep_last=2
+want lake20 && "$PY" - "$WORK/lake20/metrics.jsonl" <<'PY' | tee "$WORK/lake20_rate.txt"
 import json, sys
 try:
     rows = [json.loads(line) for line in open(sys.argv[1]) if '"seconds"' in line]
@@ -78,8 +88,7 @@ else:
     print(f"lake20: {rate:.1f} it/s after the first log (iterations {a['iteration']}-{b['iteration']}, "
           f"first logged at {a['seconds']:.0f} s); 60,000 iterations in {60000 / rate / 60:.1f} min")
 PY
-part lake20_eval 40 "$PY" -m metagrad eval "$WORK/lake20" --benchmark omniglot-runs --steps 5 --device cuda \
+want lake20 && part lake20_eval 40 "$PY" -m metagrad eval "$WORK/lake20" --benchmark omniglot-runs --steps 5 --device cuda \
     --data "$OMNIGLOT" --json "$WORK/lake_runs_maml20_h100.json"
-cp "$WORK"/lake20/checkpoints/*.pt "$OUT"/ 2>/dev/null  # the latest (keep_last=2), for a CPU evaluation later
 tar czf "$OUT/device_check.tgz" -C "$WORK" --exclude='*.pt' . 2>/dev/null
 trap - EXIT

@@ -173,7 +173,9 @@ def test_the_compiled_update_replayed_from_cuda_graphs_trains_as_the_separate_pa
     overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine", "train.grad_clip=1e-3", "train.device=cuda"]
     graphed = Trainer(cfg_of(*overrides, "train.compile=true"), tmp_path / "graphed")
     separate = Trainer(cfg_of(*overrides, "train.cuda_graphs=false"), tmp_path / "separate")
-    run_both(graphed, separate, 5, rtol=1e-10, strict=False)
+    # Inductor's Triton kernels round otherwise than eager's: the loss was 6e-10 (relative) from eager's in float64
+    # on an H100 (torch 2.11). A graph that replayed a stale learning rate or state would be 1e-5 off or more.
+    run_both(graphed, separate, 5, rtol=1e-7, strict=False)
     graphs = graphed._fused.graphs
     assert graphs.failed is None and graphs.captures == 1 and graphed.learner._compiled is not None
-    assert_close_runs(graphed, separate, rtol=1e-10)
+    assert_close_runs(graphed, separate, rtol=1e-7)

@@ -23,6 +23,8 @@ and are overwritten by the next replay: read them before the next call.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -53,8 +55,26 @@ class _CUDAGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, body: Callable[[list[Tensor]], Any], static: list[Tensor]) -> None:
-        with torch.cuda.graph(self.graph):
-            self.output = body(static)
+        # Python's garbage collector stays off during the capture: collecting another CUDA graph there (Inductor's,
+        # a dropped learner's) destroys it, a call a capture may not meet, and the capture fails (seen on an H100).
+        # Thread-local errors, as Inductor's own graphs capture: the autograd engine's device thread may allocate.
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.output = body(static)
+        except BaseException:
+            # A failed capture can leave its side stream current (torch.cuda.graph's exit stops at the failure):
+            # later work must be ordered on the caller's stream again.
+            torch.cuda.set_stream(stream)
+            with contextlib.suppress(Exception):  # (the capture's own error is the one to report)
+                torch.cuda.synchronize()
+            raise
+        finally:
+            if collecting:
+                gc.enable()
 
     def replay(self) -> None:
         self.graph.replay()
