@@ -10,22 +10,23 @@
 #
 #     OMNIGLOT=.omniglot bash benchmarks/device_check.sh "$OUT"
 #
-# Each part has its own limit (550 s in all), most important first; every log and JSON goes into one archive,
+# Each part has its own limit (555 s in all), most important first; every log and JSON goes into one archive,
 # $OUT/device_check.tgz (the device tool returns at most 8 files), also when a part runs out of time.
-#   1. tests/test_cuda.py (every algorithm's meta-gradient on CUDA equals the CPU's in float64; the training update
-#      replayed from real CUDA graphs trains as the separate parts, sinusoid and Conv-4), tests/test_cuda_graph.py,
-#      and the CUDA cases of tests/test_numerics.py (TF32 off within the learner's calls).
-#   2. the sinusoid whole training iteration (Trainer.step; target >= 10,000 it/s on one H100): the eager update in
-#      metagrad's CUDA graphs (train.cuda_graphs, the default on a GPU) at 1 and 5 steps, beside the eager separate
-#      parts, with a profile of 50 steps of each (kernel launches, graph replays, host synchronisations);
-#      Inductor's update in metagrad's graphs
-#      (train.compile); and, as the last GPU session ran it, Inductor's own CUDA graphs (reduce-overhead: 817 it/s
-#      then) as the baseline on this card.
-#   3. the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a class) on
-#      random images: eager vmap (4.5 it/s in the last GPU session's training) against the update in CUDA graphs.
-#   4. the MAML paper's 20-way Omniglot protocol trained with the default settings (CUDA graphs) for 170 s
-#      (interrupted; the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of
-#      60,000 iterations (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
+# PARTS="cuda_tests iteration ..." runs only those parts (a second, shorter call); CONV4_PATHS the Conv-4 rows.
+#   cuda_tests: tests/test_cuda.py (every algorithm's meta-gradient on CUDA equals the CPU's in float64; the
+#      training update replayed from real CUDA graphs trains as the separate parts, sinusoid and Conv-4),
+#      tests/test_cuda_graph.py, and the CUDA cases of tests/test_numerics.py (TF32 off within the learner's calls).
+#   iteration, iteration_compiled, iteration_separate: the sinusoid whole training iteration (Trainer.step; target
+#      >= 10,000 it/s on one H100): the eager update in metagrad's CUDA graphs (train.cuda_graphs, the default on a
+#      GPU) at 1 and 5 steps, then Inductor's update in them (train.compile), each with a profile of 50 steps
+#      (kernel launches, graph replays, host synchronisations); the eager separate parts and Inductor's own CUDA
+#      graphs (reduce-overhead) as baselines on the same card.
+#   conv4_20way: the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a
+#      class) on random images: eager vmap against the update in CUDA graphs (and with TF32 or bfloat16).
+#   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for 165 s (interrupted;
+#      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
+#      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
+# The last session's two calls (docs/results.md) took 437 s (all parts but iteration_separate) and 243 s.
 set -u
 OUT=${1:-${OUT:-results/device}}
 PY=${PYTHON:-python3}

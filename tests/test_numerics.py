@@ -226,7 +226,8 @@ def test_learner_calls_run_without_tf32_on_cuda_unless_asked() -> None:
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), Probe(), nn.Flatten(), nn.LazyLinear(2))
-    model(torch.zeros(1, 1, 16, 16))
+    model(torch.zeros(1, 1, 16, 16))  # (builds the lazy layer, outside the learner: PyTorch's own settings)
+    seen.clear()
     learner = MAML(model, inner_lr=0.1, inner_steps=1, loss="cross_entropy").cuda()
     batch = _episodes().to("cuda")
     before = torch.backends.cudnn.allow_tf32
