@@ -158,7 +158,27 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mib()
+    if spec.get("profile") and spec.get("profile_out"):
+        out = Path(spec["profile_out"].format(path=spec["path"].replace("+", "_"), steps=spec["steps"]))
+        try:  # the timing must come back even if the profiler fails on this machine
+            profile_steps(step, spec["profile"], device, out)
+        except Exception as e:  # noqa: BLE001
+            out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
     return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak}
+
+
+def profile_steps(step: Any, steps: int, device: Any, out: Path) -> None:
+    """``torch.profiler`` over ``steps`` meta-iterations, written to ``out``: the operators (on a GPU, the kernels,
+    also those a CUDA graph replays) that take the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    out.write_text(f"{steps} meta-iterations\n" + events.table(sort_by=key, row_limit=30) + "\n")
 
 
 def _peak_mib() -> float:
@@ -253,6 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--meta-batch", type=int, default=META_BATCH)
     ap.add_argument("--queries", type=int, default=QUERIES, help="query images per class (the peers': 15)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (learn2learn's rows: the CPU only)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N meta-iterations of each row into --profile-out")
+    ap.add_argument("--profile-out", default="conv4_profile_{path}_{steps}.txt",
+                    help="({path}, {steps}: the row's)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3, help="timed iterations per row (median)")
     ap.add_argument("--rounds", type=int, default=1, help="times each setting's rows run in turn")
@@ -292,7 +316,8 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                         spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
                                 "meta_batch": args.meta_batch, "warmup": args.warmup, "iters": args.iters,
                                 "diagnostics": args.diagnostics, "allocator": allocator, "device": args.device,
-                                "queries": args.queries}  # fmt: skip
+                                "queries": args.queries, "profile": args.profile,
+                                "profile_out": str(Path(args.profile_out).resolve())}  # fmt: skip
                         got = run_metagrad(spec)
                         if got is None:
                             continue

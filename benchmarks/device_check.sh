@@ -22,7 +22,8 @@
 #      (kernel launches, graph replays, host synchronisations); the eager separate parts and Inductor's own CUDA
 #      graphs (reduce-overhead) as baselines on the same card.
 #   conv4_20way: the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a
-#      class) on random images: eager vmap against the update in CUDA graphs (and with TF32 or bfloat16).
+#      class) on random images: eager vmap against the update in CUDA graphs (and with TF32 or bfloat16), with
+#      each row's kernels by GPU time over 2 iterations (what bounds the step: convolutions or element-wise work).
 #   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for 165 s (interrupted;
 #      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
 #      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
@@ -71,7 +72,7 @@ want iteration_separate && part iteration_separate 90 bash -c "\"$PY\" benchmark
     --json $WORK/iteration_cuda_reduce_overhead.json"
 want conv4_20way && part conv4_20way 75 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
     --queries 5 --threads 4 --paths ${CONV4_PATHS:-vmap graphs graphs+tf32 graphs+bf16} --iters 5 --warmup 2 \
-    --json "$WORK/conv4_20way_cuda.json"
+    --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
 want lake20 && part lake20 170 timeout -s INT 165 "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
     --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \
     train.val_every=100000 train.checkpoint_every=500 train.keep_last=2
