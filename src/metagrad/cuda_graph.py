@@ -100,7 +100,7 @@ class ReplayedCalls:
 class _Captured:
     graph: Graph
     static: list[Tensor]
-    where: tuple[int, ...]  # the state's memory at capture
+    where: tuple[tuple[int, torch.Size], ...]  # the state's memory (address and shape) at capture
 
 
 class CapturedFunction:
@@ -122,7 +122,8 @@ class CapturedFunction:
         self, key: Hashable, body: Callable[[list[Tensor]], Any], inputs: Sequence[Tensor], state: Sequence[Tensor]
     ) -> Any:
         key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
-        where = tuple(t.data_ptr() for t in state)
+        # (The shapes too: freed memory may come back at the same address as a tensor of another size.)
+        where = tuple((t.data_ptr(), t.shape) for t in state)
         entry = self._captured.get(key)
         if entry is not None and entry.where == where:
             for s, x in zip(entry.static, inputs, strict=True):
@@ -136,6 +137,8 @@ class CapturedFunction:
             self.failed = f"state outside {self.device} ({next(t.device for t in state if t.device != self.device)})"
             warnings.warn(f"the update is not captured in a CUDA graph: {self.failed}", RuntimeWarning, stacklevel=3)
         if self.failed is not None or (key, where) not in self._warm:
+            if len(self._warm) >= 64:  # (keys that never came back)
+                self._warm.clear()
             self._warm.add((key, where))
             return body(here)
         static = [torch.empty_like(x).copy_(x) for x in here]  # (fresh memory: ``here`` may be the caller's)
