@@ -289,6 +289,7 @@ def test_train_prints_a_summary_and_resume_continues(tmp_path: Path, capsys: pyt
     code, out, err = run_cli(["train", "--out", run, "--no-progress", *TINY, "train.iterations=10"], capsys)
     assert code == 0, err
     assert "trained maml for 10 iterations" in out and f"metagrad eval {run}" in out
+    assert "update: separate parts (the learner is not compiled)" in out  # (how the update ran: Trainer.update)
     code, out, err = run_cli(["train", "--resume", "--out", run, "--no-progress", "train.iterations=20"], capsys)
     assert code == 0, err
     assert "trained maml for 20 iterations" in out

@@ -195,3 +195,27 @@ def test_captured_function_copies_inputs_and_keys_python_values() -> None:
     f(("scale", 2.0), body_of(2.0), [torch.ones(3)], [state])
     f(("scale", 2.0), body_of(2.0), [torch.ones(3)], [state])
     assert f.captures == 2 and torch.equal(state, torch.full((3,), 4.0))
+
+
+def test_the_trainer_says_how_its_update_ran(tmp_path: Path) -> None:
+    """Trainer.update (metagrad train prints it): a GPU user learns whether the graph replays, and why not."""
+    overrides = ["train.meta_lr=0.01"]
+    graphed = graphed_trainer(tmp_path, "graphed", overrides)
+    assert graphed.update == "no step yet"
+    for _ in range(3):
+        graphed.step()
+    assert graphed.update == "replayed from a CUDA graph (captured 1 time)"
+    graphed.learner.random = True  # (what a dropout layer sets): not replayed from now on
+    graphed.step()
+    assert graphed.update.startswith("separate parts (the network draws random numbers")
+    refused = graphed_trainer(tmp_path, "refused", overrides, graph=_Refusing)
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
+        for _ in range(2):
+            refused.step()
+    assert refused.update.startswith("eagerly in one call: the CUDA graph capture failed (RuntimeError: operation")
+    separate = separate_trainer(tmp_path, "separate", overrides)
+    separate.step()
+    assert separate.update == "separate parts (train.fused_update = false)"
+    plain = Trainer(cfg_of(*overrides), tmp_path / "plain")  # on the CPU, uncompiled
+    plain.step()
+    assert plain.update == "separate parts (the learner is not compiled)"

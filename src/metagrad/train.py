@@ -64,6 +64,7 @@ class TrainResult:
     iterations: int
     seconds: float
     last: dict[str, float]
+    update: str = ""  # how the last iteration's update ran (Trainer.update)
 
 
 def meta_lr_at(cfg: Config, iteration: int) -> float:
@@ -173,6 +174,7 @@ class Trainer:
         self._opened = False
         self._fused: FusedUpdate | None = None  # built at the first step it applies to
         self._capture: Callable[[], Graph] | None = None  # (tests: a stand-in for CUDA graphs on the CPU)
+        self._unfused: str | None = None  # why the last step took the separate parts
 
     def _build(self, progress: bool) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -362,15 +364,35 @@ class Trainer:
         """The one-call update (metagrad.fused_update) where it applies, else None (the separate parts)."""
         t, size = self.cfg.train, self.world.size
         if not t.fused_update:
+            self._unfused = "train.fused_update = false"
             return None
         fused = self._fused
         if fused is not None and fused.applies(self.learner, self.optimizer, t.grad_clip, tasks, size):
+            self._unfused = None
             return fused
         graphed = (t.cuda_graphs and self.device.type == "cuda") or self._capture is not None
-        if unfused_reason(self.learner, self.optimizer, tasks, size, graphed) is not None:
+        self._unfused = unfused_reason(self.learner, self.optimizer, tasks, size, graphed)
+        if self._unfused is not None:
             return None
         fused = self._fused = FusedUpdate(self.learner, self.optimizer, t.grad_clip, graphed, self._capture)
         return fused
+
+    @property
+    def update(self) -> str:
+        """How the last step's update ran, in words: replayed from a CUDA graph, one compiled call
+        (:mod:`metagrad.fused_update`), or the separate parts and why (``metagrad train`` prints it)."""
+        if self.iteration == self.start_iteration:
+            return "no step yet"
+        fused = self._fused
+        if fused is None or self._unfused is not None:
+            return f"separate parts ({self._unfused})" if self._unfused else "separate parts"
+        graphs = fused.graphs
+        if graphs is None:
+            return "one compiled call (meta-gradient, guard, clipping and optimizer step)"
+        if graphs.failed is not None:
+            return f"eagerly in one call: the CUDA graph capture failed ({graphs.failed})"
+        how = "compiled, " if self.learner._compiled is not None else ""
+        return f"replayed from a CUDA graph ({how}captured {graphs.captures} time{'s' * (graphs.captures != 1)})"
 
     def _assembled_in_graph(self) -> bool:
         """Whether the fused update also assembles the tasks (a family with ``draw`` and ``assemble``): not for
@@ -505,4 +527,4 @@ def train(
         if resume:
             trainer.resume()
         last = trainer.fit()
-    return TrainResult(trainer.learner, Path(run_dir), trainer.iteration, trainer.seconds, last)
+    return TrainResult(trainer.learner, Path(run_dir), trainer.iteration, trainer.seconds, last, trainer.update)
