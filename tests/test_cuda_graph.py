@@ -105,6 +105,20 @@ def test_a_changed_setting_is_captured_again(tmp_path: Path) -> None:
     assert_close_runs(graphed, separate)
 
 
+def test_every_public_setting_keys_the_graph_and_a_counter_does_not(tmp_path: Path) -> None:
+    from metagrad.fused_update import _settings
+
+    learner = graphed_trainer(tmp_path, "settings", []).learner
+    before = _settings(learner)
+    for name, value in (("autocast", torch.bfloat16), ("autocast", torch.float16), ("tf32", True),
+                        ("inner_steps", 3), ("vectorize", False)):  # fmt: skip
+        setattr(learner, name, value)
+        assert _settings(learner) != before, name
+        before = _settings(learner)
+    learner._calls = 7  # a private counter: not a setting
+    assert _settings(learner) == before
+
+
 def test_a_checkpoint_resumes_into_a_new_graph(tmp_path: Path) -> None:
     overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine"]
     straight = separate_trainer(tmp_path, "straight", overrides)

@@ -431,7 +431,7 @@ def _assign(target: Tensor, value: Tensor) -> None:
         target.copy_(value)
 
 
-_PLAIN = frozenset({bool, int, float, str, type(None)})
+_PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})  # (learner.autocast: a dtype)
 
 
 def _settings(learner: MetaLearner) -> tuple[Any, ...]:
