@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                     impl += " (eager)" if args.device == "cpu" else f" ({args.device}, eager)"
                 else:
                     impl += "" if args.device == "cpu" else f" ({args.device}, {args.compile_mode})"
-                if got.get("cuda_graphs"):
-                    impl += " + graphs" if not got.get("cuda_graphs_failed") else " (graph capture failed)"
+                if got.get("cuda_graphs_failed"):
+                    impl += " (graph capture failed)"
+                elif got.get("cuda_graphs"):
+                    impl += " + graphs"
                 if args.update != ["fused"] or not got["fused"]:  # which update ran (fused where it applies)
                     impl += " (fused)" if got["fused"] else " (separate)"
                 row = {"impl": impl, "steps": steps, "algorithm": args.algorithm, "update": update,

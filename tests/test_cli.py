@@ -286,7 +286,8 @@ def test_train_eval_plot_in_process(trained: Path, tmp_path: Path, capsys: pytes
 
 def test_train_prints_a_summary_and_resume_continues(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    code, out, err = run_cli(["train", "--out", run, "--no-progress", *TINY, "train.iterations=10"], capsys)
+    code, out, err = run_cli(["train", "--out", run, "--no-progress", *TINY, "train.iterations=10",
+                              "train.device=cpu"], capsys)  # fmt: skip
     assert code == 0, err
     assert "trained maml for 10 iterations" in out and f"metagrad eval {run}" in out
     assert "update: separate parts (the learner is not compiled)" in out  # (how the update ran: Trainer.update)

@@ -108,7 +108,8 @@ def test_the_update_replayed_from_real_cuda_graphs_trains_as_the_separate_parts(
     separate = Trainer(cfg_of(*overrides, "train.cuda_graphs=false"), tmp_path / "separate")
     run_both(graphed, separate, 6, rtol=1e-10, strict=False)
     graphs = graphed._fused.graphs
-    assert graphs.failed is None and graphs.captures >= 1 and separate._fused is None
+    captures = 2 if case in ("maml-first-order-first", "enhanced-msl") else 1  # (a new key mid-run)
+    assert graphs.failed is None and graphs.captures == captures and separate._fused is None
     assert_close_runs(graphed, separate, rtol=1e-10)
 
 

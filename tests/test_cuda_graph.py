@@ -119,6 +119,41 @@ def test_every_public_setting_keys_the_graph_and_a_counter_does_not(tmp_path: Pa
     assert _settings(learner) == before
 
 
+def test_a_changed_task_family_is_captured_again(tmp_path: Path) -> None:
+    """The sinusoid tasks are assembled inside the graph: their ranges are fixed there, as the learner's settings."""
+    overrides = ["train.meta_lr=0.01"]
+    graphed = graphed_trainer(tmp_path, "graphed", overrides)
+    separate = separate_trainer(tmp_path, "separate", overrides)
+    assert graphed._assembled_in_graph()
+    run_both(graphed, separate, 3)
+    for trainer in (graphed, separate):
+        trainer.tasks.amplitude = (4.0, 5.0)
+    run_both(graphed, separate, 3)
+    assert graphed._fused.graphs.captures == 2
+    assert_close_runs(graphed, separate)
+
+
+def test_state_on_another_device_runs_eagerly_and_says_so_once() -> None:
+    state = torch.zeros(3)
+    f = CapturedFunction(torch.device("cpu"), graph=ReplayedCalls)
+
+    def body(x: list[torch.Tensor]) -> torch.Tensor:
+        state.add_(x[0])
+        return state.clone()
+
+    meta = torch.empty(2, device="meta")  # (a tensor the capture would not see written)
+    with pytest.warns(RuntimeWarning, match="state is on meta"):
+        f("k", body, [torch.ones(3)], [state, meta])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        for _ in range(3):
+            f("k", body, [torch.ones(3)], [state, meta])
+    assert f.captures == 0 and f.failed is None and torch.equal(state, torch.full((3,), 4.0))
+    for _ in range(2):  # the state back on the device: captured as usual
+        f("k", body, [torch.ones(3)], [state])
+    assert f.captures == 1
+
+
 def test_a_checkpoint_resumes_into_a_new_graph(tmp_path: Path) -> None:
     overrides = ["train.meta_lr=0.01", "train.lr_schedule=cosine"]
     straight = separate_trainer(tmp_path, "straight", overrides)
@@ -216,7 +251,9 @@ def test_the_trainer_says_how_its_update_ran(tmp_path: Path) -> None:
     overrides = ["train.meta_lr=0.01"]
     graphed = graphed_trainer(tmp_path, "graphed", overrides)
     assert graphed.update == "no step yet"
-    for _ in range(3):
+    graphed.step()
+    assert graphed.update == "eagerly in one call (a CUDA graph captures it at the next step)"
+    for _ in range(2):
         graphed.step()
     assert graphed.update == "replayed from a CUDA graph (captured 1 time)"
     graphed.learner.random = True  # (what a dropout layer sets): not replayed from now on
@@ -230,6 +267,6 @@ def test_the_trainer_says_how_its_update_ran(tmp_path: Path) -> None:
     separate = separate_trainer(tmp_path, "separate", overrides)
     separate.step()
     assert separate.update == "separate parts (train.fused_update = false)"
-    plain = Trainer(cfg_of(*overrides), tmp_path / "plain")  # on the CPU, uncompiled
+    plain = Trainer(cfg_of(*overrides, "train.device=cpu"), tmp_path / "plain")  # (also where a GPU is)
     plain.step()
     assert plain.update == "separate parts (the learner is not compiled)"

@@ -49,10 +49,11 @@ class Graph(Protocol):
 
 
 class _CUDAGraph:
-    """``torch.cuda.CUDAGraph``, captured on PyTorch's side stream with a memory pool of its own."""
+    """``torch.cuda.CUDAGraph``, captured on PyTorch's side stream into the memory pool ``pool`` (shared by the
+    graphs of one :class:`CapturedFunction`)."""
 
-    def __init__(self) -> None:
-        self.graph = torch.cuda.CUDAGraph()
+    def __init__(self, pool: Any = None) -> None:
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
 
     def capture(self, body: Callable[[list[Tensor]], Any], static: list[Tensor]) -> None:
         # Python's garbage collector stays off during the capture: collecting another CUDA graph there (Inductor's,
@@ -63,7 +64,7 @@ class _CUDAGraph:
         gc.disable()
         stream = torch.cuda.current_stream()
         try:
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.output = body(static)
         except BaseException:
             # A failed capture can leave its side stream current (torch.cuda.graph's exit stops at the failure):
@@ -109,14 +110,27 @@ class CapturedFunction:
     eagerly (PyTorch initialises its libraries lazily, which a capture may not do; and a real call is no waste);
     the second captures it and replays the graph; later ones copy the inputs in and replay. ``device``: where the
     graph runs (inputs elsewhere are copied there). At most ``keep`` graphs are kept, the least recently used
-    dropped. If a capture fails, the reason is warned once and every later call runs eagerly (:attr:`failed`)."""
+    dropped. If a capture fails, the reason is warned once and every later call runs eagerly (:attr:`failed`).
 
-    def __init__(self, device: torch.device, graph: Callable[[], Graph] = _CUDAGraph, keep: int = 4) -> None:
-        self.device, self._graph, self.keep = torch.device(device), graph, keep
+    The graphs share one memory pool, so that a graph kept for a key that may not come back (the first-order
+    phase's) holds no memory of its own: one graph's scratch memory is another's, which is safe because replays
+    run one at a time on one stream and each replay's outputs are read before the next (the contract above).
+    ``graph``: makes a graph (tests: :class:`ReplayedCalls`); by default a CUDA graph in the shared pool."""
+
+    def __init__(self, device: torch.device, graph: Callable[[], Graph] | None = None, keep: int = 4) -> None:
+        self.device, self.keep = torch.device(device), keep
+        self._graph = graph if graph is not None else self._cuda_graph
+        self._pool: Any = None
+        self._outside = False  # warned that the state lives on another device
         self._captured: OrderedDict[Hashable, _Captured] = OrderedDict()
         self._warm: set[Hashable] = set()
         self.failed: str | None = None
         self.captures = 0
+
+    def _cuda_graph(self) -> Graph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return _CUDAGraph(self._pool)
 
     def __call__(
         self, key: Hashable, body: Callable[[list[Tensor]], Any], inputs: Sequence[Tensor], state: Sequence[Tensor]
@@ -132,10 +146,13 @@ class CapturedFunction:
             self._captured.move_to_end(key)
             return entry.graph.output
         here = [x.to(self.device, non_blocking=True) for x in inputs]
-        if self.failed is None and any(t.device != self.device for t in state):
-            # A graph records only the device's kernels: a write elsewhere would happen once, at the capture.
-            self.failed = f"state outside {self.device} ({next(t.device for t in state if t.device != self.device)})"
-            warnings.warn(f"the update is not captured in a CUDA graph: {self.failed}", RuntimeWarning, stacklevel=3)
+        outside = next((t.device for t in state if t.device != self.device), None)
+        if outside is not None:  # a graph records only the device's kernels: a write elsewhere would happen once
+            if not self._outside:
+                self._outside = True
+                warnings.warn(f"the update is not captured in a CUDA graph while its state is on {outside}, not "
+                              f"{self.device}: it runs eagerly", RuntimeWarning, stacklevel=3)  # fmt: skip
+            return body(here)
         if self.failed is not None or (key, where) not in self._warm:
             if len(self._warm) >= 64:  # (keys that never came back)
                 self._warm.clear()

@@ -1,6 +1,7 @@
-"""One compiled function for a whole training update: the meta-gradient, its norm, the divergence guard, gradient
-clipping and the optimizer's step (Adam or SGD), which :class:`~metagrad.Trainer` runs on the CPU when the learner
-is compiled (``train.compile``, ``train.fused_update``).
+"""One function for a whole training update: the meta-gradient, its norm, the divergence guard, gradient clipping
+and the optimizer's step (Adam or SGD), which :class:`~metagrad.Trainer` runs compiled on the CPU when the learner
+is compiled (``train.compile``, ``train.fused_update``), and on a GPU replayed from a CUDA graph, compiled or not
+(``train.cuda_graphs``, :mod:`metagrad.cuda_graph`).
 
 Run one after another, the compiled meta-step and the small eager parts around it (the norm and the metrics'
 host copy, the fused Adam kernel) each met caches the other had just evicted: on the sinusoid MAML step they
@@ -20,8 +21,9 @@ trainer then stops with its DivergenceError.
 
 What it covers (:func:`unfused_reason` says why not, otherwise): ``torch.optim.Adam`` without weight decay,
 AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight decay (the optimizers that
-``train.optimizer`` builds), without step hooks; one process; a learner compiled on the CPU without CUDA graphs
-whose tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates them
+``train.optimizer`` builds), without step hooks; one process; a learner compiled on the CPU without Inductor's
+CUDA graphs, or on a GPU in metagrad's CUDA graphs (then also uncompiled, and not with random layers), whose
+tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates them
 between the meta-gradient and the step), and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own
 (MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA) or has its fused form
 (:meth:`~metagrad.algorithms.MetaLearner._fused_gradient` and ``_step_draws``: Reptile). Anything else takes the
@@ -102,7 +104,7 @@ def _setting_reason(
         return "the learner is not compiled"
     if learner._cuda_graphs:
         return "the learner's compiled step captures CUDA graphs"
-    if graphed and learner.random and learner.training:
+    if graphed and learner.random and (learner.training or learner.model.training):
         return "the network draws random numbers (dropout), which a CUDA graph would replay unchanged"
     if world_size > 1:
         return "the meta-gradient is all-reduced between the processes before the update"
@@ -296,9 +298,13 @@ class FusedUpdate:
         (learned, frozen, meta, tasks, sizes, weights, first_order, scale, draws, extra, steps, avgs, squares, lrs,
          hyper, norm_meta) = args  # fmt: skip
         inputs = [*tasks, *draws, lrs, *(() if weights is None else (weights,))]
-        state = [*learned.values(), *frozen.values(), *meta.values(), *extra.values(), *steps, *avgs, *squares]
-        family = None if sizes is None else (id(sizes[0]), *sizes[1:])
-        settings = _settings(self.learner)
+        # (The network's buffers too: functional_call reads them at their addresses.)
+        buffers = self.learner.model.buffers()
+        state = [*learned.values(), *frozen.values(), *meta.values(), *extra.values(), *steps, *avgs, *squares,
+                 *buffers]  # fmt: skip
+        # A family that assembles the tasks inside the graph: its settings (ranges, noise) are fixed there too.
+        family = None if sizes is None else (type(sizes[0]), id(sizes[0]), *_plain(sizes[0]), *sizes[1:])
+        settings = (*_settings(self.learner), torch.get_default_dtype())
         key = (family, weights is None, first_order, scale, hyper, norm_meta, len(tasks), len(draws), settings)
         n, d = len(tasks), len(draws)
 
@@ -434,13 +440,23 @@ def _assign(target: Tensor, value: Tensor) -> None:
 _PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device})  # (learner.autocast: a dtype)
 
 
+def _plain(obj: Any) -> tuple[Any, ...]:
+    """``obj``'s public attributes that are plain values or tuples of them (a task family's ranges and noise)."""
+    fields = getattr(obj, "__dict__", {})
+    return tuple((k, v) for k, v in fields.items() if k[0] != "_" and _is_plain(v))
+
+
+def _is_plain(v: Any) -> bool:
+    return type(v) in _PLAIN or (type(v) is tuple and all(type(x) in _PLAIN for x in v))
+
+
 def _settings(learner: MetaLearner) -> tuple[Any, ...]:
     """The public plain Python values (numbers, strings, flags) of the learner and every module in it, and how
     it vectorises: the inner rule's learning rate, ``inner_steps``, ``training``, a layer's ``eps``. A graph
     captured with one of them replays it unchanged, so they key the graphs (Dynamo guards a compiled step on them
     likewise); about 12 µs a call on the sinusoid MLP. Private ones are left out: a module's own counters change
     at every call (CAVIA counts the passes through its context layer)."""
-    plain = (v for m in learner.modules() for k, v in m.__dict__.items() if k[0] != "_" and type(v) in _PLAIN)
+    plain = (v for m in learner.modules() for k, v in m.__dict__.items() if k[0] != "_" and _is_plain(v))
     return (learner.vectorize, *plain)
 
 

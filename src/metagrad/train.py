@@ -391,6 +391,8 @@ class Trainer:
             return "one compiled call (meta-gradient, guard, clipping and optimizer step)"
         if graphs.failed is not None:
             return f"eagerly in one call: the CUDA graph capture failed ({graphs.failed})"
+        if not graphs.captures:
+            return "eagerly in one call (a CUDA graph captures it at the next step)"
         how = "compiled, " if self.learner._compiled is not None else ""
         return f"replayed from a CUDA graph ({how}captured {graphs.captures} time{'s' * (graphs.captures != 1)})"
 
