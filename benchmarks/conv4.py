@@ -25,7 +25,12 @@ tasks one after another), ``loop`` (``vectorize=False``), ``vmap`` (all 32 tasks
 (``vmap`` over K tasks at a time), ``compiled`` (``auto`` plus ``learner.compile()``; its first call, the
 compilation, is ``first_s``), ``vmap-compiled`` (``vmap`` plus ``learner.compile()``: what a GPU runs),
 ``imprecise-norms`` (``auto`` with ``learner.precise_norms = False``: PyTorch's
-channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._PreciseBatchNorm).
+channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._PreciseBatchNorm),
+``graphs`` (on a GPU, ``--device cuda``: ``vmap`` and the trainer's whole update replayed from a CUDA graph,
+``metagrad.fused_update.FusedUpdate(graphs=True)``; its ``first_s`` is the first, eager, iteration). A path may
+end in ``+tf32`` or ``+bf16``: ``learner.tf32 = True`` or bfloat16 autocast, the GPU's faster arithmetic (less
+precise, docs/results.md). ``--profile N`` writes each row's busiest operators over N iterations (on a GPU, its
+kernels by GPU time, also those a graph replays).
 
 The floor: ``torch.utils.flop_counter`` counts the floating-point operations of one meta-iteration's
 convolutions and matrix products (the exact second-order computation; element-wise work is left out, so the

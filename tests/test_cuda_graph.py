@@ -270,3 +270,14 @@ def test_the_trainer_says_how_its_update_ran(tmp_path: Path) -> None:
     plain = Trainer(cfg_of(*overrides, "train.device=cpu"), tmp_path / "plain")  # (also where a GPU is)
     plain.step()
     assert plain.update == "separate parts (the learner is not compiled)"
+
+
+def test_graphs_on_a_learner_off_the_gpu_is_a_clear_error() -> None:
+    from metagrad import MAML, MLP
+    from metagrad.errors import ConfigError
+    from metagrad.fused_update import FusedUpdate
+
+    learner = MAML(MLP(1, [8], 1), inner_lr=0.01)
+    optimizer = torch.optim.Adam(learner.parameters())
+    with pytest.raises(ConfigError, match="graphs=True replays CUDA graphs, but the learner is on cpu"):
+        FusedUpdate(learner, optimizer, clip=None, graphs=True)

@@ -46,7 +46,7 @@ from torch.optim import optimizer as torch_optimizer
 
 from metagrad.algorithms.base import MetaLearner, _detach, _with_own_code
 from metagrad.cuda_graph import CapturedFunction, Graph
-from metagrad.errors import CompileError
+from metagrad.errors import CompileError, ConfigError
 from metagrad.tasks.base import TaskBatch
 from metagrad.transforms import transforms_only
 
@@ -192,6 +192,9 @@ class FusedUpdate:
         self.graphs: CapturedFunction | None = None
         if graphs:
             device = _device(learner._named_parameters())
+            if graph is None and device.type != "cuda":
+                raise ConfigError(f"graphs=True replays CUDA graphs, but the learner is on {device}: move it to a GPU "
+                                  "(learner.to('cuda')) or leave graphs off")  # fmt: skip
             self.graphs = CapturedFunction(device, **({} if graph is None else {"graph": graph}))
 
     def applies(self, learner: MetaLearner, optimizer: torch.optim.Optimizer, clip: float | None, tasks: int,
