@@ -131,37 +131,15 @@ def test_a_setting_changed_between_real_cuda_graph_replays_is_captured_again(tmp
     assert_close_runs(graphed, separate, rtol=1e-10)
 
 
-def test_a_conv4_update_replayed_from_cuda_graphs_matches_the_separate_parts() -> None:
-    """The Lake protocol's path: Conv-4 with transductive batch norm, vmap, second order, cross-entropy."""
-    from metagrad.config import load_config
-    from metagrad.fused_update import FusedUpdate, unfused_reason
-    from metagrad.tasks import TaskBatch
-    from metagrad.train import _optimizer
+@pytest.mark.parametrize("bn", ["transductive", "per_step"])
+def test_a_conv4_update_replayed_from_cuda_graphs_matches_the_separate_parts(bn: str) -> None:
+    """The Lake protocol's path (Conv-4 with transductive batch norm, vmap, second order, cross-entropy) and
+    MAML++'s per-step batch norm, whose running statistics the graph updates in place."""
+    from test_cuda_graph import assert_same_conv4, conv4_update_pair
 
-    cfg = load_config(None, ["task.name=omniglot", "model.name=conv4", "model.channels=8", "task.image_size=16",
-                             "task.ways=3", "algorithm.inner_steps=2", "train.meta_lr=0.01"])  # fmt: skip
-    learner = build_learner(cfg).to("cuda", torch.float64)
-    reference = copy.deepcopy(learner)
-    opt, ref_opt = _optimizer(cfg, learner), _optimizer(cfg, reference)
-    assert unfused_reason(learner, opt, 4, 1, graphed=True) is None
-    update = FusedUpdate(learner, opt, None, graphs=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(5):
-        sx, qx = torch.rand(4, 3, 1, 16, 16, generator=g), torch.rand(4, 6, 1, 16, 16, generator=g)
-        sy, qy = torch.tensor([[0, 1, 2]] * 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 4)
-        batch = TaskBatch(sx, sy, qx, qy).to("cuda", torch.float64)
-        norm, finite, values = update(batch, i, None)
-        ref_opt.zero_grad()
-        metrics = reference.backward(batch, i)
-        ref_opt.step()
-        assert finite
-        assert abs(values["loss"] - metrics["loss"].item()) <= 1e-10 * abs(metrics["loss"].item())
+    update, learner, reference = conv4_update_pair(bn, graph=None, device="cuda")
     assert update.graphs.captures == 1 and update.graphs.failed is None
-    for (k, a), b in zip(learner.state_dict().items(), reference.state_dict().values(), strict=True):
-        # A convolution's bias before batch norm has a meta-gradient of 0 up to rounding, which Adam divides by
-        # the rounding's own square root: its moves (1e-10 here) are noise.
-        atol = 1e-8 if k.startswith("model.convs.") and k.endswith(".bias") else 1e-12
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=atol, msg=k)
+    assert_same_conv4(learner, reference)
 
 
 def test_the_compiled_update_replayed_from_cuda_graphs_trains_as_the_separate_parts(tmp_path) -> None:

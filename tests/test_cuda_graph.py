@@ -281,3 +281,55 @@ def test_graphs_on_a_learner_off_the_gpu_is_a_clear_error() -> None:
     optimizer = torch.optim.Adam(learner.parameters())
     with pytest.raises(ConfigError, match="graphs=True replays CUDA graphs, but the learner is on cpu"):
         FusedUpdate(learner, optimizer, clip=None, graphs=True)
+
+
+def conv4_update_pair(bn: str, graph: type | None = ReplayedCalls, device: str = "cpu", steps: int = 5):
+    """A small Conv-4 trained ``steps`` times by FusedUpdate(graphs=True) and by the separate parts, float64."""
+    from metagrad.build import build_learner
+    from metagrad.config import load_config
+    from metagrad.fused_update import FusedUpdate
+    from metagrad.tasks import TaskBatch
+    from metagrad.train import _optimizer
+
+    overrides = ["task.name=omniglot", "model.name=conv4", "model.channels=4", "task.image_size=16", "task.ways=3",
+                 "algorithm.inner_steps=2", "train.meta_lr=0.01", f"model.bn={bn}"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    learner = build_learner(cfg).to(device, torch.float64)
+    learner.vectorize = True  # (the GPU's default; on the CPU "auto" loops over a convolutional network's tasks)
+    reference = copy.deepcopy(learner)
+    opt, ref_opt = _optimizer(cfg, learner), _optimizer(cfg, reference)
+    assert unfused_reason(learner, opt, 4, 1, graphed=True) is None
+    update = FusedUpdate(learner, opt, None, graphs=True, **({} if graph is None else {"graph": graph}))
+    g = torch.Generator().manual_seed(0)
+    for i in range(steps):
+        sx, qx = torch.rand(4, 3, 1, 16, 16, generator=g), torch.rand(4, 6, 1, 16, 16, generator=g)
+        sy, qy = torch.tensor([[0, 1, 2]] * 4), torch.tensor([[0, 0, 1, 1, 2, 2]] * 4)
+        batch = TaskBatch(sx, sy, qx, qy).to(device, torch.float64)
+        norm, finite, values = update(batch, i, None)
+        ref_opt.zero_grad()
+        metrics = reference.backward(batch, i)
+        ref_opt.step()
+        assert finite
+        assert math.isclose(values["loss"], metrics["loss"].item(), rel_tol=1e-10)
+    return update, learner, reference
+
+
+def assert_same_conv4(learner: torch.nn.Module, reference: torch.nn.Module) -> None:
+    for (k, a), b in zip(learner.state_dict().items(), reference.state_dict().values(), strict=True):
+        # A convolution's bias before batch norm has a meta-gradient of 0 up to rounding, which Adam divides by
+        # the rounding's own square root: its moves (1e-10 here) are noise.
+        # The running means carry that bias: 3e-11 apart after three steps.
+        noisy = (k.startswith("model.convs.") and k.endswith(".bias")) or ".running_" in k
+        atol = 1e-8 if noisy else 1e-12
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=atol, msg=k)
+
+
+def test_running_statistics_are_tracked_inside_the_replayed_update() -> None:
+    """MAML++'s per-step batch norm (model.bn = "per_step", the miniImageNet and CIFAR-FS MAML Enhanced configs):
+    the eager update in a graph folds the batch into the running statistics as learner.backward does."""
+    update, learner, reference = conv4_update_pair("per_step")
+    assert update.graphs.captures == 1 and learner.tracks_statistics
+    running = dict(learner.model.named_buffers())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in running.items() if "running_mean" in k)
+    assert_same_conv4(learner, reference)

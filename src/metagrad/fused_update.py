@@ -110,8 +110,9 @@ def _setting_reason(
         return "the meta-gradient is all-reduced between the processes before the update"
     if learner.task_chunk(tasks) != tasks:
         return "the tasks are differentiated in chunks"
-    if learner.training and learner.tracks_statistics:
-        # learner.backward folds the batch into them between the meta-gradient and the optimizer's step.
+    if learner.training and learner.tracks_statistics and not (graphed and learner._compiled is None):
+        # learner.backward folds the batch into them between the meta-gradient and the optimizer's step: the eager
+        # update in a CUDA graph does so too (track_statistics, in place); a compiled one does not trace it.
         return "batch norms track running statistics"
     if type(optimizer) is torch.optim.Adam:
         defaults = _ADAM_DEFAULTS
@@ -347,6 +348,8 @@ class FusedUpdate:
         learner = self.learner
         gp, gm, metrics, written = learner._fused_gradient(learned, frozen, meta, tasks, weights, first_order, scale,
                                                            draws, extra)  # fmt: skip
+        if learner.training and learner.tracks_statistics:  # as learner.backward: before the weights move
+            learner.track_statistics(TaskBatch(*tasks))
         for k, v in written.items():  # the learner's own state (Reptile's inner Adam), whatever the guard says
             _assign(extra[k], v)
         trees = {"p": (learned, gp), "m": (meta, gm)}
