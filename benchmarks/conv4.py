@@ -29,8 +29,10 @@ channels-last CPU batch norm, faster and less precise in float32, see metagrad.m
 ``graphs`` (on a GPU, ``--device cuda``: ``vmap`` and the trainer's whole update replayed from a CUDA graph,
 ``metagrad.fused_update.FusedUpdate(graphs=True)``; its ``first_s`` is the first, eager, iteration). A path may
 end in ``+tf32`` or ``+bf16``: ``learner.tf32 = True`` or bfloat16 autocast, the GPU's faster arithmetic (less
-precise, docs/results.md). ``--profile N`` writes each row's busiest operators over N iterations (on a GPU, its
-kernels by GPU time, also those a graph replays).
+precise, docs/results.md), or ``+products``: every convolution a matrix product over 3x3 patches
+(``Conv3x3.products``; under ``vmap`` one batched product instead of a grouped convolution). ``--profile N``
+writes each row's busiest operators over N iterations (on a GPU, its kernels by GPU time, also those a graph
+replays).
 
 The floor: ``torch.utils.flop_counter`` counts the floating-point operations of one meta-iteration's
 convolutions and matrix products (the exact second-order computation; element-wise work is left out, so the
@@ -105,6 +107,10 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     learner.precise_norms = path != "imprecise-norms"
     learner.tf32 = "tf32" in options
     learner.autocast = torch.bfloat16 if "bf16" in options else None
+    if "products" in options:  # every convolution a (batched) matrix product over 3x3 patches
+        for module in learner.model.modules():
+            if hasattr(module, "products"):
+                module.products = True
     return learner
 
 

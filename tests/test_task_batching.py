@@ -86,12 +86,15 @@ class _Textbook(nn.Module):
         return self.net.head(x.flatten(1))
 
 
-@pytest.mark.parametrize("in_channels", [1, 3, 8])
-def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels):
+@pytest.mark.parametrize(("in_channels", "products"), [(1, None), (3, None), (8, None), (8, True)])
+def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels, products):
     """Value, gradient and a Hessian-vector product of a loss through Conv-4 equal the textbook layers' (float64),
-    for the matrix-product first convolution (1 and 3 channels) and the plain one (8 channels)."""
+    for the matrix-product first convolution (1 and 3 channels) and the plain one (8 channels), and with every
+    convolution a matrix product (``Conv3x3.products = True``)."""
     torch.manual_seed(0)
     model = Conv4(in_channels, 3, hidden=6, image_size=16).double()
+    for conv in model.convs:
+        conv.products = products
     x = torch.randn(5, in_channels, 16, 16, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1])
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -112,6 +115,26 @@ def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels)
     for a, b in ((grad(loss_fast)(params), grad(loss_ref)(params)), (hvp(loss_fast), hvp(loss_ref))):
         for k in params:
             torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-11)
+
+
+def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order():
+    """Every convolution a product (per-task weights under vmap: one batched product over the tasks): the
+    second-order meta-gradient equals the task loop's and the plain convolutions' (float64)."""
+    torch.manual_seed(0)
+    model = Conv4(1, 3, hidden=6, image_size=16).double()
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(torch.randn(3, 3, 1, 16, 16, generator=g, dtype=torch.float64), torch.tensor([[0, 1, 2]] * 3),
+                      torch.randn(3, 6, 1, 16, 16, generator=g, dtype=torch.float64),
+                      torch.tensor([[0, 0, 1, 1, 2, 2]] * 3))  # fmt: skip
+    grads = []
+    for products, vectorize in ((True, True), (True, False), (False, True)):
+        for conv in model.convs:
+            conv.products = products
+        learner = MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy", vectorize=vectorize)
+        grads.append(learner.meta_gradient(batch)[0])
+    for other in grads[1:]:
+        for k in grads[0]:
+            torch.testing.assert_close(grads[0][k], other[k], rtol=1e-9, atol=1e-12, msg=k)
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "reptile"])

@@ -191,14 +191,23 @@ class Conv3x3(nn.Conv2d):
     input with few channels (Omniglot's one) is one matrix product over 3x3 patches: oneDNN's convolution runs
     such an input at a few percent of the machine's speed and returns NCHW, the product is several times faster
     and its result is channels-last already. A learner's inner-loop passes on the CPU, which Conv-4 runs in
-    NCHW, take oneDNN's convolution: on their few support images it was faster than the product and a copy."""
+    NCHW, take oneDNN's convolution: on their few support images it was faster than the product and a copy.
+
+    ``products``: ``None`` (that choice), ``True`` (the product for every input: under ``vmap`` one batched matrix
+    product over the tasks instead of a grouped convolution, a route to measure on a GPU with
+    ``benchmarks/conv4.py --paths graphs+products``) or ``False`` (the convolution)."""
+
+    products: bool | None = None
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        if c * 9 > 64 or _nchw_pass(x):  # an inner pass: oneDNN's NCHW convolution beat the product + a copy
+        products = self.products
+        if products is None:  # an inner pass: oneDNN's NCHW convolution beat the product + a copy
+            products = c * 9 <= 64 and not _nchw_pass(x)
+        if not products:
             return super().forward(x)
         # The 3x3 patches as [n*h*w, c*9], features in the weight's (c, kh, kw) order: nine shifted views of the
         # padded channels-last input stacked in one copy, 1.6-3x faster than `F.unfold` (im2col) and a transpose.
