@@ -27,7 +27,8 @@ compilation, is ``first_s``), ``vmap-compiled`` (``vmap`` plus ``learner.compile
 ``imprecise-norms`` (``auto`` with ``learner.precise_norms = False``: PyTorch's
 channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._PreciseBatchNorm),
 ``graphs`` (on a GPU, ``--device cuda``: ``vmap`` and the trainer's whole update replayed from a CUDA graph,
-``metagrad.fused_update.FusedUpdate(graphs=True)``; its ``first_s`` is the first, eager, iteration). A path may
+``metagrad.fused_update.FusedUpdate(graphs=True)``; its ``first_s`` is the first, eager, iteration),
+``graphs-loop`` (the same with the tasks one after another: plain convolutions, all launched by the graph). A path may
 end in ``+tf32`` or ``+bf16``: ``learner.tf32 = True`` or bfloat16 autocast, the GPU's faster arithmetic (less
 precise, docs/results.md), or ``+products``: every convolution a matrix product over 3x3 patches
 (``Conv3x3.products``; under ``vmap`` one batched product instead of a grouped convolution). ``--profile N``
@@ -91,7 +92,7 @@ def _learner(path: str, ways: int, steps: int) -> Any:
 
     path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
-             "vmap-compiled": True, "graphs": True}
+             "vmap-compiled": True, "graphs": True, "graphs-loop": False}
     vectorize: bool | int | str = paths.get(path, "")
     if path.startswith("chunk:"):
         vectorize = int(path.split(":", 1)[1])
@@ -137,7 +138,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     data = make_data(spec["ways"], spec["meta_batch"], queries=spec.get("queries", QUERIES))
     batch = TaskBatch(*(torch.from_numpy(a) for a in data)).to(device)
     opt = torch.optim.Adam(learner.parameters(), lr=META_LR, fused=device.type == "cuda" or None)
-    if spec["path"].split("+")[0] == "graphs":  # the trainer's update on a GPU: metagrad.fused_update in CUDA graphs
+    if spec["path"].split("+")[0] in ("graphs", "graphs-loop"):  # the trainer's update on a GPU, in CUDA graphs
         from metagrad.fused_update import FusedUpdate, unfused_reason
 
         reason = unfused_reason(learner, opt, spec["meta_batch"], 1, graphed=True)

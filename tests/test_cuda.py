@@ -90,7 +90,7 @@ def test_cuda_graphs_give_the_eager_meta_gradient_over_several_iterations() -> N
 
 
 REPLAYED = ["maml-adam-cosine-clipped", "enhanced-msl", "maml-first-order-first", "reptile-inner-adam", "cavia",
-            "metasgd-sgd"]  # fmt: skip
+            "metasgd-sgd", "maml-chunks"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", REPLAYED)
@@ -131,13 +131,13 @@ def test_a_setting_changed_between_real_cuda_graph_replays_is_captured_again(tmp
     assert_close_runs(graphed, separate, rtol=1e-10)
 
 
-@pytest.mark.parametrize("bn", ["transductive", "per_step"])
-def test_a_conv4_update_replayed_from_cuda_graphs_matches_the_separate_parts(bn: str) -> None:
-    """The Lake protocol's path (Conv-4 with transductive batch norm, vmap, second order, cross-entropy) and
-    MAML++'s per-step batch norm, whose running statistics the graph updates in place."""
+@pytest.mark.parametrize(("bn", "vectorize"), [("transductive", True), ("per_step", True), ("transductive", False)])
+def test_a_conv4_update_replayed_from_cuda_graphs_matches_the_separate_parts(bn: str, vectorize: bool) -> None:
+    """The Lake protocol's path (Conv-4 with transductive batch norm, vmap, second order, cross-entropy),
+    MAML++'s per-step batch norm, whose running statistics the graph updates in place, and the task loop."""
     from test_cuda_graph import assert_same_conv4, conv4_update_pair
 
-    update, learner, reference = conv4_update_pair(bn, graph=None, device="cuda")
+    update, learner, reference = conv4_update_pair(bn, graph=None, device="cuda", vectorize=vectorize)
     assert update.graphs.captures == 1 and update.graphs.failed is None
     assert_same_conv4(learner, reference)
 

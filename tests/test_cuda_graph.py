@@ -27,6 +27,8 @@ GRAPHED_CASES = {
     ],  # fmt: skip
     # First order for the first 3 iterations, then second: another graph.
     "maml-first-order-first": ["algorithm.first_order_iterations=3", "train.meta_lr=0.01"],
+    # Tasks vmapped 3 at a time (4 tasks: chunks of 3 and 1), summed inside the graph.
+    "maml-chunks": ["train.vectorize=3", "algorithm.inner_steps=2", "train.meta_lr=0.01"],
 }
 
 
@@ -283,7 +285,9 @@ def test_graphs_on_a_learner_off_the_gpu_is_a_clear_error() -> None:
         FusedUpdate(learner, optimizer, clip=None, graphs=True)
 
 
-def conv4_update_pair(bn: str, graph: type | None = ReplayedCalls, device: str = "cpu", steps: int = 5):
+def conv4_update_pair(
+    bn: str, graph: type | None = ReplayedCalls, device: str = "cpu", steps: int = 5, vectorize: bool = True
+):  # fmt: skip
     """A small Conv-4 trained ``steps`` times by FusedUpdate(graphs=True) and by the separate parts, float64."""
     from metagrad.build import build_learner
     from metagrad.config import load_config
@@ -296,7 +300,7 @@ def conv4_update_pair(bn: str, graph: type | None = ReplayedCalls, device: str =
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     learner = build_learner(cfg).to(device, torch.float64)
-    learner.vectorize = True  # (the GPU's default; on the CPU "auto" loops over a convolutional network's tasks)
+    learner.vectorize = vectorize  # (True: the GPU's "auto"; on the CPU "auto" loops over a network that convolves)
     reference = copy.deepcopy(learner)
     opt, ref_opt = _optimizer(cfg, learner), _optimizer(cfg, reference)
     assert unfused_reason(learner, opt, 4, 1, graphed=True) is None
@@ -332,4 +336,11 @@ def test_running_statistics_are_tracked_inside_the_replayed_update() -> None:
     assert update.graphs.captures == 1 and learner.tracks_statistics
     running = dict(learner.model.named_buffers())
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in running.items() if "running_mean" in k)
+    assert_same_conv4(learner, reference)
+
+
+def test_the_task_loop_replays_too() -> None:
+    """vectorize=False in a graph: the tasks' plain convolutions one after another, all launched by one replay."""
+    update, learner, reference = conv4_update_pair("transductive", vectorize=False, steps=3)
+    assert update.graphs.captures == 1 and not learner.vmapped
     assert_same_conv4(learner, reference)

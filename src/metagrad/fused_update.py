@@ -108,7 +108,8 @@ def _setting_reason(
         return "the network draws random numbers (dropout), which a CUDA graph would replay unchanged"
     if world_size > 1:
         return "the meta-gradient is all-reduced between the processes before the update"
-    if learner.task_chunk(tasks) != tasks:
+    if learner.task_chunk(tasks) != tasks and not (graphed and learner._compiled is None and _own_fused_form(learner)):
+        # (A compiled update would unroll every chunk into one graph; a meta-step of its own may not chunk.)
         return "the tasks are differentiated in chunks"
     if learner.training and learner.tracks_statistics and not (graphed and learner._compiled is None):
         # learner.backward folds the batch into them between the meta-gradient and the optimizer's step: the eager
@@ -142,6 +143,11 @@ def _setting_reason(
             if not graphed and not p.is_cpu:
                 return "the learner is not on the CPU (the compiled fused update was measured on the CPU only)"
     return None
+
+
+def _own_fused_form(learner: MetaLearner) -> bool:
+    """Whether ``learner``'s fused meta-step is MetaLearner's own, which differentiates chunks one after another."""
+    return _owner(learner, "_fused_gradient") is MetaLearner
 
 
 @functools.cache

@@ -770,8 +770,19 @@ class MetaLearner(nn.Module):
         """The meta-step that the fused update compiles with the optimizer's step: what :meth:`_meta_step` computes
         for the whole batch in one process, plus the new values of ``extra`` (:attr:`extra_state`'s tensors) that
         it writes. A learner with a meta-step of its own (Reptile) overrides this and :meth:`_step_draws` to
-        train through the fused update too."""
-        return (*self._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale), {})
+        train through the fused update too. Tasks in chunks (``vectorize=k``, or ``False``: one at a time) are
+        differentiated one chunk after another and summed, as :meth:`_meta_gradient` does (the update in a CUDA
+        graph; a compiled one takes them all at once only)."""
+        n = tasks[0].shape[0]
+        size = self.task_chunk(n)
+        if size >= n:
+            return (*self._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale), {})
+        total: list[dict[str, Tensor]] = []
+        for start in range(0, n, size):
+            chunk = tuple(t[start : start + size] for t in tasks)
+            out = self._chunk_gradient(learned, frozen, meta, chunk, weights, first_order, scale)
+            total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
+        return (*total, {})
 
     def _run_compiled(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the compiled meta-step. Under CUDA graphs (``compile(mode="reduce-overhead")`` on a GPU) its
