@@ -22,10 +22,11 @@ trainer then stops with its DivergenceError.
 What it covers (:func:`unfused_reason` says why not, otherwise): ``torch.optim.Adam`` without weight decay,
 AMSGrad or ``maximize``, and ``torch.optim.SGD`` without momentum or weight decay (the optimizers that
 ``train.optimizer`` builds), without step hooks; one process; a learner compiled on the CPU without Inductor's
-CUDA graphs, or on a GPU in metagrad's CUDA graphs (then also uncompiled, and not with random layers), whose
-tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates them
-between the meta-gradient and the step), and whose meta-step is :class:`~metagrad.algorithms.MetaLearner`'s own
-(MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA) or has its fused form
+CUDA graphs, whose tasks go in one chunk, without batch-norm running statistics (``learner.backward`` updates
+them between the meta-gradient and the step), or on a GPU in metagrad's CUDA graphs, compiled likewise or
+uncompiled (then chunks and running statistics too, but no random layers); and whose meta-step is
+:class:`~metagrad.algorithms.MetaLearner`'s own (MAML, first-order MAML, Meta-SGD, MAML Enhanced, ANIL, CAVIA)
+or has its fused form
 (:meth:`~metagrad.algorithms.MetaLearner._fused_gradient` and ``_step_draws``: Reptile). Anything else takes the
 separate update, with the same results. As there, the norm that the guard and the clipping use is that of every
 gradient the learner computes, also where the optimizer holds only some of the tensors; a tensor the optimizer

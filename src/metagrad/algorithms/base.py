@@ -771,8 +771,8 @@ class MetaLearner(nn.Module):
         for the whole batch in one process, plus the new values of ``extra`` (:attr:`extra_state`'s tensors) that
         it writes. A learner with a meta-step of its own (Reptile) overrides this and :meth:`_step_draws` to
         train through the fused update too. Tasks in chunks (``vectorize=k``, or ``False``: one at a time) are
-        differentiated one chunk after another and summed, as :meth:`_meta_gradient` does (the update in a CUDA
-        graph; a compiled one takes them all at once only)."""
+        differentiated one chunk after another and summed, as :meth:`_meta_gradient` does (in the eager update that
+        a CUDA graph replays; a compiled fused update is built for one chunk only)."""
         n = tasks[0].shape[0]
         size = self.task_chunk(n)
         if size >= n:
