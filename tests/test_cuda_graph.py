@@ -272,6 +272,14 @@ def test_the_trainer_says_how_its_update_ran(tmp_path: Path) -> None:
     plain = Trainer(cfg_of(*overrides, "train.device=cpu"), tmp_path / "plain")  # (also where a GPU is)
     plain.step()
     assert plain.update == "separate parts (the learner is not compiled)"
+    # A checkpoint records it too (trainer.json), also for a run that was interrupted before its summary.
+    import json
+
+    checkpoint = graphed_trainer(tmp_path, "saved", overrides)
+    for _ in range(2):
+        checkpoint.step()
+    meta = json.loads((checkpoint.save() / "trainer.json").read_text())
+    assert meta["update"] == "replayed from a CUDA graph (captured 1 time)"
 
 
 def test_graphs_on_a_learner_off_the_gpu_is_a_clear_error() -> None:

@@ -6,7 +6,8 @@ A checkpoint is a directory:
   rule's learned tensors) and ``extra.<name>`` (buffers and algorithm state such as Reptile's moments);
 * ``trainer.safetensors``: ``optim.<index>.<key>`` (the meta-optimizer's tensors) and ``rng.tasks`` (the task
   stream's generator state);
-* ``trainer.json``: iteration, seconds, best validation score, algorithm, config, the optimizer's hyper-parameters
+* ``trainer.json``: iteration, seconds, best validation score, algorithm, config, how the update ran
+  (``Trainer.update``: a CUDA graph, one compiled call or the separate parts), the optimizer's hyper-parameters
   and scalars, the learning-rate scheduler's ``state_dict``, and the SHA-256 of both tensor files.
 
 It is written into a temporary directory, every file flushed and fsync'ed, then renamed into place, so a kill at

@@ -457,6 +457,7 @@ class Trainer:
             "best_val": self.best if math.isfinite(self.best) else None,
             "algorithm": self.learner.name,
             "config": self.cfg.to_dict(),
+            "update": self.update,  # how the steps before it ran (a CUDA graph, one compiled call, the parts)
         }
         directory = self.run_dir / CHECKPOINTS / (name or checkpoint_name(self.iteration))
         path = save_training_state(directory, self.learner, self.optimizer, self.scheduler, self.generator, info)
