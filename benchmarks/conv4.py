@@ -149,6 +149,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         def step() -> None:
             update(batch, next(calls), None)  # (reads its metrics: a host synchronisation, as the trainer's)
+
+        graphs = update.graphs
     else:
 
         def step() -> None:
@@ -170,13 +172,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mib()
+    replayed = {}
+    if spec["path"].split("+")[0] in ("graphs", "graphs-loop"):  # whether the graph was captured and replayed
+        replayed = {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
     if spec.get("profile") and spec.get("profile_out"):
         out = Path(spec["profile_out"].format(path=spec["path"].replace("+", "_"), steps=spec["steps"]))
         try:  # the timing must come back even if the profiler fails on this machine
             profile_steps(step, spec["profile"], device, out)
         except Exception as e:  # noqa: BLE001
             out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
-    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak}
+    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak, **replayed}
 
 
 def profile_steps(step: Any, steps: int, device: Any, out: Path) -> None:

@@ -116,8 +116,9 @@ def worker(
                 profile_out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
         fused_used = trainer._fused is not None
         graphs = None if trainer._fused is None else trainer._fused.graphs
+        update = trainer.update
         trainer.close()
-    out = {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used}
+    out = {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used, "update": update}
     if graphs is not None:  # the update replayed from metagrad's CUDA graphs (train.cuda_graphs)
         out |= {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
     return out if bare is None else {**out, "unguarded_it_per_s": bare}
