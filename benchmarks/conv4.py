@@ -346,6 +346,9 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                             row["vs_l2l"] = got["it_per_s"] / base["it_per_s"]
                         row["vs_floor"] = floor_s * got["it_per_s"]
                         rows.append(row)
+                        # (each row as it comes: a run stopped by a time limit keeps the rows it finished)
+                        print(f"  done: {row['impl']} {got['it_per_s']:.3f} it/s, peak {got['peak_mib']:.0f} MiB, "
+                              f"first {got['first_s']:.1f} s", flush=True)
             print(f"\nsteps {steps}, threads {threads}: {flops / 1e9:.0f} GFLOP per iteration, peak "
                   f"{rate / 1e9:.0f} GF/s, floor {floor_s:.2f} s/it; load {os.getloadavg()[0]:.2f}")  # fmt: skip
             print(f"  {'implementation':<32} {'it/s':>7} {'s/it':>7} {'vs l2l':>7} {'vs floor':>8} {'peak MiB':>9}"
