@@ -630,15 +630,19 @@ class MetaLearner(nn.Module):
         weights: Tensor | None,
         first_order: bool,
         eager: bool = False,
+        scale: float | None = None,
     ) -> tuple[Params, Params, dict[str, Tensor]]:
+        """The chunks' gradients (:meth:`task_chunk`), one after another and summed, of ``scale`` (default 1 / the
+        tasks) times the summed meta-loss; compiled unless ``eager``."""
         n = tasks[0].shape[0]
         size = self.task_chunk(n)
         compiled = self._compiled is not None and not eager
         fn = self._compiled if compiled else self._chunk_gradient
+        scale = 1.0 / n if scale is None else scale
+        chunks = [tasks] if size >= n else [tuple(t[i : i + size] for t in tasks) for i in range(0, n, size)]
         total: list[dict[str, Tensor]] = []
-        for start in range(0, n, size):
-            chunk = tuple(t[start : start + size] for t in tasks)
-            args = (params, frozen, meta, chunk, weights, first_order, 1.0 / n)
+        for chunk in chunks:
+            args = (params, frozen, meta, chunk, weights, first_order, scale)
             out = self._run_compiled(fn, *args) if compiled else fn(*args)
             # Out of place: a compiled graph may return one buffer for two equal outputs.
             total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
@@ -771,18 +775,9 @@ class MetaLearner(nn.Module):
         for the whole batch in one process, plus the new values of ``extra`` (:attr:`extra_state`'s tensors) that
         it writes. A learner with a meta-step of its own (Reptile) overrides this and :meth:`_step_draws` to
         train through the fused update too. Tasks in chunks (``vectorize=k``, or ``False``: one at a time) are
-        differentiated one chunk after another and summed, as :meth:`_meta_gradient` does (in the eager update that
+        differentiated one chunk after another and summed by :meth:`_meta_gradient` (in the eager update that
         a CUDA graph replays; a compiled fused update is built for one chunk only)."""
-        n = tasks[0].shape[0]
-        size = self.task_chunk(n)
-        if size >= n:
-            return (*self._chunk_gradient(learned, frozen, meta, tasks, weights, first_order, scale), {})
-        total: list[dict[str, Tensor]] = []
-        for start in range(0, n, size):
-            chunk = tuple(t[start : start + size] for t in tasks)
-            out = self._chunk_gradient(learned, frozen, meta, chunk, weights, first_order, scale)
-            total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
-        return (*total, {})
+        return (*self._meta_gradient(learned, frozen, meta, tasks, weights, first_order, eager=True, scale=scale), {})
 
     def _run_compiled(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call the compiled meta-step. Under CUDA graphs (``compile(mode="reduce-overhead")`` on a GPU) its
