@@ -142,6 +142,15 @@ def test_a_conv4_update_replayed_from_cuda_graphs_matches_the_separate_parts(bn:
     assert_same_conv4(learner, reference)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_users_cnn_with_running_statistics_replays_from_real_cuda_graphs(momentum) -> None:
+    """A researcher's own CNN (stock BatchNorm2d, InstanceNorm); momentum=None's cumulative average must fold
+    without a host read, or the capture fails."""
+    from test_cuda_graph import users_cnn_pair
+
+    users_cnn_pair(momentum, graph=None, device="cuda")
+
+
 def test_the_compiled_update_replayed_from_cuda_graphs_trains_as_the_separate_parts(tmp_path) -> None:
     """train.compile on a GPU: Inductor's update (Triton kernels) captured in metagrad's CUDA graph."""
     from test_cuda_graph import run_both

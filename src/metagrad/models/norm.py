@@ -203,7 +203,9 @@ class _ExactBatchNorm:
     def _fold(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
         n = x.numel() // x.shape[1]
         self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        momentum = self.momentum
+        if momentum is None:  # a cumulative average: 1 / count, read on the device (a CUDA graph replays no host read)
+            momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
         self.running_mean.lerp_(mean.detach(), momentum)
         self.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
 
