@@ -117,6 +117,12 @@ def test_every_public_setting_keys_the_graph_and_a_counter_does_not(tmp_path: Pa
         setattr(learner, name, value)
         assert _settings(learner) != before, name
         before = _settings(learner)
+    learner.rule.rates = [0.1, 0.2]  # a list of numbers: a setting too
+    assert _settings(learner) != before
+    before = _settings(learner)
+    learner.rule.rates = [0.1, 0.3]
+    assert _settings(learner) != before
+    before = _settings(learner)
     learner._calls = 7  # a private counter: not a setting
     assert _settings(learner) == before
 
@@ -393,3 +399,18 @@ def test_a_users_cnn_with_running_statistics_replays_as_the_separate_parts(momen
     """The same path as the shipped models. momentum=None (a cumulative average) folds without reading a count on
     the host, which a capture may not do (tests/test_cuda.py captures it for real)."""
     users_cnn_pair(momentum)
+
+
+def test_a_users_task_family_assembled_in_the_graph_trains_as_the_separate_parts(tmp_path: Path) -> None:
+    """docs/extending.md's optional draw/assemble pair on a family of the user's: assembled inside the replayed
+    update as the sinusoid is."""
+    from test_fused_update import _Lines
+
+    graphed = graphed_trainer(tmp_path, "graphed", ["train.meta_lr=0.01"])
+    separate = separate_trainer(tmp_path, "separate", ["train.meta_lr=0.01"])
+    for trainer in (graphed, separate):
+        trainer.tasks = _Lines()
+    assert graphed._assembled_in_graph()
+    run_both(graphed, separate, 4)
+    assert graphed._fused.graphs.captures == 1
+    assert_close_runs(graphed, separate)

@@ -454,13 +454,17 @@ _PLAIN = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device
 
 
 def _plain(obj: Any) -> tuple[Any, ...]:
-    """``obj``'s public attributes that are plain values or tuples of them (a task family's ranges and noise)."""
+    """``obj``'s public attributes that are plain values or sequences of them (a task family's ranges and noise)."""
     fields = getattr(obj, "__dict__", {})
-    return tuple((k, v) for k, v in fields.items() if k[0] != "_" and _is_plain(v))
+    return tuple((k, _frozen(v)) for k, v in fields.items() if k[0] != "_" and _is_plain(v))
 
 
 def _is_plain(v: Any) -> bool:
-    return type(v) in _PLAIN or (type(v) is tuple and all(type(x) in _PLAIN for x in v))
+    return type(v) in _PLAIN or (type(v) in (tuple, list) and all(type(x) in _PLAIN for x in v))
+
+
+def _frozen(v: Any) -> Any:
+    return tuple(v) if type(v) is list else v  # (a key must hash)
 
 
 def _settings(learner: MetaLearner) -> tuple[Any, ...]:
@@ -469,7 +473,7 @@ def _settings(learner: MetaLearner) -> tuple[Any, ...]:
     captured with one of them replays it unchanged, so they key the graphs (Dynamo guards a compiled step on them
     likewise); about 12 µs a call on the sinusoid MLP. Private ones are left out: a module's own counters change
     at every call (CAVIA counts the passes through its context layer)."""
-    plain = (v for m in learner.modules() for k, v in m.__dict__.items() if k[0] != "_" and _is_plain(v))
+    plain = (_frozen(v) for m in learner.modules() for k, v in m.__dict__.items() if k[0] != "_" and _is_plain(v))
     return (learner.vectorize, *plain)
 
 
