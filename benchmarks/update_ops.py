@@ -1,7 +1,7 @@
 """The ATen operations one training update runs beneath ``torch.func``: what a CUDA graph of the eager update
 (``train.cuda_graphs``) replays, one kernel each on a GPU, split into the meta-step and the rest (the sinusoid
-tasks' assembly, the norm, the guard, clipping and the optimizer's step). Counted on any device, the CPU included (views and allocations left
-out: they launch nothing).
+tasks' assembly, the norm, the guard, clipping and the optimizer's step). Counted on any device, the CPU included
+(views and allocations left out: they launch nothing).
 
 Run from the repository root::
 
