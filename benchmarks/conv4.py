@@ -30,8 +30,11 @@ channels-last CPU batch norm, faster and less precise in float32, see metagrad.m
 ``metagrad.fused_update.FusedUpdate(graphs=True)``; its ``first_s`` is the first, eager, iteration),
 ``graphs-loop`` (the same with the tasks one after another: plain convolutions, all launched by the graph). A path may
 end in ``+tf32`` or ``+bf16``: ``learner.tf32 = True`` or bfloat16 autocast, the GPU's faster arithmetic (less
-precise, docs/results.md), or ``+products``: every convolution a matrix product over 3x3 patches
-(``Conv3x3.products``; under ``vmap`` one batched product instead of a grouped convolution). ``--profile N``
+precise, docs/results.md), ``+products``: every convolution a matrix product over 3x3 patches
+(``Conv3x3.products``; under ``vmap`` one batched product instead of a grouped convolution; the default under
+``vmap`` on a GPU), ``+convolutions``: every convolution cuDNN's or oneDNN's (grouped under ``vmap``), or
+``+blocks`` / ``+unfold`` / ``+conv``: the product's patches gathered in ``(kh, kw, c)`` order, by ``F.unfold``
+or by a one-hot depthwise convolution (``Conv3x3.patches``). ``--profile N``
 writes each row's busiest operators over N iterations (on a GPU, its kernels by GPU time, also those a graph
 replays).
 
@@ -108,10 +111,15 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     learner.precise_norms = path != "imprecise-norms"
     learner.tf32 = "tf32" in options
     learner.autocast = torch.bfloat16 if "bf16" in options else None
-    if "products" in options:  # every convolution a (batched) matrix product over 3x3 patches
-        for module in learner.model.modules():
-            if hasattr(module, "products"):
+    for module in learner.model.modules():
+        if hasattr(module, "products"):
+            if "products" in options:  # every convolution a (batched) matrix product over 3x3 patches
                 module.products = True
+            if "convolutions" in options:  # every convolution cuDNN's or oneDNN's (grouped, under vmap)
+                module.products = False
+            for patches in ("blocks", "unfold", "conv"):  # how the product gathers its patches (Conv3x3.patches)
+                if patches in options:
+                    module.patches = patches
     return learner
 
 

@@ -10,7 +10,8 @@
 #
 #     OMNIGLOT=.omniglot bash benchmarks/device_check.sh "$OUT"
 #
-# Each part has its own limit (560 s in all by default), most important first; every log and JSON goes into one
+# Each part has its own limit (600 s in all by default: leave out a part, such as iteration_compiled, to fit one
+# call), most important first; every log and JSON goes into one
 # archive, $OUT/device_check.tgz (the device tool returns at most 8 files), also when a part runs out of time.
 # PARTS="cuda_tests iteration ..." runs only those parts (a second, shorter call); CONV4_PATHS the Conv-4 rows.
 #   cuda_tests: tests/test_cuda.py (every algorithm's meta-gradient on CUDA equals the CPU's in float64; the
@@ -22,9 +23,10 @@
 #      (kernel launches, graph replays, host synchronisations); the eager separate parts and Inductor's own CUDA
 #      graphs (reduce-overhead) as baselines on the same card.
 #   conv4_20way: the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a
-#      class) on random images: eager vmap against the update in CUDA graphs (vmap, the task loop, every convolution
-#      a batched matrix product, TF32, bfloat16), with each row's kernels by GPU time over 2 iterations (what
-#      bounds the step: convolutions or element-wise work).
+#      class) on random images, the update in CUDA graphs: cuDNN's grouped convolutions against the default, every
+#      convolution a batched matrix product, its patches gathered each way (Conv3x3.patches), with each row's
+#      kernels by GPU time over 2 iterations (what bounds the step: matrix products or element-wise work). Other
+#      rows, in CONV4_PATHS: vmap (eager), graphs-loop, graphs+tf32, graphs+bf16 (benchmarks/conv4.py).
 #   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for 125 s (interrupted;
 #      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
 #      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
@@ -53,7 +55,7 @@ part() {  # part NAME LIMIT_S COMMAND...
 }
 
 # PARTS="cuda_tests iteration ..." runs only those (a second, shorter call); by default all but the baselines
-# of iteration_separate (measured on an H100 in the last session), which fits one 590 s call.
+# of iteration_separate (measured on an H100 in an earlier session).
 PARTS=${PARTS:-cuda_tests iteration iteration_compiled conv4_20way lake20}
 want() {
     [[ " $PARTS " == *" $1 "* ]]
@@ -74,8 +76,9 @@ want iteration_separate && part iteration_separate 90 bash -c "\"$PY\" benchmark
     --json $WORK/iteration_cuda_separate.json \
   && \"$PY\" benchmarks/iteration.py --no-peer --device cuda --compile-mode reduce-overhead --steps 1 --seconds 2 \
     --json $WORK/iteration_cuda_reduce_overhead.json"
-want conv4_20way && part conv4_20way 110 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
-    --queries 5 --threads 4 --paths ${CONV4_PATHS:-vmap graphs graphs-loop graphs+products graphs+tf32 graphs+bf16} --iters 5 --warmup 2 \
+want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
+    --queries 5 --threads 4 --iters 5 --warmup 2 \
+    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+blocks graphs+unfold graphs+conv} \
     --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
 want lake20 && part lake20 130 timeout -s INT 125 "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
     --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \

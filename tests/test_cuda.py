@@ -65,6 +65,35 @@ def test_conv4_meta_gradient_and_running_statistics_match_cpu(bn: str) -> None:
         torch.testing.assert_close(gpu.buffers[k].cpu(), cpu.buffers[k])
 
 
+@pytest.mark.parametrize("patches", ["shifts", "blocks", "unfold", "conv"])
+def test_conv4_under_vmap_on_cuda_takes_the_products_and_gives_the_cpus_meta_gradient(patches, monkeypatch) -> None:
+    """On a GPU under vmap every convolution is by default a batched matrix product (cuDNN's grouped convolution
+    is slow there), its patches gathered each way: the second-order meta-gradient is the CPU's (float64)."""
+    from metagrad.algorithms.maml import MAML
+    from metagrad.models import conv4
+    from metagrad.tasks import TaskBatch
+
+    calls = []
+    gather = conv4._PATCHES[patches]
+    monkeypatch.setitem(conv4._PATCHES, patches, lambda x: calls.append(x.shape) or gather(x))
+    torch.manual_seed(0)
+    model = conv4.Conv4(1, 3, hidden=6, image_size=16)
+    for conv in model.convs:
+        conv.patches = patches
+    cpu = MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy").to("cpu", torch.float64)
+    gpu = copy.deepcopy(cpu).to("cuda", torch.float64)
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(torch.randn(3, 3, 1, 16, 16, generator=g), torch.tensor([[0, 1, 2]] * 3),
+                      torch.randn(3, 6, 1, 16, 16, generator=g), torch.tensor([[0, 0, 1, 1, 2, 2]] * 3))  # fmt: skip
+    batch = batch.to("cpu", torch.float64)
+    gp_c = cpu.meta_gradient(batch, 0)[0]
+    calls.clear()
+    gp_g = gpu.meta_gradient(batch.to("cuda"), 0)[0]
+    assert {shape[1] for shape in calls} == {1, 6}  # every layer's input, the first (1 channel) and the others
+    for k in gp_c:
+        torch.testing.assert_close(gp_g[k].cpu(), gp_c[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
 def test_cuda_graphs_give_the_eager_meta_gradient_over_several_iterations() -> None:
     """compile(mode="reduce-overhead") replays CUDA graphs: every iteration's gradients must survive the next replay
     (chunks of 2 tasks: three replays per iteration) and equal the eager ones."""

@@ -236,18 +236,21 @@ def _per_step_conv4() -> nn.Module:
     return model
 
 
-def _conv4_products() -> nn.Module:
+def _conv4_products(patches: str = "shifts") -> nn.Module:
     """Conv-4 with every convolution a matrix product over 3x3 patches (Conv3x3.products: under vmap one batched
-    product over the tasks, a route for the GPU)."""
+    product over the tasks, the default on a GPU), the patches gathered as ``Conv3x3.patches`` says."""
     model = Conv4(ways=2, hidden=3, image_size=16)
     for conv in model.convs:
-        conv.products = True
+        conv.products, conv.patches = True, patches
     return model
 
 
 MODELS = {
     "conv4_transductive": (lambda: Conv4(ways=2, hidden=3, image_size=16), lambda: _image_batch(tasks=2, side=16)),
     "conv4_products": (_conv4_products, lambda: _image_batch(tasks=2, side=16)),
+    "conv4_products_blocks": (lambda: _conv4_products("blocks"), lambda: _image_batch(tasks=2, side=16)),
+    "conv4_products_unfold": (lambda: _conv4_products("unfold"), lambda: _image_batch(tasks=2, side=16)),
+    "conv4_products_conv": (lambda: _conv4_products("conv"), lambda: _image_batch(tasks=2, side=16)),
     "conv4_per_step": (_per_step_conv4, lambda: _image_batch(tasks=2, side=16)),
     "user_cnn_batchnorm_instancenorm": (_user_cnn, _image_batch),
     # The same network in channels-last memory (its activations follow the weights'): on the CPU its batch norms
@@ -282,7 +285,9 @@ def _learner(model_name: str, algorithm: str, vectorize: bool):
 
 
 # A convolution's implementation is independent of the inner rule: the product form with MAML and MAML Enhanced.
-OTHER_FORMS = {"conv4_products": ("maml", "maml_enhanced")}
+OTHER_FORMS = {"conv4_products": ("maml", "maml_enhanced"), "conv4_products_blocks": ("maml",),
+               "conv4_products_unfold": ("maml",),
+               "conv4_products_conv": ("maml",)}
 
 
 def _grid(algorithms) -> list[tuple[str, str]]:

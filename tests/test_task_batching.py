@@ -12,8 +12,8 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from metagrad.algorithms.maml import MAML
-from metagrad.errors import ConfigError
-from metagrad.models.conv4 import Conv4
+from metagrad.errors import ConfigError, ModelError
+from metagrad.models.conv4 import Conv3x3, Conv4
 from metagrad.tasks.base import TaskBatch
 
 
@@ -86,15 +86,19 @@ class _Textbook(nn.Module):
         return self.net.head(x.flatten(1))
 
 
-@pytest.mark.parametrize(("in_channels", "products"), [(1, None), (3, None), (8, None), (8, True)])
-def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels, products):
+@pytest.mark.parametrize(
+    ("in_channels", "products", "patches"),
+    [(1, None, "shifts"), (3, None, "shifts"), (8, None, "shifts"), (8, True, "shifts"), (3, True, "blocks"),
+     (3, True, "unfold"), (3, True, "conv")],
+)  # fmt: skip
+def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels, products, patches):
     """Value, gradient and a Hessian-vector product of a loss through Conv-4 equal the textbook layers' (float64),
     for the matrix-product first convolution (1 and 3 channels) and the plain one (8 channels), and with every
-    convolution a matrix product (``Conv3x3.products = True``)."""
+    convolution a matrix product (``Conv3x3.products = True``) over patches gathered each way."""
     torch.manual_seed(0)
     model = Conv4(in_channels, 3, hidden=6, image_size=16).double()
     for conv in model.convs:
-        conv.products = products
+        conv.products, conv.patches = products, patches
     x = torch.randn(5, in_channels, 16, 16, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1])
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -118,8 +122,9 @@ def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels,
 
 
 def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order():
-    """Every convolution a product (per-task weights under vmap: one batched product over the tasks): the
-    second-order meta-gradient equals the task loop's and the plain convolutions' (float64)."""
+    """Every convolution a product (per-task weights under vmap: one batched product over the tasks), its patches
+    gathered each way: the second-order meta-gradient equals the task loop's and the plain convolutions'
+    (float64)."""
     torch.manual_seed(0)
     model = Conv4(1, 3, hidden=6, image_size=16).double()
     g = torch.Generator().manual_seed(1)
@@ -127,14 +132,23 @@ def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order():
                       torch.randn(3, 6, 1, 16, 16, generator=g, dtype=torch.float64),
                       torch.tensor([[0, 0, 1, 1, 2, 2]] * 3))  # fmt: skip
     grads = []
-    for products, vectorize in ((True, True), (True, False), (False, True)):
+    for products, patches, vectorize in ((True, "shifts", True), (True, "shifts", False), (False, "shifts", True),
+                                         (True, "blocks", True), (True, "unfold", True), (True, "conv", True),
+                                         (True, "conv", False)):
         for conv in model.convs:
-            conv.products = products
+            conv.products, conv.patches = products, patches
         learner = MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy", vectorize=vectorize)
         grads.append(learner.meta_gradient(batch)[0])
     for other in grads[1:]:
         for k in grads[0]:
             torch.testing.assert_close(grads[0][k], other[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_an_unknown_way_to_gather_patches_is_named():
+    conv = Conv3x3(1, 4)
+    conv.patches = "im2col"
+    with pytest.raises(ModelError, match="Conv3x3.patches must be one of"):
+        conv(torch.randn(2, 1, 8, 8))
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "reptile"])

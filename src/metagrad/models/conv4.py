@@ -193,11 +193,23 @@ class Conv3x3(nn.Conv2d):
     and its result is channels-last already. A learner's inner-loop passes on the CPU, which Conv-4 runs in
     NCHW, take oneDNN's convolution: on their few support images it was faster than the product and a copy.
 
-    ``products``: ``None`` (that choice), ``True`` (the product for every input: under ``vmap`` one batched matrix
-    product over the tasks instead of a grouped convolution, a route to measure on a GPU with
-    ``benchmarks/conv4.py --paths graphs+products``) or ``False`` (the convolution)."""
+    ``products``: ``None`` (that choice, and on a GPU under ``vmap`` the product for every input: one batched
+    matrix product over the tasks instead of cuDNN's slow grouped convolution), ``True`` (the product for every
+    input) or ``False`` (the convolution).
+
+    ``patches``: how the product gathers the 3x3 patches, the same numbers by different kernels (all tested to
+    second order under ``vmap``), measured on a GPU with ``benchmarks/conv4.py --paths graphs+products+unfold``:
+
+    * ``"shifts"``: nine shifted views of the padded channels-last input stacked in one copy (the CPU's choice);
+      its backward pass adds nine full-size gradients;
+    * ``"blocks"``: the same, each view's channels kept together (``(kh, kw, c)`` order, the weight permuted to
+      match), so that each copy moves whole rows;
+    * ``"unfold"``: ``F.unfold`` (one im2col kernel; the backward pass one col2im kernel) and a transpose;
+    * ``"conv"``: a depthwise convolution with nine one-hot 3x3 filters per channel (the backward pass a
+      transposed one) and a transpose."""
 
     products: bool | None = None
+    patches: str = "shifts"
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
@@ -205,20 +217,61 @@ class Conv3x3(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         products = self.products
-        if products is None:  # an inner pass: oneDNN's NCHW convolution beat the product + a copy
-            products = c * 9 <= 64 and not _nchw_pass(x)
+        if products is None:  # an inner pass: oneDNN's NCHW convolution beat the product + a copy; under vmap
+            # on a GPU, the batched product beat cuDNN's grouped convolution 9.6 to 6.8 it/s (docs/results.md)
+            products = (c * 9 <= 64 and not _nchw_pass(x)) or (under_vmap() and x.device.type == "cuda")
         if not products:
             return super().forward(x)
-        # The 3x3 patches as [n*h*w, c*9], features in the weight's (c, kh, kw) order: nine shifted views of the
-        # padded channels-last input stacked in one copy, 1.6-3x faster than `F.unfold` (im2col) and a transpose.
-        padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-        shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
-        patches = torch.stack(shifted, dim=-1).reshape(n * h * w, c * 9)
+        patches = _PATCHES.get(self.patches)
+        if patches is None:
+            from metagrad.errors import ModelError
+
+            raise ModelError(f"Conv3x3.patches must be one of {sorted(_PATCHES)}, got {self.patches!r}")
+        weight = self.weight.permute(0, 2, 3, 1) if self.patches == "blocks" else self.weight
         # Contiguous, so that autograd computes the weight's gradient as patches.T @ grad ([9, N] @ [N, 64]): for
         # a transposed view it keeps the view's layout, grad.T @ patches ([64, N] @ [N, 9]), 7x slower in oneMKL.
-        weight = self.weight.reshape(self.out_channels, c * 9).t().contiguous()
-        out = patches @ weight if self.bias is None else torch.addmm(self.bias, patches, weight)
+        weight = weight.reshape(self.out_channels, c * 9).t().contiguous()
+        rows = patches(x)
+        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
         return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _shifted_patches(x: Tensor) -> Tensor:
+    """The 3x3 patches of ``x`` as ``[n*h*w, c*9]``, features in the weight's ``(c, kh, kw)`` order: nine shifted
+    views of the padded channels-last input stacked in one copy, 1.6-3x faster than ``F.unfold`` and a transpose
+    on the CPU."""
+    n, c, h, w = x.shape
+    padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    return torch.stack(shifted, dim=-1).reshape(n * h * w, c * 9)
+
+
+def _blocked_patches(x: Tensor) -> Tensor:
+    """The 3x3 patches as ``[n*h*w, 9*c]`` in ``(kh, kw, c)`` order: the same nine shifted views, each copied as
+    one block of ``c`` channels (whole rows of memory, where ``"shifts"`` interleaves them nine apart)."""
+    n, c, h, w = x.shape
+    padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
+    return torch.stack(shifted, dim=-2).reshape(n * h * w, 9 * c)
+
+
+def _unfolded_patches(x: Tensor) -> Tensor:
+    """The same patches by ``F.unfold`` (im2col): ``[n, c*9, h*w]``, then transposed."""
+    n, c, h, w = x.shape
+    return nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * h * w, c * 9)
+
+
+def _convolved_patches(x: Tensor) -> Tensor:
+    """The same patches by a depthwise convolution whose nine filters per channel are one-hot (a constant, so no
+    gradient flows to it): ``[n, c*9, h, w]``, then transposed."""
+    n, c, h, w = x.shape
+    one_hot = torch.eye(9, dtype=x.dtype, device=x.device).view(9, 1, 3, 3).repeat(c, 1, 1, 1)
+    features = nn.functional.conv2d(x, one_hot, padding=1, groups=c)
+    return features.permute(0, 2, 3, 1).reshape(n * h * w, c * 9)
+
+
+_PATCHES = {"shifts": _shifted_patches, "blocks": _blocked_patches, "unfold": _unfolded_patches,
+            "conv": _convolved_patches}
 
 
 @dataclass
