@@ -27,7 +27,7 @@
 #      convolution a batched matrix product, its patches gathered each way (Conv3x3.patches), with each row's
 #      kernels by GPU time over 2 iterations (what bounds the step: matrix products or element-wise work). Other
 #      rows, in CONV4_PATHS: vmap (eager), graphs-loop, graphs+tf32, graphs+bf16 (benchmarks/conv4.py).
-#   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for 125 s (interrupted;
+#   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for LAKE_S=125 s (interrupted;
 #      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
 #      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
 # The last session's two calls (docs/results.md, with the parts of then) took 437 s and 243 s.
@@ -80,7 +80,8 @@ want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda
     --queries 5 --threads 4 --iters 5 --warmup 2 \
     --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+blocks graphs+unfold graphs+conv} \
     --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
-want lake20 && part lake20 130 timeout -s INT 125 "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
+LAKE_S=${LAKE_S:-125}
+want lake20 && part lake20 $((LAKE_S + 5)) timeout -s INT "$LAKE_S" "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
     --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \
     train.val_every=100000 train.checkpoint_every=500 train.keep_last=2
 want lake20 && "$PY" - "$WORK/lake20/metrics.jsonl" <<'PY' | tee "$WORK/lake20_rate.txt"
