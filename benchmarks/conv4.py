@@ -28,15 +28,17 @@ compilation, is ``first_s``), ``vmap-compiled`` (``vmap`` plus ``learner.compile
 channels-last CPU batch norm, faster and less precise in float32, see metagrad.models.norm._PreciseBatchNorm),
 ``graphs`` (on a GPU, ``--device cuda``: ``vmap`` and the trainer's whole update replayed from a CUDA graph,
 ``metagrad.fused_update.FusedUpdate(graphs=True)``; its ``first_s`` is the first, eager, iteration),
-``graphs-loop`` (the same with the tasks one after another: plain convolutions, all launched by the graph). A path may
+``graphs-loop`` (the same with the tasks one after another: plain convolutions, all launched by the graph),
+``graphs-compiled`` (``graphs`` with ``learner.compile()``: Inductor's update in the graph; ``first_s`` is the
+compilation). A path may
 end in ``+tf32`` or ``+bf16``: ``learner.tf32 = True`` or bfloat16 autocast, the GPU's faster arithmetic (less
 precise, docs/results.md), ``+products``: every convolution a matrix product over 3x3 patches
 (``Conv3x3.products``; under ``vmap`` one batched product instead of a grouped convolution; the default under
 ``vmap`` on a GPU), ``+convolutions``: every convolution cuDNN's or oneDNN's (grouped under ``vmap``), or
-``+blocks`` / ``+unfold`` / ``+conv``: the product's patches gathered in ``(kh, kw, c)`` order, by ``F.unfold``
-or by a one-hot depthwise convolution (``Conv3x3.patches``). ``--profile N``
-writes each row's busiest operators over N iterations (on a GPU, its kernels by GPU time, also those a graph
-replays).
+``+shifts``: the product's patches gathered in the weight's ``(c, kh, kw)`` order and differentiated by autograd,
+instead of the default ``"blocks"`` (``Conv3x3.patches``).
+``--profile N`` writes each row's busiest operators over N iterations (on a GPU, its kernels by GPU time, also
+those a graph replays).
 
 The floor: ``torch.utils.flop_counter`` counts the floating-point operations of one meta-iteration's
 convolutions and matrix products (the exact second-order computation; element-wise work is left out, so the
@@ -87,6 +89,9 @@ def make_data(ways: int, meta_batch: int, seed: int = 0, queries: int = QUERIES)
     return sx, sy, qx, qy
 
 
+GRAPHED = ("graphs", "graphs-loop", "graphs-compiled")  # the paths replayed from CUDA graphs
+
+
 def _learner(path: str, ways: int, steps: int) -> Any:
     import torch
 
@@ -95,17 +100,17 @@ def _learner(path: str, ways: int, steps: int) -> Any:
 
     path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
-             "vmap-compiled": True, "graphs": True, "graphs-loop": False}
+             "vmap-compiled": True, "graphs": True, "graphs-loop": False, "graphs-compiled": True}
     vectorize: bool | int | str = paths.get(path, "")
     if path.startswith("chunk:"):
         vectorize = int(path.split(":", 1)[1])
     if vectorize == "":
-        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled, vmap-compiled, graphs or "
-                         "imprecise-norms")
+        raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled, vmap-compiled, graphs, "
+                         "graphs-loop, graphs-compiled or imprecise-norms")
     torch.manual_seed(0)
     learner = MAML(Conv4(1, ways, HIDDEN, IMAGE), inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy",
                    vectorize=vectorize)  # fmt: skip
-    if path in ("compiled", "vmap-compiled"):
+    if path in ("compiled", "vmap-compiled", "graphs-compiled"):
         learner.compile()
     # PyTorch's channels-last CPU batch norm as it is: faster, float32 statistics less precise
     learner.precise_norms = path != "imprecise-norms"
@@ -117,9 +122,8 @@ def _learner(path: str, ways: int, steps: int) -> Any:
                 module.products = True
             if "convolutions" in options:  # every convolution cuDNN's or oneDNN's (grouped, under vmap)
                 module.products = False
-            for patches in ("blocks", "unfold", "conv"):  # how the product gathers its patches (Conv3x3.patches)
-                if patches in options:
-                    module.patches = patches
+            if "shifts" in options:  # how the product gathers its patches (Conv3x3.patches)
+                module.patches = "shifts"
     return learner
 
 
@@ -146,7 +150,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     data = make_data(spec["ways"], spec["meta_batch"], queries=spec.get("queries", QUERIES))
     batch = TaskBatch(*(torch.from_numpy(a) for a in data)).to(device)
     opt = torch.optim.Adam(learner.parameters(), lr=META_LR, fused=device.type == "cuda" or None)
-    if spec["path"].split("+")[0] in ("graphs", "graphs-loop"):  # the trainer's update on a GPU, in CUDA graphs
+    if spec["path"].split("+")[0] in GRAPHED:  # the trainer's update on a GPU, in CUDA graphs
         from metagrad.fused_update import FusedUpdate, unfused_reason
 
         reason = unfused_reason(learner, opt, spec["meta_batch"], 1, graphed=True)
@@ -181,7 +185,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mib()
     replayed = {}
-    if spec["path"].split("+")[0] in ("graphs", "graphs-loop"):  # whether the graph was captured and replayed
+    if spec["path"].split("+")[0] in GRAPHED:  # whether the graph was captured and replayed
         replayed = {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
     if spec.get("profile") and spec.get("profile_out"):
         out = Path(spec["profile_out"].format(path=spec["path"].replace("+", "_"), steps=spec["steps"]))

@@ -10,8 +10,7 @@
 #
 #     OMNIGLOT=.omniglot bash benchmarks/device_check.sh "$OUT"
 #
-# Each part has its own limit (600 s in all by default: leave out a part, such as iteration_compiled, to fit one
-# call), most important first; every log and JSON goes into one
+# Each part has its own limit (540 s in all by default), most important first; every log and JSON goes into one
 # archive, $OUT/device_check.tgz (the device tool returns at most 8 files), also when a part runs out of time.
 # PARTS="cuda_tests iteration ..." runs only those parts (a second, shorter call); CONV4_PATHS the Conv-4 rows.
 #   cuda_tests: tests/test_cuda.py (every algorithm's meta-gradient on CUDA equals the CPU's in float64; the
@@ -24,9 +23,14 @@
 #      graphs (reduce-overhead) as baselines on the same card.
 #   conv4_20way: the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a
 #      class) on random images, the update in CUDA graphs: cuDNN's grouped convolutions against the default, every
-#      convolution a batched matrix product, its patches gathered each way (Conv3x3.patches), with each row's
-#      kernels by GPU time over 2 iterations (what bounds the step: matrix products or element-wise work). Other
-#      rows, in CONV4_PATHS: vmap (eager), graphs-loop, graphs+tf32, graphs+bf16 (benchmarks/conv4.py).
+#      convolution a batched matrix product over patches gathered in blocks or shifts (Conv3x3.patches), and the
+#      task loop, with each row's kernels by GPU time over 2 iterations (what bounds the step: matrix products or
+#      element-wise work). Other rows, in CONV4_PATHS: vmap (eager), graphs+tf32, graphs+bf16
+#      (benchmarks/conv4.py).
+#   conv4_compiled (not by default): the same protocol's update compiled by Inductor inside the CUDA graph
+#      (graphs-compiled; its first_s is the compilation) beside the eager update in the graph.
+#   conv_patches: one Conv-4 convolution (1,920 images: the 20-way protocol's 16 tasks) differentiated to second
+#      order, each way Conv3x3 computes it (cuDNN, the product over blocks or over shifts), outside vmap.
 #   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for LAKE_S=125 s (interrupted;
 #      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
 #      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
@@ -54,9 +58,9 @@ part() {  # part NAME LIMIT_S COMMAND...
     tar czf "$OUT/device_check.tgz" -C "$WORK" --exclude='*.pt' . 2>/dev/null  # also after each part: a hard kill skips the trap
 }
 
-# PARTS="cuda_tests iteration ..." runs only those (a second, shorter call); by default all but the baselines
-# of iteration_separate (measured on an H100 in an earlier session).
-PARTS=${PARTS:-cuda_tests iteration iteration_compiled conv4_20way lake20}
+# PARTS="cuda_tests iteration ..." runs only those (a second, shorter call); by default all but the sinusoid's
+# compiled and separate rows (iteration_compiled, iteration_separate: measured on an H100 in earlier sessions).
+PARTS=${PARTS:-cuda_tests iteration conv4_20way conv_patches lake20}
 want() {
     [[ " $PARTS " == *" $1 "* ]]
 }
@@ -78,9 +82,14 @@ want iteration_separate && part iteration_separate 90 bash -c "\"$PY\" benchmark
     --json $WORK/iteration_cuda_reduce_overhead.json"
 want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
     --queries 5 --threads 4 --iters 5 --warmup 2 \
-    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+blocks graphs+unfold graphs+conv} \
+    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+shifts graphs-loop} \
     --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
 LAKE_S=${LAKE_S:-125}
+want conv4_compiled && part conv4_compiled 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 \
+    --meta-batch 16 --queries 5 --threads 4 --iters 5 --warmup 2 --paths graphs graphs-compiled \
+    --json "$WORK/conv4_20way_cuda_compiled.json"
+want conv_patches && part conv_patches 30 "$PY" benchmarks/conv_patches.py --device cuda --images 1920 \
+    --sizes 28 14 7 --seconds 0.5
 want lake20 && part lake20 $((LAKE_S + 5)) timeout -s INT "$LAKE_S" "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
     --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \
     train.val_every=100000 train.checkpoint_every=500 train.keep_last=2
@@ -98,6 +107,8 @@ else:
     print(f"lake20: {rate:.1f} it/s after the first log (iterations {a['iteration']}-{b['iteration']}, "
           f"first logged at {a['seconds']:.0f} s); 60,000 iterations in {60000 / rate / 60:.1f} min")
 PY
+want conv_patches && part conv_patches 30 "$PY" benchmarks/conv_patches.py --device cuda --images 1920 \
+    --sizes 28 14 7 --seconds 0.5
 want lake20 && part lake20_eval 40 "$PY" -m metagrad eval "$WORK/lake20" --benchmark omniglot-runs --steps 5 --device cuda \
     --data "$OMNIGLOT" --json "$WORK/lake_runs_maml20_h100.json"
 tar czf "$OUT/device_check.tgz" -C "$WORK" --exclude='*.pt' . 2>/dev/null

@@ -236,7 +236,7 @@ def _per_step_conv4() -> nn.Module:
     return model
 
 
-def _conv4_products(patches: str = "shifts") -> nn.Module:
+def _conv4_products(patches: str = "blocks") -> nn.Module:
     """Conv-4 with every convolution a matrix product over 3x3 patches (Conv3x3.products: under vmap one batched
     product over the tasks, the default on a GPU), the patches gathered as ``Conv3x3.patches`` says."""
     model = Conv4(ways=2, hidden=3, image_size=16)
@@ -248,9 +248,7 @@ def _conv4_products(patches: str = "shifts") -> nn.Module:
 MODELS = {
     "conv4_transductive": (lambda: Conv4(ways=2, hidden=3, image_size=16), lambda: _image_batch(tasks=2, side=16)),
     "conv4_products": (_conv4_products, lambda: _image_batch(tasks=2, side=16)),
-    "conv4_products_blocks": (lambda: _conv4_products("blocks"), lambda: _image_batch(tasks=2, side=16)),
-    "conv4_products_unfold": (lambda: _conv4_products("unfold"), lambda: _image_batch(tasks=2, side=16)),
-    "conv4_products_conv": (lambda: _conv4_products("conv"), lambda: _image_batch(tasks=2, side=16)),
+    "conv4_products_shifts": (lambda: _conv4_products("shifts"), lambda: _image_batch(tasks=2, side=16)),
     "conv4_per_step": (_per_step_conv4, lambda: _image_batch(tasks=2, side=16)),
     "user_cnn_batchnorm_instancenorm": (_user_cnn, _image_batch),
     # The same network in channels-last memory (its activations follow the weights'): on the CPU its batch norms
@@ -285,9 +283,7 @@ def _learner(model_name: str, algorithm: str, vectorize: bool):
 
 
 # A convolution's implementation is independent of the inner rule: the product form with MAML and MAML Enhanced.
-OTHER_FORMS = {"conv4_products": ("maml", "maml_enhanced"), "conv4_products_blocks": ("maml",),
-               "conv4_products_unfold": ("maml",),
-               "conv4_products_conv": ("maml",)}
+OTHER_FORMS = {"conv4_products": ("maml", "maml_enhanced"), "conv4_products_shifts": ("maml",)}
 
 
 def _grid(algorithms) -> list[tuple[str, str]]:

@@ -197,19 +197,23 @@ class Conv3x3(nn.Conv2d):
     matrix product over the tasks instead of cuDNN's slow grouped convolution), ``True`` (the product for every
     input) or ``False`` (the convolution).
 
-    ``patches``: how the product gathers the 3x3 patches, the same numbers by different kernels (all tested to
-    second order under ``vmap``), measured on a GPU with ``benchmarks/conv4.py --paths graphs+products+unfold``:
+    ``patches``: how the product gathers the 3x3 patches, the same numbers by different kernels (both tested to
+    second order under ``vmap``):
 
-    * ``"shifts"``: nine shifted views of the padded channels-last input stacked in one copy (the CPU's choice);
-      its backward pass adds nine full-size gradients;
-    * ``"blocks"``: the same, each view's channels kept together (``(kh, kw, c)`` order, the weight permuted to
-      match), so that each copy moves whole rows;
-    * ``"unfold"``: ``F.unfold`` (one im2col kernel; the backward pass one col2im kernel) and a transpose;
-    * ``"conv"``: a depthwise convolution with nine one-hot 3x3 filters per channel (the backward pass a
-      transposed one) and a transpose."""
+    * ``"blocks"`` (the default): nine shifted views of the padded channels-last input stacked in one copy, in
+      ``(kh, kw, c)`` order (the weight permuted to match), so that each view's channels move as whole rows. Its
+      backward pass is the adjoint written out (:class:`_GatherPatches`): nine in-place additions into one
+      gradient, where autograd's slices of a padded tensor would make nine zero-filled full-size gradients and
+      add them up (``benchmarks/conv_patches.py`` times one convolution each way).
+    * ``"shifts"``: the same views interleaved in the weight's own ``(c, kh, kw)`` order and left to autograd.
+
+    On an H100 (20-way Omniglot MAML, docs/results.md) the blocks left to autograd ran 11.6 meta-iterations/s,
+    the shifts 9.6 and cuDNN's grouped convolutions 6.6; ``F.unfold`` (7.1) and a one-hot depthwise convolution
+    (1.1) were slower still and were dropped. The written-out adjoint came after that measurement.
+    """
 
     products: bool | None = None
-    patches: str = "shifts"
+    patches: str = "blocks"
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
@@ -218,7 +222,7 @@ class Conv3x3(nn.Conv2d):
         n, c, h, w = x.shape
         products = self.products
         if products is None:  # an inner pass: oneDNN's NCHW convolution beat the product + a copy; under vmap
-            # on a GPU, the batched product beat cuDNN's grouped convolution 9.6 to 6.8 it/s (docs/results.md)
+            # on a GPU, the batched product beat cuDNN's grouped convolution 11.6 to 6.6 it/s (docs/results.md)
             products = (c * 9 <= 64 and not _nchw_pass(x)) or (under_vmap() and x.device.type == "cuda")
         if not products:
             return super().forward(x)
@@ -227,7 +231,7 @@ class Conv3x3(nn.Conv2d):
             from metagrad.errors import ModelError
 
             raise ModelError(f"Conv3x3.patches must be one of {sorted(_PATCHES)}, got {self.patches!r}")
-        weight = self.weight.permute(0, 2, 3, 1) if self.patches == "blocks" else self.weight
+        weight = self.weight.permute(0, 2, 3, 1) if self.patches == "blocks" else self.weight  # [out, kh, kw, c]
         # Contiguous, so that autograd computes the weight's gradient as patches.T @ grad ([9, N] @ [N, 64]): for
         # a transposed view it keeps the view's layout, grad.T @ patches ([64, N] @ [N, 9]), 7x slower in oneMKL.
         weight = weight.reshape(self.out_channels, c * 9).t().contiguous()
@@ -238,8 +242,8 @@ class Conv3x3(nn.Conv2d):
 
 def _shifted_patches(x: Tensor) -> Tensor:
     """The 3x3 patches of ``x`` as ``[n*h*w, c*9]``, features in the weight's ``(c, kh, kw)`` order: nine shifted
-    views of the padded channels-last input stacked in one copy, 1.6-3x faster than ``F.unfold`` and a transpose
-    on the CPU."""
+    views of the padded channels-last input stacked in one copy (on the CPU 1.6-3x faster than ``F.unfold`` and a
+    transpose)."""
     n, c, h, w = x.shape
     padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
@@ -247,31 +251,78 @@ def _shifted_patches(x: Tensor) -> Tensor:
 
 
 def _blocked_patches(x: Tensor) -> Tensor:
-    """The 3x3 patches as ``[n*h*w, 9*c]`` in ``(kh, kw, c)`` order: the same nine shifted views, each copied as
-    one block of ``c`` channels (whole rows of memory, where ``"shifts"`` interleaves them nine apart)."""
+    """The 3x3 patches as ``[n*h*w, 9*c]`` in ``(kh, kw, c)`` order, each view's channels a block of whole rows."""
     n, c, h, w = x.shape
     padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
-    return torch.stack(shifted, dim=-2).reshape(n * h * w, 9 * c)
+    # Compiled, the gather is left to autograd: Dynamo cannot vmap a custom autograd function (PyTorch 2.13), and
+    # Inductor plans the backward pass's memory itself.
+    gathered = _gather(padded) if torch.compiler.is_compiling() else _GatherPatches.apply(padded)
+    return gathered.reshape(n * h * w, 9 * c)
 
 
-def _unfolded_patches(x: Tensor) -> Tensor:
-    """The same patches by ``F.unfold`` (im2col): ``[n, c*9, h*w]``, then transposed."""
-    n, c, h, w = x.shape
-    return nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * h * w, c * 9)
+def _gather(padded: Tensor) -> Tensor:
+    """``[n, h+2, w+2, c]`` to its nine shifted ``[n, h, w, c]`` views, stacked as ``[n, h, w, 9, c]``."""
+    h, w = padded.shape[1] - 2, padded.shape[2] - 2
+    return torch.stack([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], dim=-2)
 
 
-def _convolved_patches(x: Tensor) -> Tensor:
-    """The same patches by a depthwise convolution whose nine filters per channel are one-hot (a constant, so no
-    gradient flows to it): ``[n, c*9, h, w]``, then transposed."""
-    n, c, h, w = x.shape
-    one_hot = torch.eye(9, dtype=x.dtype, device=x.device).view(9, 1, 3, 3).repeat(c, 1, 1, 1)
-    features = nn.functional.conv2d(x, one_hot, padding=1, groups=c)
-    return features.permute(0, 2, 3, 1).reshape(n * h * w, c * 9)
+def _scatter(patches: Tensor) -> Tensor:
+    """The adjoint of :func:`_gather`: each of the nine views added back where it came from."""
+    n, h, w, _, c = patches.shape
+    out = patches.new_zeros(n, h + 2, w + 2, c)  # (under vmap, batched as patches is)
+    for k in range(9):
+        i, j = divmod(k, 3)
+        out[:, i : i + h, j : j + w] += patches[:, :, :, k]
+    return out
 
 
-_PATCHES = {"shifts": _shifted_patches, "blocks": _blocked_patches, "unfold": _unfolded_patches,
-            "conv": _convolved_patches}
+class _GatherPatches(torch.autograd.Function):
+    """:func:`_gather`, whose backward pass is :class:`_ScatterPatches`: two linear maps, each the other's adjoint,
+    so that every order of derivative is the other map again. ``generate_vmap_rule``: under ``vmap`` both run on
+    the batched tensors as written."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(padded: Tensor) -> Tensor:
+        return _gather(padded)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _ScatterPatches.apply(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # forward mode: the map is linear
+        return _gather(tangent)
+
+
+class _ScatterPatches(torch.autograd.Function):
+    """:func:`_scatter`, whose backward pass is :class:`_GatherPatches`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(patches: Tensor) -> Tensor:
+        return _scatter(patches)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _GatherPatches.apply(grad)
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
+        return _scatter(tangent)
+
+
+_PATCHES = {"blocks": _blocked_patches, "shifts": _shifted_patches}
 
 
 @dataclass
