@@ -294,8 +294,11 @@ def test_bad_labels_and_a_batch_given_to_adapt_give_a_clear_error():
     learner = MAML(nn.Sequential(nn.Flatten(), nn.Linear(16, 5)), loss="cross_entropy")
     x = torch.rand(2, 5, 4, 4)
     labels = torch.tensor([[0, 1, 2, 3, 7]] * 2)
-    with pytest.raises(DataError, match=r"labels must be in \[0, 5\)"):
+    with pytest.raises(DataError, match=r"support_y holds labels in \[0, 7\] .* labels must be in \[0, 5\)"):
         learner.backward(TaskBatch(x, labels, x, labels.clamp_max(4)))
+    # Both fields' ranges come from one read: each error names its own field and range.
+    with pytest.raises(DataError, match=r"query_y holds labels in \[-1, 3\]"):
+        learner.backward(TaskBatch(x, labels.clamp_max(4), x, labels.clamp_max(3) - (labels == 0).long()))
     with pytest.raises(DataError, match="integer class labels"):
         learner.backward(TaskBatch(x, labels.float(), x, labels.float()))
     good = torch.tensor([[0, 1, 2, 3, 4]] * 2)

@@ -1005,20 +1005,28 @@ class MetaLearner(nn.Module):
     def _check_targets(self, batch: TaskBatch) -> None:
         """Labels that index the model's outputs, or regression targets of the outputs' shape."""
         out_shape = self._output_shape(batch)
-        for field in ("support_y", "query_y"):
-            y = getattr(batch, field)
-            if self.loss_name == "cross_entropy":
-                if y.is_floating_point() or y.dtype == torch.bool:
-                    raise DataError(f"TaskBatch.{field} must hold integer class labels, got {y.dtype}")
-                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_shape[-1]):
+        fields = [(field, getattr(batch, field)) for field in ("support_y", "query_y")]
+        if self.loss_name != "cross_entropy":
+            for field, y in fields:
+                if tuple(y.shape[2:]) != out_shape[1:]:
                     raise DataError(
-                        f"TaskBatch.{field} holds labels in [{int(y.min())}, {int(y.max())}] but the model has "
-                        f"{out_shape[-1]} outputs: labels must be in [0, {out_shape[-1]})"
+                        f"TaskBatch.{field} has per-point shape {tuple(y.shape[2:])} but the model predicts "
+                        f"{out_shape[1:]}: targets must have the prediction's shape (e.g. [B, K, 1], not [B, K])"
                     )
-            elif tuple(y.shape[2:]) != out_shape[1:]:
+            return
+        for field, y in fields:
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise DataError(f"TaskBatch.{field} must hold integer class labels, got {y.dtype}")
+        fields = [(field, y) for field, y in fields if y.numel()]
+        if not fields:
+            return
+        # Every field's range in one read from the device (on a GPU each read waits for it, at every step).
+        bounds = torch.stack([b.to(torch.int64) for _, y in fields for b in torch.aminmax(y)]).tolist()
+        for (field, _), low, high in zip(fields, bounds[::2], bounds[1::2], strict=True):
+            if low < 0 or high >= out_shape[-1]:
                 raise DataError(
-                    f"TaskBatch.{field} has per-point shape {tuple(y.shape[2:])} but the model predicts "
-                    f"{out_shape[1:]}: targets must have the prediction's shape (e.g. [B, K, 1], not [B, K])"
+                    f"TaskBatch.{field} holds labels in [{low}, {high}] but the model has {out_shape[-1]} "
+                    f"outputs: labels must be in [0, {out_shape[-1]})"
                 )
 
     def _check_task(self, support_x: Tensor, support_y: Tensor) -> None:
