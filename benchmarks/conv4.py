@@ -99,6 +99,9 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.models.conv4 import Conv4
 
     path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
+    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts"}
+    if unknown:  # (a row named after an option that no longer exists would measure the default)
+        raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions or shifts")
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
              "vmap-compiled": True, "graphs": True, "graphs-loop": False, "graphs-compiled": True}
     vectorize: bool | int | str = paths.get(path, "")

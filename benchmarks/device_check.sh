@@ -34,7 +34,7 @@
 #   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for LAKE_S=125 s (interrupted;
 #      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
 #      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
-# The last session's two calls (docs/results.md, with the parts of then) took 437 s and 243 s.
+# The third GPU session's calls (docs/results.md, with the parts of then) took 274 s and 364 s.
 set -u
 OUT=${1:-${OUT:-results/device}}
 PY=${PYTHON:-python3}
@@ -107,8 +107,6 @@ else:
     print(f"lake20: {rate:.1f} it/s after the first log (iterations {a['iteration']}-{b['iteration']}, "
           f"first logged at {a['seconds']:.0f} s); 60,000 iterations in {60000 / rate / 60:.1f} min")
 PY
-want conv_patches && part conv_patches 30 "$PY" benchmarks/conv_patches.py --device cuda --images 1920 \
-    --sizes 28 14 7 --seconds 0.5
 want lake20 && part lake20_eval 40 "$PY" -m metagrad eval "$WORK/lake20" --benchmark omniglot-runs --steps 5 --device cuda \
     --data "$OMNIGLOT" --json "$WORK/lake_runs_maml20_h100.json"
 tar czf "$OUT/device_check.tgz" -C "$WORK" --exclude='*.pt' . 2>/dev/null

@@ -194,8 +194,9 @@ class Conv3x3(nn.Conv2d):
     NCHW, take oneDNN's convolution: on their few support images it was faster than the product and a copy.
 
     ``products``: ``None`` (that choice, and on a GPU under ``vmap`` the product for every input: one batched
-    matrix product over the tasks instead of cuDNN's slow grouped convolution), ``True`` (the product for every
-    input) or ``False`` (the convolution).
+    matrix product over the tasks instead of cuDNN's slow grouped convolution; measured with per-task weights,
+    it also applies to weights the tasks share and to any compiled pass, which is traced as if under ``vmap``),
+    ``True`` (the product for every input) or ``False`` (the convolution).
 
     ``patches``: how the product gathers the 3x3 patches, the same numbers by different kernels (both tested to
     second order under ``vmap``):
