@@ -213,6 +213,26 @@ def test_conv4_as_matrix_products_compiles_under_vmap():
         torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14, msg=k)
 
 
+def test_the_model_products_option_sets_every_convolution():
+    """``model.products`` (config and CLI): "auto" leaves each convolution's own choice, true or false sets all
+    four; anything else is one ConfigError naming the key."""
+    from types import SimpleNamespace
+
+    from metagrad.config import load_config
+    from metagrad.models.conv4 import Conv4Config
+
+    spec = SimpleNamespace(input_shape=(1, 16, 16), outputs=3, inner_steps=1)
+    for value, expected in (("auto", None), (True, True), (False, False)):
+        model = Conv4.from_config(Conv4Config(channels=4, products=value), spec)
+        assert [conv.products for conv in model.convs] == [expected] * 4
+    with pytest.raises(ConfigError, match='model.products must be "auto", true or false'):
+        Conv4.from_config(Conv4Config(channels=4, products="always"), spec)
+    base = ["task.name=omniglot", "model.name=conv4"]
+    assert load_config(None, [*base, "model.products=false"]).model.products is False
+    with pytest.raises(ConfigError, match="model.products must be"):
+        load_config(None, [*base, "model.products=3"])
+
+
 def test_an_unknown_way_to_gather_patches_is_named():
     conv = Conv3x3(1, 4)
     conv.patches = "im2col"

@@ -99,13 +99,18 @@ class Conv4Config:
     channels: int = 64
     # "transductive" (MAML) or "per_step" (MAML++: per-step affine weights and running statistics)
     bn: str = "transductive"
+    # How the 3x3 convolutions compute (Conv3x3.products): "auto" (a matrix product over patches where it was
+    # measured faster: the first layer's few channels on the CPU, every layer under vmap on a GPU), true (every
+    # layer), false (oneDNN's or cuDNN's convolution everywhere: on a GPU a third less memory, slower).
+    products: bool | str = "auto"
 
 
 @register_model("conv4", config=Conv4Config)
 class Conv4(nn.Module):
-    """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0)``:
+    """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0, products=None)``:
     [N, in_channels, S, S] -> [N, ways] logits. ``forward(x, step=0, statistics="batch", track=False)``: the
-    step and the other options matter only with per-step BN (see the module docstring).
+    step and the other options matter only with per-step BN (see the module docstring). ``products`` sets every
+    convolution's :attr:`Conv3x3.products` (``None``: each chooses).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class Conv4(nn.Module):
         image_size: int = 28,
         bn: str = "transductive",
         steps: int = 0,
+        products: bool | None = None,
     ) -> None:
         super().__init__()
         if min(int(in_channels), int(ways), int(hidden), int(image_size)) <= 0:
@@ -140,6 +146,8 @@ class Conv4(nn.Module):
         channels = self.in_channels
         for _ in range(4):
             convs.append(Conv3x3(channels, self.hidden))
+            if products is not None:  # (else the class's choice, which a user may set on Conv3x3 itself)
+                convs[-1].products = bool(products)
             if self.per_step:
                 norms.append(PerStepBatchNorm2d(self.hidden, steps))
             else:
@@ -158,7 +166,10 @@ class Conv4(nn.Module):
         shape = tuple(spec.input_shape)
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ConfigError(f"model conv4 needs square images [C, S, S] as inputs; the task gives {shape}")
-        return cls(shape[0], spec.outputs, options.channels, shape[1], options.bn, spec.inner_steps)
+        if options.products not in ("auto", True, False):
+            raise ConfigError(f"model.products must be \"auto\", true or false, got {options.products!r}")
+        products = None if options.products == "auto" else options.products
+        return cls(shape[0], spec.outputs, options.channels, shape[1], options.bn, spec.inner_steps, products)
 
     def forward(self, x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False) -> Tensor:
         if x.dim() != 4:
@@ -346,5 +357,6 @@ class Conv4MiniImageNet(Conv4):
         image_size: int = 84,
         bn: str = "transductive",
         steps: int = 0,
+        products: bool | None = None,
     ) -> None:
-        super().__init__(in_channels, ways, hidden, image_size, bn, steps)
+        super().__init__(in_channels, ways, hidden, image_size, bn, steps, products)
