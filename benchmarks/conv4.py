@@ -36,7 +36,8 @@ precise, docs/results.md), ``+products``: every convolution a matrix product ove
 (``Conv3x3.products``; under ``vmap`` one batched product instead of a grouped convolution; the default under
 ``vmap`` on a GPU), ``+convolutions``: every convolution cuDNN's or oneDNN's (grouped under ``vmap``), or
 ``+shifts``: the product's patches gathered in the weight's ``(c, kh, kw)`` order and differentiated by autograd,
-instead of the default ``"blocks"`` (``Conv3x3.patches``).
+instead of the default ``"blocks"`` (``Conv3x3.patches``), or ``+autograd``: the blocks with their backward pass
+left to autograd instead of the written-out adjoint (what that adjoint is worth).
 ``--profile N`` writes each row's busiest operators over N iterations (on a GPU, its kernels by GPU time, also
 those a graph replays).
 
@@ -92,6 +93,17 @@ def make_data(ways: int, meta_batch: int, seed: int = 0, queries: int = QUERIES)
 GRAPHED = ("graphs", "graphs-loop", "graphs-compiled")  # the paths replayed from CUDA graphs
 
 
+class AutogradGather:
+    """In place of ``metagrad.models.conv4._GatherPatches``: the same gather, its backward pass left to autograd
+    (nine zero-filled full-size gradients added up), what the written-out adjoint replaced."""
+
+    @staticmethod
+    def apply(padded: Any) -> Any:
+        from metagrad.models.conv4 import _gather
+
+        return _gather(padded)
+
+
 def _learner(path: str, ways: int, steps: int) -> Any:
     import torch
 
@@ -99,9 +111,14 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.models.conv4 import Conv4
 
     path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
-    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts"}
+    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts", "autograd"}
     if unknown:  # (a row named after an option that no longer exists would measure the default)
-        raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions or shifts")
+        raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions, shifts or "
+                         "autograd")
+    if "autograd" in options:  # the blocks' gather differentiated by autograd (this row's process only)
+        from metagrad.models import conv4
+
+        conv4._GatherPatches = AutogradGather
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
              "vmap-compiled": True, "graphs": True, "graphs-loop": False, "graphs-compiled": True}
     vectorize: bool | int | str = paths.get(path, "")

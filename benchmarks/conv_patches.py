@@ -4,6 +4,7 @@
 * ``convolution``: the library's convolution (oneDNN on the CPU, cuDNN on a GPU), ``Conv3x3.products = False``;
 * ``blocks``: one matrix product over 3x3 patches gathered in ``(kh, kw, c)`` blocks, whose backward pass is
   written out (``Conv3x3.patches = "blocks"``, the default);
+* ``blocks-autograd``: the blocks with their backward pass left to autograd (what the written-out one is worth);
 * ``shifts``: the same product over patches interleaved in the weight's order, differentiated by autograd.
 
     python benchmarks/conv_patches.py                         # the CPU, one thread
@@ -23,9 +24,18 @@ import time
 
 import torch
 
+from metagrad.models import conv4
 from metagrad.models.conv4 import Conv3x3
 
-WAYS = ("convolution", "blocks", "shifts")
+WAYS = ("convolution", "blocks", "blocks-autograd", "shifts")
+
+
+class _AutogradGather:
+    """In place of ``conv4._GatherPatches``: the same gather, differentiated by autograd."""
+
+    @staticmethod
+    def apply(padded: torch.Tensor) -> torch.Tensor:
+        return conv4._gather(padded)
 
 
 def _call(conv: Conv3x3, x: torch.Tensor) -> None:
@@ -40,7 +50,7 @@ def time_way(way: str, channels: int, images: int, size: int, device: torch.devi
     conv = Conv3x3(channels, 64).to(device)
     conv.products = way != "convolution"
     if way != "convolution":
-        conv.patches = way
+        conv.patches = way.removesuffix("-autograd")
     x = torch.randn(images, channels, size, size, device=device)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
 
@@ -48,13 +58,19 @@ def time_way(way: str, channels: int, images: int, size: int, device: torch.devi
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    _call(conv, x)
-    sync()
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    written_out = conv4._GatherPatches
+    if way == "blocks-autograd":
+        conv4._GatherPatches = _AutogradGather
+    try:
         _call(conv, x)
-        calls += 1
-    sync()
+        sync()
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            _call(conv, x)
+            calls += 1
+        sync()
+    finally:
+        conv4._GatherPatches = written_out
     return (time.perf_counter() - t0) / calls * 1e3
 
 

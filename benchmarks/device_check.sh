@@ -23,14 +23,16 @@
 #      graphs (reduce-overhead) as baselines on the same card.
 #   conv4_20way: the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a
 #      class) on random images, the update in CUDA graphs: cuDNN's grouped convolutions against the default, every
-#      convolution a batched matrix product over patches gathered in blocks or shifts (Conv3x3.patches), and the
-#      default update run eagerly (vmap: its profile names the operator behind each kernel), with each row's
-#      kernels by GPU time over 2 iterations (what bounds the step: matrix products or element-wise work). Other
-#      rows, in CONV4_PATHS: graphs-loop, graphs-compiled, graphs+tf32, graphs+bf16 (benchmarks/conv4.py).
+#      convolution a batched matrix product over patches gathered in blocks (with their written-out backward pass
+#      and with autograd's) or shifts (Conv3x3.patches), and the default update run eagerly (vmap: its profile
+#      names the operator behind each kernel), with each row's kernels by GPU time over 2 iterations (what bounds
+#      the step: matrix products or element-wise work). Other rows, in CONV4_PATHS: graphs-loop, graphs-compiled,
+#      graphs+tf32, graphs+bf16 (benchmarks/conv4.py).
 #   conv4_compiled (not by default): the same protocol's update compiled by Inductor inside the CUDA graph
 #      (graphs-compiled; its first_s is the compilation) beside the eager update in the graph.
 #   conv_patches: one Conv-4 convolution (1,920 images: the 20-way protocol's 16 tasks) differentiated to second
-#      order, each way Conv3x3 computes it (cuDNN, the product over blocks or over shifts), outside vmap.
+#      order, each way Conv3x3 computes it (cuDNN, the product over blocks, their gather left to autograd, or
+#      over shifts), outside vmap.
 #   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for LAKE_S=125 s (interrupted;
 #      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
 #      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
@@ -82,7 +84,7 @@ want iteration_separate && part iteration_separate 90 bash -c "\"$PY\" benchmark
     --json $WORK/iteration_cuda_reduce_overhead.json"
 want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
     --queries 5 --threads 4 --iters 5 --warmup 2 \
-    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+shifts vmap} \
+    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+autograd graphs+shifts vmap} \
     --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
 LAKE_S=${LAKE_S:-125}
 want conv4_compiled && part conv4_compiled 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 \
