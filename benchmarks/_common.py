@@ -43,6 +43,7 @@ __all__ = [
     "format_table",
     "write_json",
     "Column",
+    "AutogradPatches",
 ]
 
 # The MAML sinusoid protocol (Finn et al. 2017, section 5.1): K = 10 support and 10 query points per task.
@@ -62,6 +63,18 @@ _FACTORIES: dict[str, Callable[[int, bool], MetaLearner]] = {
                                   vectorize=vec),  # fmt: skip
 }
 ALGORITHMS: tuple[str, ...] = tuple(_FACTORIES)
+
+
+class AutogradPatches:
+    """In place of ``metagrad.models.conv4._Patches`` (in a benchmark's own process): the blocks' gather and its
+    scatter left to autograd, whose backward pass adds up nine zero-filled full-size gradients; what the
+    written-out adjoint is worth."""
+
+    @staticmethod
+    def apply(x: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        from metagrad.models.conv4 import _gather, _scatter
+
+        return _scatter(x) if adjoint else _gather(x)
 
 
 def make_learner(algorithm: str, inner_steps: int, vectorize: bool = True, seed: int = 0) -> MetaLearner:

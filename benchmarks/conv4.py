@@ -93,17 +93,6 @@ def make_data(ways: int, meta_batch: int, seed: int = 0, queries: int = QUERIES)
 GRAPHED = ("graphs", "graphs-loop", "graphs-compiled")  # the paths replayed from CUDA graphs
 
 
-class AutogradGather:
-    """In place of ``metagrad.models.conv4._GatherPatches``: the same gather, its backward pass left to autograd
-    (nine zero-filled full-size gradients added up), what the written-out adjoint replaced."""
-
-    @staticmethod
-    def apply(padded: Any) -> Any:
-        from metagrad.models.conv4 import _gather
-
-        return _gather(padded)
-
-
 def _learner(path: str, ways: int, steps: int) -> Any:
     import torch
 
@@ -116,9 +105,11 @@ def _learner(path: str, ways: int, steps: int) -> Any:
         raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions, shifts or "
                          "autograd")
     if "autograd" in options:  # the blocks' gather differentiated by autograd (this row's process only)
+        from _common import AutogradPatches
+
         from metagrad.models import conv4
 
-        conv4._GatherPatches = AutogradGather
+        conv4._Patches = AutogradPatches
     paths = {"auto": "auto", "compiled": "auto", "loop": False, "vmap": True, "imprecise-norms": "auto",
              "vmap-compiled": True, "graphs": True, "graphs-loop": False, "graphs-compiled": True}
     vectorize: bool | int | str = paths.get(path, "")

@@ -23,19 +23,12 @@ import statistics
 import time
 
 import torch
+from _common import AutogradPatches
 
 from metagrad.models import conv4
 from metagrad.models.conv4 import Conv3x3
 
 WAYS = ("convolution", "blocks", "blocks-autograd", "shifts")
-
-
-class _AutogradGather:
-    """In place of ``conv4._GatherPatches``: the same gather, differentiated by autograd."""
-
-    @staticmethod
-    def apply(padded: torch.Tensor) -> torch.Tensor:
-        return conv4._gather(padded)
 
 
 def _call(conv: Conv3x3, x: torch.Tensor) -> None:
@@ -58,9 +51,9 @@ def time_way(way: str, channels: int, images: int, size: int, device: torch.devi
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    written_out = conv4._GatherPatches
+    written_out = conv4._Patches
     if way == "blocks-autograd":
-        conv4._GatherPatches = _AutogradGather
+        conv4._Patches = AutogradPatches
     try:
         _call(conv, x)
         sync()
@@ -70,7 +63,7 @@ def time_way(way: str, channels: int, images: int, size: int, device: torch.devi
             calls += 1
         sync()
     finally:
-        conv4._GatherPatches = written_out
+        conv4._Patches = written_out
     return (time.perf_counter() - t0) / calls * 1e3
 
 

@@ -144,18 +144,24 @@ def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order():
 
 
 def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order():
-    """``_GatherPatches`` and ``_ScatterPatches`` (the default patches' backward pass): each is the other's adjoint,
+    """``_Patches``, the gather and its scatter (the default patches' backward pass): each is the other's adjoint,
     so gradcheck and gradgradcheck hold (float64), under vmap the derivatives to third order are the loop's, and
     forward mode gives the same map."""
     from torch.autograd import gradcheck, gradgradcheck
     from torch.func import jacrev, jvp, vmap
 
-    from metagrad.models.conv4 import _gather, _GatherPatches, _scatter, _ScatterPatches
+    from metagrad.models.conv4 import _gather, _Patches, _scatter
+
+    def gather(x):
+        return _Patches.apply(x, False)
+
+    def scatter(x):
+        return _Patches.apply(x, True)
 
     g = torch.Generator().manual_seed(0)
     padded = torch.randn(2, 5, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
     patches = torch.randn(2, 3, 4, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    for f, x in ((_GatherPatches.apply, padded), (_ScatterPatches.apply, patches)):
+    for f, x in ((gather, padded), (scatter, patches)):
         assert gradcheck(f, (x,)) and gradgradcheck(f, (x,))
     # The adjoint identity <gather(a), b> = <a, scatter(b)>, and the values are the plain slices'.
     a, b = padded.detach(), patches.detach()
@@ -166,7 +172,7 @@ def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order
     u = torch.randn(2, 5, 6, 3, generator=g, dtype=torch.float64)
 
     def loss(x):
-        return (_GatherPatches.apply(x).sin() ** 2).sum()
+        return (gather(x).sin() ** 2).sum()
 
     def third(x):
         hvp = jacrev(lambda y: (jacrev(loss)(y) * u).sum())
@@ -183,7 +189,7 @@ def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order
     for i in range(3):
         torch.testing.assert_close(batched[i], third_plain(xs[i]), rtol=1e-12, atol=1e-12)
     # Forward mode, and forward over reverse (a Hessian-vector product as jvp of grad), batched.
-    for f, plain_f, x in ((_GatherPatches.apply, _gather, a), (_ScatterPatches.apply, _scatter, b)):
+    for f, plain_f, x in ((gather, _gather, a), (scatter, _scatter, b)):
         t = torch.randn(x.shape, generator=g, dtype=torch.float64)
         torch.testing.assert_close(jvp(f, (x,), (t,))[1], plain_f(t), rtol=0, atol=0)
     hvp = vmap(lambda x, t: jvp(jacrev(loss), (x,), (t,))[1])(xs, xs.flip(0))

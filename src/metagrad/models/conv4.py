@@ -101,7 +101,7 @@ class Conv4Config:
     bn: str = "transductive"
     # How the 3x3 convolutions compute (Conv3x3.products): "auto" (a matrix product over patches where it was
     # measured faster: the first layer's few channels on the CPU, every layer under vmap on a GPU), true (every
-    # layer), false (oneDNN's or cuDNN's convolution everywhere: on a GPU a third less memory, slower).
+    # layer), false (oneDNN's or cuDNN's convolution everywhere: on a GPU a quarter less memory, slower).
     products: bool | str = "auto"
 
 
@@ -214,7 +214,7 @@ class Conv3x3(nn.Conv2d):
 
     * ``"blocks"`` (the default): nine shifted views of the padded channels-last input stacked in one copy, in
       ``(kh, kw, c)`` order (the weight permuted to match), so that each view's channels move as whole rows. Its
-      backward pass is the adjoint written out (:class:`_GatherPatches`): nine in-place additions into one
+      backward pass is the adjoint written out (:class:`_Patches`): nine in-place additions into one
       gradient, where autograd's slices of a padded tensor would make nine zero-filled full-size gradients and
       add them up (``benchmarks/conv_patches.py`` times one convolution each way).
     * ``"shifts"``: the same views interleaved in the weight's own ``(c, kh, kw)`` order and left to autograd.
@@ -268,7 +268,7 @@ def _blocked_patches(x: Tensor) -> Tensor:
     padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     # Compiled, the gather is left to autograd: Dynamo cannot vmap a custom autograd function (PyTorch 2.13), and
     # Inductor plans the backward pass's memory itself.
-    gathered = _gather(padded) if torch.compiler.is_compiling() else _GatherPatches.apply(padded)
+    gathered = _gather(padded) if torch.compiler.is_compiling() else _Patches.apply(padded, False)
     return gathered.reshape(n * h * w, 9 * c)
 
 
@@ -288,50 +288,28 @@ def _scatter(patches: Tensor) -> Tensor:
     return out
 
 
-class _GatherPatches(torch.autograd.Function):
-    """:func:`_gather`, whose backward pass is :class:`_ScatterPatches`: two linear maps, each the other's adjoint,
-    so that every order of derivative is the other map again. ``generate_vmap_rule``: under ``vmap`` both run on
+class _Patches(torch.autograd.Function):
+    """:func:`_gather` (``adjoint=False``) or :func:`_scatter` (``True``): two linear maps, each the other's adjoint,
+    so that each one's derivative, of every order, is the other. ``generate_vmap_rule``: under ``vmap`` both run on
     the batched tensors as written."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(padded: Tensor) -> Tensor:
-        return _gather(padded)
+    def forward(x: Tensor, adjoint: bool) -> Tensor:
+        return _scatter(x) if adjoint else _gather(x)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        pass
+    def setup_context(ctx: Any, inputs: tuple[Tensor, bool], output: Tensor) -> None:
+        ctx.adjoint = inputs[1]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _ScatterPatches.apply(grad)
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _Patches.apply(grad, not ctx.adjoint), None
 
     @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:  # forward mode: the map is linear
-        return _gather(tangent)
-
-
-class _ScatterPatches(torch.autograd.Function):
-    """:func:`_scatter`, whose backward pass is :class:`_GatherPatches`."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(patches: Tensor) -> Tensor:
-        return _scatter(patches)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return _GatherPatches.apply(grad)
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: Tensor) -> Tensor:
-        return _scatter(tangent)
+    def jvp(ctx: Any, tangent: Tensor, _: None) -> Tensor:  # forward mode: the map is linear
+        return _scatter(tangent) if ctx.adjoint else _gather(tangent)
 
 
 _PATCHES = {"blocks": _blocked_patches, "shifts": _shifted_patches}
