@@ -71,10 +71,10 @@ class AutogradPatches:
     written-out adjoint is worth."""
 
     @staticmethod
-    def apply(x: torch.Tensor, adjoint: bool) -> torch.Tensor:
+    def apply(x: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
         from metagrad.models.conv4 import _gather, _scatter
 
-        return _scatter(x) if adjoint else _gather(x)
+        return _scatter(x, stride, (height, width)) if height else _gather(x, stride)
 
 
 def make_learner(algorithm: str, inner_steps: int, vectorize: bool = True, seed: int = 0) -> MetaLearner:

@@ -37,7 +37,10 @@ precise, docs/results.md), ``+products``: every convolution a matrix product ove
 ``vmap`` on a GPU), ``+convolutions``: every convolution cuDNN's or oneDNN's (grouped under ``vmap``), or
 ``+shifts``: the product's patches gathered in the weight's ``(c, kh, kw)`` order and differentiated by autograd,
 instead of the default ``"blocks"`` (``Conv3x3.patches``), or ``+autograd``: the blocks with their backward pass
-left to autograd instead of the written-out adjoint (what that adjoint is worth).
+left to autograd instead of the written-out adjoint (what that adjoint is worth), or ``+stride``: the MAML code's
+Omniglot network (``Conv4(downsample="stride")``: stride-2 convolutions instead of max-pooling, about 3.5x less
+arithmetic; beside learn2learn on its own Omniglot network, ``OmniglotCNN``, the same strided network, run by
+``peer_conv4_l2l_strided.py`` on the shared script's loop; each row's floor is its own network's).
 ``--profile N`` writes each row's busiest operators over N iterations (on a GPU, its kernels by GPU time, also
 those a graph replays).
 
@@ -100,10 +103,10 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.models.conv4 import Conv4
 
     path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
-    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts", "autograd"}
+    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts", "autograd", "stride"}
     if unknown:  # (a row named after an option that no longer exists would measure the default)
-        raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions, shifts or "
-                         "autograd")
+        raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions, shifts, "
+                         "autograd or stride")
     if "autograd" in options:  # the blocks' gather differentiated by autograd (this row's process only)
         from _common import AutogradPatches
 
@@ -119,8 +122,8 @@ def _learner(path: str, ways: int, steps: int) -> Any:
         raise SystemExit(f"unknown path {path!r}: auto, loop, vmap, chunk:K, compiled, vmap-compiled, graphs, "
                          "graphs-loop, graphs-compiled or imprecise-norms")
     torch.manual_seed(0)
-    learner = MAML(Conv4(1, ways, HIDDEN, IMAGE), inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy",
-                   vectorize=vectorize)  # fmt: skip
+    model = Conv4(1, ways, HIDDEN, IMAGE, downsample=_network(options))
+    learner = MAML(model, inner_lr=INNER_LR, inner_steps=steps, loss="cross_entropy", vectorize=vectorize)
     if path in ("compiled", "vmap-compiled", "graphs-compiled"):
         learner.compile()
     # PyTorch's channels-last CPU batch norm as it is: faster, float32 statistics less precise
@@ -223,18 +226,26 @@ def profile_steps(step: Any, steps: int, device: Any, out: Path) -> None:
     out.write_text(f"{steps} meta-iterations\n{table}\n")
 
 
+def _network(options: list[str]) -> str:
+    """Which Conv-4 a row's path options name (``Conv4.downsample``)."""
+    return "stride" if "stride" in options else "pool"
+
+
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def count_flops(ways: int, steps: int, meta_batch: int, queries: int = QUERIES, device: str = "cpu") -> float:
-    """Convolution and matrix-product FLOPs of one meta-iteration (one task counted, times the meta-batch)."""
+def count_flops(ways: int, steps: int, meta_batch: int, queries: int = QUERIES, device: str = "cpu",
+                network: str = "pool") -> float:  # fmt: skip
+    """Convolution and matrix-product FLOPs of one meta-iteration (one task counted, times the meta-batch) of the
+    pooling or the strided network (``network``)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from metagrad.tasks.base import TaskBatch
 
-    learner = _configure(_learner("loop", ways, steps), False).to(device)
+    learner = _configure(_learner("loop" + ("+stride" if network == "stride" else ""), ways, steps), False)
+    learner.to(device)
     batch = TaskBatch(*(torch.from_numpy(a) for a in make_data(ways, 1, queries=queries))).to(device)
     with FlopCounterMode(display=False) as counter:
         learner.meta_gradient(batch)
@@ -292,11 +303,15 @@ def _kept_env() -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": str(mmap), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
-def run_peer(args: argparse.Namespace, steps: int, threads: int, allocator: str) -> dict[str, Any] | None:
-    script = PEERS / "bench_conv4_l2l.py"
+def run_peer(args: argparse.Namespace, steps: int, threads: int, allocator: str, network: str = "pool"
+             ) -> dict[str, Any] | None:  # fmt: skip
+    """learn2learn's row: the shared peer script (its pooling CNN4), or for ``network="stride"`` the same loop on
+    learn2learn's own Omniglot network (``peer_conv4_l2l_strided.py``)."""
+    strided = Path(__file__).with_name("peer_conv4_l2l_strided.py")
+    script = PEERS / "bench_conv4_l2l.py" if network == "pool" else strided
     cmd = [str(args.peer_python), str(script), "--threads", str(threads), "--steps", str(steps),
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--meta-batch", str(args.meta_batch)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PEERS_DIR": str(PEERS)}
     if allocator == "kept":
         env |= _kept_env()
     row = _run(cmd, env)
@@ -340,19 +355,24 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
     print(f"Conv-4 {ways}-way {SHOTS}-shot, {args.queries} queries/class, meta-batch {args.meta_batch}, "
           f"{args.device}; "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    networks = {p: _network(p.split("+")[1:]) for p in args.paths}
     for steps in args.steps:
-        flops = count_flops(ways, steps, args.meta_batch, args.queries, args.device)
+        flops = {n: count_flops(ways, steps, args.meta_batch, args.queries, args.device, n)
+                 for n in ("pool", *(("stride",) if "stride" in networks.values() else ()))}  # fmt: skip
         for threads in args.threads:
             rate = peak_rate(threads, device=args.device)
-            floor_s = flops / rate
+            floor_s = {n: f / rate for n, f in flops.items()}
             for rnd in range(args.rounds):
-                bases: dict[str, dict[str, Any]] = {}  # the peer's row by allocator
-                for allocator in args.peer_allocator if peer else ():
-                    base = run_peer(args, steps, threads, allocator)
+                # the peer's rows by network and allocator: each metagrad row beside learn2learn on its network
+                bases: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in flops}
+                for network, allocator in ((n, a) for n in flops for a in (args.peer_allocator if peer else ())):
+                    base = run_peer(args, steps, threads, allocator, network)
                     if base is not None:
-                        bases[allocator] = base
-                        rows.append({"impl": f"learn2learn ({allocator})", "ways": ways, "steps": steps,
-                                     "threads": threads, "round": rnd, "allocator": allocator, **base})  # fmt: skip
+                        bases[network][allocator] = base
+                        name = "learn2learn" + (" OmniglotCNN" if network == "stride" else "")
+                        rows.append({"impl": f"{name} ({allocator})", "ways": ways, "steps": steps,
+                                     "threads": threads, "round": rnd, "allocator": allocator, "network": network,
+                                     **base})  # fmt: skip
                 for path in args.paths:
                     for allocator in args.allocator:
                         spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
@@ -365,17 +385,20 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                             continue
                         row = {"impl": f"metagrad {path} ({allocator})", "ways": ways, "steps": steps,
                                "threads": threads, "round": rnd, "allocator": allocator, **got}  # fmt: skip
-                        # beside the peer on the same allocator where it ran on it, else on the first
-                        base = bases.get(allocator, next(iter(bases.values()), None))
+                        # beside the peer on the same network and allocator where it ran on it, else on the first
+                        same = bases[networks[path]]
+                        base = same.get(allocator, next(iter(same.values()), None))
                         if base is not None:
                             row["vs_l2l"] = got["it_per_s"] / base["it_per_s"]
-                        row["vs_floor"] = floor_s * got["it_per_s"]
+                        row["vs_floor"] = floor_s[networks[path]] * got["it_per_s"]
+                        row["network"] = networks[path]
                         rows.append(row)
                         # (each row as it comes: a run stopped by a time limit keeps the rows it finished)
                         print(f"  done: {row['impl']} {got['it_per_s']:.3f} it/s, peak {got['peak_mib']:.0f} MiB, "
                               f"first {got['first_s']:.1f} s", flush=True)
-            print(f"\nsteps {steps}, threads {threads}: {flops / 1e9:.0f} GFLOP per iteration, peak "
-                  f"{rate / 1e9:.0f} GF/s, floor {floor_s:.2f} s/it; load {os.getloadavg()[0]:.2f}")  # fmt: skip
+            each = ", ".join(f"{n} {f / 1e9:.0f} GFLOP, floor {floor_s[n]:.2f} s/it" for n, f in flops.items())
+            print(f"\nsteps {steps}, threads {threads}: per iteration {each}; peak {rate / 1e9:.0f} GF/s; "
+                  f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
             print(f"  {'implementation':<32} {'it/s':>7} {'s/it':>7} {'vs l2l':>7} {'vs floor':>8} {'peak MiB':>9}"
                   f" {'first_s':>8}")  # fmt: skip
             for r in rows:
@@ -385,7 +408,8 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                           f"{r['peak_mib']:9.0f} {r['first_s']:8.1f}")  # fmt: skip
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
-                    r.update(gflop=flops / 1e9, peak_gflops=rate / 1e9, floor_s=floor_s)
+                    n = r.get("network", "pool")  # (learn2learn's rows: its pooling network)
+                    r.update(gflop=flops[n] / 1e9, peak_gflops=rate / 1e9, floor_s=floor_s[n])
     return rows
 
 

@@ -24,18 +24,21 @@
 #   conv4_20way: the 20-way Omniglot protocol's meta-iteration (Conv-4-64, 5 steps, meta-batch 16, 5 queries a
 #      class) on random images, the update in CUDA graphs: cuDNN's grouped convolutions against the default, every
 #      convolution a batched matrix product over patches gathered in blocks (with their written-out backward pass
-#      and with autograd's) or shifts (Conv3x3.patches), and the default update run eagerly (vmap: its profile
-#      names the operator behind each kernel), with each row's kernels by GPU time over 2 iterations (what bounds
-#      the step: matrix products or element-wise work). Other rows, in CONV4_PATHS: graphs-loop, graphs-compiled,
-#      graphs+tf32, graphs+bf16 (benchmarks/conv4.py).
+#      and with autograd's), the MAML code's strided network (graphs+stride: about 3.5x less arithmetic), and the
+#      default update run eagerly (vmap: its profile names the operator behind each kernel), with each row's
+#      kernels by GPU time over 2 iterations (what bounds the step: matrix products or element-wise work). Other
+#      rows, in CONV4_PATHS: graphs+shifts, graphs-loop, graphs-compiled, graphs+tf32, graphs+bf16
+#      (benchmarks/conv4.py).
 #   conv4_compiled (not by default): the same protocol's update compiled by Inductor inside the CUDA graph
 #      (graphs-compiled; its first_s is the compilation) beside the eager update in the graph.
 #   conv_patches: one Conv-4 convolution (1,920 images: the 20-way protocol's 16 tasks) differentiated to second
 #      order, each way Conv3x3 computes it (cuDNN, the product over blocks, their gather left to autograd, or
 #      over shifts), outside vmap.
-#   lake20: the MAML paper's 20-way Omniglot protocol trained with the default settings for LAKE_S=125 s (interrupted;
-#      the latest checkpoint, every 500 iterations, is kept): the rate, the projected time of 60,000 iterations
-#      (target <= 15 minutes), and the latest checkpoint's error on Lake's 20 runs.
+#   lake20: the MAML paper's 20-way Omniglot protocol on its code's own strided network
+#      (LAKE_CONFIG=configs/omniglot/maml_20way_strided.toml; maml_20way.toml is the pooling network of earlier
+#      sessions' runs) trained with the default settings for LAKE_S=125 s (interrupted; the latest checkpoint,
+#      every 500 iterations, is kept): the rate, the projected time of 60,000 iterations (target <= 15 minutes),
+#      and the latest checkpoint's error on Lake's 20 runs.
 # The third GPU session's calls (docs/results.md, with the parts of then) took 274 s and 364 s.
 set -u
 OUT=${1:-${OUT:-results/device}}
@@ -84,15 +87,16 @@ want iteration_separate && part iteration_separate 90 bash -c "\"$PY\" benchmark
     --json $WORK/iteration_cuda_reduce_overhead.json"
 want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 --meta-batch 16 \
     --queries 5 --threads 4 --iters 5 --warmup 2 \
-    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+autograd graphs+shifts vmap} \
+    --paths ${CONV4_PATHS:-graphs+convolutions graphs graphs+autograd graphs+stride vmap} \
     --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
 LAKE_S=${LAKE_S:-125}
+LAKE_CONFIG=${LAKE_CONFIG:-configs/omniglot/maml_20way_strided.toml}
 want conv4_compiled && part conv4_compiled 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 \
     --meta-batch 16 --queries 5 --threads 4 --iters 5 --warmup 2 --paths graphs graphs-compiled \
     --json "$WORK/conv4_20way_cuda_compiled.json"
 want conv_patches && part conv_patches 30 "$PY" benchmarks/conv_patches.py --device cuda --images 1920 \
     --sizes 28 14 7 --seconds 0.5
-want lake20 && part lake20 $((LAKE_S + 5)) timeout -s INT "$LAKE_S" "$PY" -m metagrad train --config configs/omniglot/maml_20way.toml \
+want lake20 && part lake20 $((LAKE_S + 5)) timeout -s INT "$LAKE_S" "$PY" -m metagrad train --config "$LAKE_CONFIG" \
     --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \
     train.val_every=100000 train.checkpoint_every=500 train.keep_last=2
 want lake20 && "$PY" - "$WORK/lake20/metrics.jsonl" <<'PY' | tee "$WORK/lake20_rate.txt"

@@ -65,19 +65,23 @@ def test_conv4_meta_gradient_and_running_statistics_match_cpu(bn: str) -> None:
         torch.testing.assert_close(gpu.buffers[k].cpu(), cpu.buffers[k])
 
 
-@pytest.mark.parametrize("patches", ["blocks", "shifts"])
-def test_conv4_under_vmap_on_cuda_takes_the_products_and_gives_the_cpus_meta_gradient(patches, monkeypatch) -> None:
+@pytest.mark.parametrize(("patches", "downsample"), [("blocks", "pool"), ("shifts", "pool"), ("blocks", "stride")])
+def test_conv4_under_vmap_on_cuda_takes_the_products_and_gives_the_cpus_meta_gradient(
+    patches, downsample, monkeypatch
+) -> None:
     """On a GPU under vmap every convolution is by default a batched matrix product (cuDNN's grouped convolution
-    is slow there), its patches gathered each way: the second-order meta-gradient is the CPU's (float64)."""
+    is slow there), its patches gathered each way: the second-order meta-gradient is the CPU's (float64), for
+    the pooling and the strided network."""
     from metagrad.algorithms.maml import MAML
     from metagrad.models import conv4
     from metagrad.tasks import TaskBatch
 
     calls = []
     gather = conv4._PATCHES[patches]
-    monkeypatch.setitem(conv4._PATCHES, patches, lambda x: calls.append(x.shape) or gather(x))
+    monkeypatch.setitem(conv4._PATCHES, patches, lambda x, stride: calls.append(x.shape) or gather(x, stride))
     torch.manual_seed(0)
-    model = conv4.Conv4(1, 3, hidden=8, image_size=16)  # 8 * 9 > 64: off a GPU, convolutions after the first
+    # 8 * 9 > 64: off a GPU, convolutions after the first
+    model = conv4.Conv4(1, 3, hidden=8, image_size=16, downsample=downsample)
     for conv in model.convs:
         conv.patches = patches
     cpu = MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy").to("cpu", torch.float64)

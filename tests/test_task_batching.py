@@ -79,27 +79,32 @@ class _Textbook(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        strided = self.net.downsample == "stride"  # (the MAML code's Omniglot network: no pooling, a mean)
         for conv, norm in zip(self.net.convs, self.net.norms, strict=True):
-            x = F.conv2d(x, conv.weight, conv.bias, padding=1)
+            x = F.conv2d(x, conv.weight, conv.bias, stride=2 if strided else 1, padding=1)
             x = F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
-            x = F.max_pool2d(F.relu(x), 2)
-        return self.net.head(x.flatten(1))
+            x = F.relu(x) if strided else F.max_pool2d(F.relu(x), 2)
+        return self.net.head(x.mean((2, 3)) if strided else x.flatten(1))
 
 
 @pytest.mark.parametrize(
-    ("in_channels", "products", "patches"),
-    [(1, None, "blocks"), (3, None, "blocks"), (8, None, "blocks"), (8, True, "blocks"), (3, True, "shifts"),
-     (8, True, "shifts")],
+    ("in_channels", "products", "patches", "downsample"),
+    [(1, None, "blocks", "pool"), (3, None, "blocks", "pool"), (8, None, "blocks", "pool"),
+     (8, True, "blocks", "pool"), (3, True, "shifts", "pool"), (8, True, "shifts", "pool"),
+     (1, None, "blocks", "stride"), (8, None, "blocks", "stride"), (3, True, "blocks", "stride"),
+     (3, True, "shifts", "stride")],
 )  # fmt: skip
-def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels, products, patches):
+def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels, products, patches, downsample):
     """Value, gradient and a Hessian-vector product of a loss through Conv-4 equal the textbook layers' (float64),
     for the matrix-product first convolution (1 and 3 channels) and the plain one (8 channels), and with every
-    convolution a matrix product (``Conv3x3.products = True``) over patches gathered each way."""
+    convolution a matrix product (``Conv3x3.products = True``) over patches gathered each way; pooling or, as
+    the MAML code's Omniglot network, strided convolutions (at 16x16 and 15x15: an odd side too)."""
     torch.manual_seed(0)
-    model = Conv4(in_channels, 3, hidden=6, image_size=16).double()
+    side = 15 if downsample == "stride" and in_channels == 3 else 16
+    model = Conv4(in_channels, 3, hidden=6, image_size=side, downsample=downsample).double()
     for conv in model.convs:
         conv.products, conv.patches = products, patches
-    x = torch.randn(5, in_channels, 16, 16, dtype=torch.float64)
+    x = torch.randn(5, in_channels, side, side, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1])
     params = {k: v.detach() for k, v in model.named_parameters()}
     v = {k: torch.randn_like(p) for k, p in params.items()}
@@ -121,19 +126,20 @@ def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels,
             torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-11)
 
 
-def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order():
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order(downsample):
     """Every convolution a product (per-task weights under vmap: one batched product over the tasks), its patches
     gathered each way: the second-order meta-gradient equals the task loop's and the plain convolutions'
-    (float64)."""
+    (float64), for the pooling and the strided network."""
     torch.manual_seed(0)
-    model = Conv4(1, 3, hidden=6, image_size=16).double()
+    model = Conv4(1, 3, hidden=6, image_size=16, downsample=downsample).double()
     g = torch.Generator().manual_seed(1)
     batch = TaskBatch(torch.randn(3, 3, 1, 16, 16, generator=g, dtype=torch.float64), torch.tensor([[0, 1, 2]] * 3),
                       torch.randn(3, 6, 1, 16, 16, generator=g, dtype=torch.float64),
                       torch.tensor([[0, 0, 1, 1, 2, 2]] * 3))  # fmt: skip
     grads = []
     for products, patches, vectorize in ((True, "blocks", True), (True, "blocks", False), (False, "blocks", True),
-                                         (True, "shifts", True), (True, "shifts", False)):
+                                         (True, "shifts", True), (True, "shifts", False)):  # fmt: skip
         for conv in model.convs:
             conv.products, conv.patches = products, patches
         learner = MAML(model, inner_lr=0.1, inner_steps=2, loss="cross_entropy", vectorize=vectorize)
@@ -143,33 +149,43 @@ def test_conv4_as_matrix_products_under_vmap_is_the_loop_to_second_order():
             torch.testing.assert_close(grads[0][k], other[k], rtol=1e-9, atol=1e-12, msg=k)
 
 
-def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order(stride):
     """``_Patches``, the gather and its scatter (the default patches' backward pass): each is the other's adjoint,
     so gradcheck and gradgradcheck hold (float64), under vmap the derivatives to third order are the loop's, and
-    forward mode gives the same map."""
+    forward mode gives the same map; at stride 1 and at stride 2 (the strided network), an odd padded side
+    included."""
     from torch.autograd import gradcheck, gradgradcheck
     from torch.func import jacrev, jvp, vmap
 
     from metagrad.models.conv4 import _gather, _Patches, _scatter
 
+    size = (5, 6)  # the padded sides: [2, 5, 6, 3] is a 3x4 image's padding (a 4x4 or 3x4 output at stride 2...)
+
     def gather(x):
-        return _Patches.apply(x, False)
+        return _Patches.apply(x, stride, 0, 0)
 
     def scatter(x):
-        return _Patches.apply(x, True)
+        return _Patches.apply(x, stride, *size)
+
+    def plain_scatter(x):
+        return _scatter(x, stride, size)
 
     g = torch.Generator().manual_seed(0)
-    padded = torch.randn(2, 5, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    patches = torch.randn(2, 3, 4, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    padded = torch.randn(2, *size, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    out = _gather(padded.detach(), stride).shape
+    assert out == ((2, 3, 4, 9, 3) if stride == 1 else (2, 2, 2, 9, 3))
+    patches = torch.randn(out, generator=g, dtype=torch.float64, requires_grad=True)
     for f, x in ((gather, padded), (scatter, patches)):
         assert gradcheck(f, (x,)) and gradgradcheck(f, (x,))
     # The adjoint identity <gather(a), b> = <a, scatter(b)>, and the values are the plain slices'.
     a, b = padded.detach(), patches.detach()
-    torch.testing.assert_close((_gather(a) * b).sum(), (a * _scatter(b)).sum(), rtol=1e-13, atol=0)
-    torch.testing.assert_close(_gather(a)[:, 1, 2, 5], a[:, 2, 4])  # view (1, 2) of patch (1, 2) is pixel (2, 4)
+    torch.testing.assert_close((_gather(a, stride) * b).sum(), (a * plain_scatter(b)).sum(), rtol=1e-13, atol=0)
+    # view (1, 2) of patch (1, 1) is pixel (1 + stride, 2 + stride)
+    torch.testing.assert_close(_gather(a, stride)[:, 1, 1, 5], a[:, 1 + stride, 2 + stride])
     # Third order through the pair under vmap, against the loop: d/dx of a Hessian-vector product.
-    xs = torch.randn(3, 2, 5, 6, 3, generator=g, dtype=torch.float64)
-    u = torch.randn(2, 5, 6, 3, generator=g, dtype=torch.float64)
+    xs = torch.randn(3, 2, *size, 3, generator=g, dtype=torch.float64)
+    u = torch.randn(2, *size, 3, generator=g, dtype=torch.float64)
 
     def loss(x):
         return (gather(x).sin() ** 2).sum()
@@ -179,7 +195,7 @@ def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order
         return jacrev(lambda y: (hvp(y) * u).sum())(x)
 
     def plain(x):
-        return (_gather(x).sin() ** 2).sum()
+        return (_gather(x, stride).sin() ** 2).sum()
 
     def third_plain(x):
         hvp = jacrev(lambda y: (jacrev(plain)(y) * u).sum())
@@ -189,7 +205,7 @@ def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order
     for i in range(3):
         torch.testing.assert_close(batched[i], third_plain(xs[i]), rtol=1e-12, atol=1e-12)
     # Forward mode, and forward over reverse (a Hessian-vector product as jvp of grad), batched.
-    for f, plain_f, x in ((gather, _gather, a), (scatter, _scatter, b)):
+    for f, plain_f, x in ((gather, lambda t: _gather(t, stride), a), (scatter, plain_scatter, b)):
         t = torch.randn(x.shape, generator=g, dtype=torch.float64)
         torch.testing.assert_close(jvp(f, (x,), (t,))[1], plain_f(t), rtol=0, atol=0)
     hvp = vmap(lambda x, t: jvp(jacrev(loss), (x,), (t,))[1])(xs, xs.flip(0))
@@ -237,6 +253,28 @@ def test_the_model_products_option_sets_every_convolution():
     assert load_config(None, [*base, "model.products=false"]).model.products is False
     with pytest.raises(ConfigError, match="model.products must be"):
         load_config(None, [*base, "model.products=3"])
+
+
+def test_the_model_downsample_option_builds_the_strided_network():
+    """``model.downsample = "stride"`` (config and CLI) is the MAML code's Omniglot network: four stride-2
+    convolutions and no pooling, the head on the mean of the last map; a bad value is one ConfigError."""
+    from types import SimpleNamespace
+
+    from metagrad.config import load_config
+    from metagrad.models.conv4 import Conv4Config
+
+    spec = SimpleNamespace(input_shape=(1, 28, 28), outputs=5, inner_steps=1)
+    strided = Conv4.from_config(Conv4Config(channels=4, downsample="stride"), spec)
+    assert [conv.stride for conv in strided.convs] == [(2, 2)] * 4 and strided.head.in_features == 4
+    assert strided(torch.randn(2, 1, 28, 28)).shape == (2, 5)
+    pooled = Conv4.from_config(Conv4Config(channels=4), spec)
+    assert [conv.stride for conv in pooled.convs] == [(1, 1)] * 4
+    with pytest.raises(ConfigError, match="model.downsample must be one of 'pool', 'stride'"):
+        Conv4.from_config(Conv4Config(channels=4, downsample="strided"), spec)
+    base = ["task.name=omniglot", "model.name=conv4"]
+    assert load_config(None, [*base, "model.downsample=stride"]).model.downsample == "stride"
+    with pytest.raises(ValueError, match="downsample must be one of"):
+        Conv4(downsample="avg")
 
 
 def test_an_unknown_way_to_gather_patches_is_named():

@@ -1,9 +1,17 @@
 """The Conv-4 network of the few-shot image classification literature (Vinyals et al. 2016; MAML; Reptile).
 
-Four blocks of 3x3 convolution (``hidden`` filters, padding 1), batch norm, ReLU and 2x2 max-pooling, then a
-linear head to ``ways`` logits. For 28x28 Omniglot the feature map ends at 1x1, so the head sees ``hidden``
-features (the MAML code's Omniglot variant uses strided convolutions instead of pooling; this is the
-pooling variant of Vinyals et al., Snell et al. and MAML's MiniImagenet network).
+Four blocks of 3x3 convolution (``hidden`` filters, padding 1), batch norm, ReLU and a halving of the feature
+map, then a linear head to ``ways`` logits. Two ways to halve it, chosen with ``downsample``:
+
+* ``"pool"`` (the default): 2x2 max-pooling after each block, the network of Vinyals et al., Snell et al. and
+  MAML's MiniImagenet network. For 28x28 Omniglot the feature map ends at 1x1, so the head sees ``hidden``
+  features.
+* ``"stride"``: every convolution at stride 2 and no pooling, then the mean over the last feature map (2x2 for
+  28x28), so the head sees ``hidden`` features: the network of the MAML code's Omniglot experiments (Finn et
+  al. 2017; its ``conv_block`` without ``max_pool``, and ``reduce_mean`` before the head). Its convolutions
+  compute a quarter of the outputs, so a meta-iteration is about 3.5 times less arithmetic at 28x28
+  (``benchmarks/conv4.py`` counts it). TensorFlow's ``SAME`` padding at stride 2 pads an even side on one edge
+  only; this pads one pixel on each, which moves the sampled grid by a pixel and keeps every shape.
 
 Two batch-norm modes, chosen with ``bn``:
 
@@ -46,10 +54,12 @@ __all__ = [
     "PerStepBatchNorm2d",
     "BN_MODES",
     "BN_STATISTICS",
+    "DOWNSAMPLING",
 ]
 
 BN_MODES = ("transductive", "per_step")
 BN_STATISTICS = ("batch", "running")
+DOWNSAMPLING = ("pool", "stride")
 
 
 class PerStepBatchNorm2d(nn.Module):
@@ -103,14 +113,18 @@ class Conv4Config:
     # measured faster: the first layer's few channels on the CPU, every layer under vmap on a GPU), true (every
     # layer), false (oneDNN's or cuDNN's convolution everywhere: on a GPU a quarter less memory, slower).
     products: bool | str = "auto"
+    # "pool" (2x2 max-pooling after each block) or "stride" (strided convolutions and a mean over the last map:
+    # the MAML code's Omniglot network, about 3.5x less arithmetic at 28x28)
+    downsample: str = "pool"
 
 
 @register_model("conv4", config=Conv4Config)
 class Conv4(nn.Module):
-    """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0, products=None)``:
-    [N, in_channels, S, S] -> [N, ways] logits. ``forward(x, step=0, statistics="batch", track=False)``: the
-    step and the other options matter only with per-step BN (see the module docstring). ``products`` sets every
-    convolution's :attr:`Conv3x3.products` (``None``: each chooses).
+    """``Conv4(in_channels=1, ways=5, hidden=64, image_size=28, bn="transductive", steps=0, products=None,
+    downsample="pool")``: [N, in_channels, S, S] -> [N, ways] logits. ``forward(x, step=0, statistics="batch",
+    track=False)``: the step and the other options matter only with per-step BN (see the module docstring).
+    ``products`` sets every convolution's :attr:`Conv3x3.products` (``None``: each chooses); ``downsample``:
+    ``"pool"`` or ``"stride"`` (the module docstring).
     """
 
     def __init__(
@@ -122,6 +136,7 @@ class Conv4(nn.Module):
         bn: str = "transductive",
         steps: int = 0,
         products: bool | None = None,
+        downsample: str = "pool",
     ) -> None:
         super().__init__()
         if min(int(in_channels), int(ways), int(hidden), int(image_size)) <= 0:
@@ -131,13 +146,20 @@ class Conv4(nn.Module):
             )
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+        if downsample not in DOWNSAMPLING:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
         side = int(image_size)
-        for _ in range(4):
-            side //= 2
-        if side < 1:
-            raise ValueError(f"image_size must be at least 16 for four 2x2 poolings, got {image_size}")
+        if downsample == "pool":
+            for _ in range(4):
+                side //= 2
+            if side < 1:
+                raise ValueError(f"image_size must be at least 16 for four 2x2 poolings, got {image_size}")
+        else:
+            side = 1  # (the head reads the mean over the last feature map)
         self.in_channels, self.ways = int(in_channels), int(ways)
         self.hidden, self.image_size, self.bn = int(hidden), int(image_size), bn
+        self.downsample = downsample
+        stride = 2 if downsample == "stride" else 1
         self.per_step = bn == "per_step"
         # Meta-learned in the outer loop only: per-step BN rows are indexed by the inner step, so adapting them
         # in the inner loop would mean nothing (MAML++ does not either).
@@ -145,7 +167,7 @@ class Conv4(nn.Module):
         convs, norms = [], []
         channels = self.in_channels
         for _ in range(4):
-            convs.append(Conv3x3(channels, self.hidden))
+            convs.append(Conv3x3(channels, self.hidden, stride=stride))
             if products is not None:  # (else the class's choice, which a user may set on Conv3x3 itself)
                 convs[-1].products = bool(products)
             if self.per_step:
@@ -168,8 +190,12 @@ class Conv4(nn.Module):
             raise ConfigError(f"model conv4 needs square images [C, S, S] as inputs; the task gives {shape}")
         if options.products not in ("auto", True, False):
             raise ConfigError(f"model.products must be \"auto\", true or false, got {options.products!r}")
+        if options.downsample not in DOWNSAMPLING:
+            raise ConfigError(f"model.downsample must be one of {', '.join(map(repr, DOWNSAMPLING))}, got "
+                              f"{options.downsample!r}")  # fmt: skip
         products = None if options.products == "auto" else options.products
-        return cls(shape[0], spec.outputs, options.channels, shape[1], options.bn, spec.inner_steps, products)
+        return cls(shape[0], spec.outputs, options.channels, shape[1], options.bn, spec.inner_steps, products,
+                   options.downsample)  # fmt: skip
 
     def forward(self, x: Tensor, step: int = 0, statistics: str = "batch", track: bool = False) -> Tensor:
         if x.dim() != 4:
@@ -183,13 +209,14 @@ class Conv4(nn.Module):
         # passes, even of 25 images, ran 14-15 % slower in NCHW.
         if not under_vmap() and not _nchw_pass(x):
             x = x.contiguous(memory_format=torch.channels_last)
+        pool = self.downsample == "pool"
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = conv(x)
             x = norm(x, step, statistics, track) if self.per_step else norm(x)
             # ReLU after the pooling: the same function (a monotone map commutes with max), on a quarter of the
             # elements; the derivatives are the same too (both route the gradient to the same maximum).
-            x = nn.functional.relu(nn.functional.max_pool2d(x, 2))
-        return self.head(x.flatten(1))
+            x = nn.functional.relu(nn.functional.max_pool2d(x, 2) if pool else x)
+        return self.head(x.flatten(1) if pool else x.mean((2, 3)))
 
 
 def _nchw_pass(x: Tensor) -> bool:
@@ -227,8 +254,8 @@ class Conv3x3(nn.Conv2d):
     products: bool | None = None
     patches: str = "blocks"
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
-        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, stride: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
@@ -247,69 +274,96 @@ class Conv3x3(nn.Conv2d):
         # Contiguous, so that autograd computes the weight's gradient as patches.T @ grad ([9, N] @ [N, 64]): for
         # a transposed view it keeps the view's layout, grad.T @ patches ([64, N] @ [N, 9]), 7x slower in oneMKL.
         weight = weight.reshape(self.out_channels, c * 9).t().contiguous()
-        rows = patches(x)
+        stride = self.stride[0]
+        rows = patches(x, stride)
         out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
-        return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+        return out.view(n, _out(h, stride), _out(w, stride), self.out_channels).permute(0, 3, 1, 2)
 
 
-def _shifted_patches(x: Tensor) -> Tensor:
-    """The 3x3 patches of ``x`` as ``[n*h*w, c*9]``, features in the weight's ``(c, kh, kw)`` order: nine shifted
+def _out(size: int, stride: int) -> int:
+    """A padded 3x3 convolution's output size along a side of ``size``."""
+    return (size - 1) // stride + 1
+
+
+def _views(padded: Tensor, stride: int, out: tuple[int, int]) -> list[Tensor]:
+    """The nine ``[n, ho, wo, c]`` views of a padded channels-last ``[n, h+2, w+2, c]`` that a 3x3 kernel reads,
+    in ``(kh, kw)`` order: view ``(i, j)`` holds pixel ``(i + stride*y, j + stride*x)`` of ``padded`` at ``(y, x)``."""
+    (ho, wo), s = out, stride
+    return [padded[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s] for i in range(3) for j in range(3)]
+
+
+def _shifted_patches(x: Tensor, stride: int = 1) -> Tensor:
+    """The 3x3 patches of ``x`` as ``[n*ho*wo, c*9]``, features in the weight's ``(c, kh, kw)`` order: nine shifted
     views of the padded channels-last input stacked in one copy (on the CPU 1.6-3x faster than ``F.unfold`` and a
     transpose)."""
     n, c, h, w = x.shape
     padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    shifted = [padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)]
-    return torch.stack(shifted, dim=-1).reshape(n * h * w, c * 9)
+    ho, wo = _out(h, stride), _out(w, stride)
+    return torch.stack(_views(padded, stride, (ho, wo)), dim=-1).reshape(n * ho * wo, c * 9)
 
 
-def _blocked_patches(x: Tensor) -> Tensor:
-    """The 3x3 patches as ``[n*h*w, 9*c]`` in ``(kh, kw, c)`` order, each view's channels a block of whole rows."""
+def _blocked_patches(x: Tensor, stride: int = 1) -> Tensor:
+    """The 3x3 patches as ``[n*ho*wo, 9*c]`` in ``(kh, kw, c)`` order, each view's channels a block of whole
+    rows."""
     n, c, h, w = x.shape
     padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     # Compiled, the gather is left to autograd: Dynamo cannot vmap a custom autograd function (PyTorch 2.13), and
     # Inductor plans the backward pass's memory itself.
-    gathered = _gather(padded) if torch.compiler.is_compiling() else _Patches.apply(padded, False)
-    return gathered.reshape(n * h * w, 9 * c)
+    if torch.compiler.is_compiling():
+        gathered = _gather(padded, stride)
+    else:
+        gathered = _Patches.apply(padded, stride, 0, 0)
+    return gathered.reshape(-1, 9 * c)
 
 
-def _gather(padded: Tensor) -> Tensor:
-    """``[n, h+2, w+2, c]`` to its nine shifted ``[n, h, w, c]`` views, stacked as ``[n, h, w, 9, c]``."""
-    h, w = padded.shape[1] - 2, padded.shape[2] - 2
-    return torch.stack([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], dim=-2)
+def _gather(padded: Tensor, stride: int = 1) -> Tensor:
+    """``[n, h+2, w+2, c]`` to the nine ``[n, ho, wo, c]`` views a 3x3 kernel reads at ``stride``, stacked as
+    ``[n, ho, wo, 9, c]``."""
+    out = _out(padded.shape[1] - 2, stride), _out(padded.shape[2] - 2, stride)
+    return torch.stack(_views(padded, stride, out), dim=-2)
 
 
-def _scatter(patches: Tensor) -> Tensor:
-    """The adjoint of :func:`_gather`: each of the nine views added back where it came from."""
-    n, h, w, _, c = patches.shape
-    out = patches.new_zeros(n, h + 2, w + 2, c)  # (under vmap, batched as patches is)
-    for k in range(9):
-        i, j = divmod(k, 3)
-        out[:, i : i + h, j : j + w] += patches[:, :, :, k]
+def _scatter(patches: Tensor, stride: int = 1, size: tuple[int, int] | None = None) -> Tensor:
+    """The adjoint of :func:`_gather`: each of the nine views added back where it came from, into a padded
+    ``[n, *size, c]`` (``size``: the padded sides; by default those that a stride of 1 implies)."""
+    n, ho, wo, _, c = patches.shape
+    if size is None:
+        if stride != 1:
+            raise ValueError("_scatter needs the padded size at a stride above 1 (several sizes give one output)")
+        size = (ho + 2, wo + 2)
+    out = patches.new_zeros(n, *size, c)  # (under vmap, batched as patches is)
+    for k, view in enumerate(_views(out, stride, (ho, wo))):
+        view += patches[:, :, :, k]
     return out
 
 
 class _Patches(torch.autograd.Function):
-    """:func:`_gather` (``adjoint=False``) or :func:`_scatter` (``True``): two linear maps, each the other's adjoint,
-    so that each one's derivative, of every order, is the other. ``generate_vmap_rule``: under ``vmap`` both run on
-    the batched tensors as written."""
+    """``apply(x, stride, 0, 0)``: :func:`_gather`; ``apply(x, stride, height, width)``: :func:`_scatter` into padded
+    sides ``(height, width)``. Two linear maps, each the other's adjoint, so that each one's derivative, of every
+    order, is the other. ``generate_vmap_rule``: under ``vmap`` both run on the batched tensors as written. (The
+    sides are two numbers, not a tuple: the generated rule would count a tuple's items as inputs.)"""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, adjoint: bool) -> Tensor:
-        return _scatter(x) if adjoint else _gather(x)
+    def forward(x: Tensor, stride: int, height: int, width: int) -> Tensor:
+        return _scatter(x, stride, (height, width)) if height else _gather(x, stride)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, bool], output: Tensor) -> None:
-        ctx.adjoint = inputs[1]
+    def setup_context(ctx: Any, inputs: tuple[Tensor, int, int, int], output: Tensor) -> None:
+        x, ctx.stride, ctx.height, ctx.width = inputs
+        ctx.padded = tuple(x.shape[1:3])  # (the gather's input sides: where its adjoint scatters to)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _Patches.apply(grad, not ctx.adjoint), None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        into = (0, 0) if ctx.height else ctx.padded
+        return _Patches.apply(grad, ctx.stride, *into), None, None, None
 
     @staticmethod
-    def jvp(ctx: Any, tangent: Tensor, _: None) -> Tensor:  # forward mode: the map is linear
-        return _scatter(tangent) if ctx.adjoint else _gather(tangent)
+    def jvp(ctx: Any, tangent: Tensor, *_: None) -> Tensor:  # forward mode: the map is linear
+        if ctx.height:
+            return _scatter(tangent, ctx.stride, (ctx.height, ctx.width))
+        return _gather(tangent, ctx.stride)
 
 
 _PATCHES = {"blocks": _blocked_patches, "shifts": _shifted_patches}
@@ -336,5 +390,6 @@ class Conv4MiniImageNet(Conv4):
         bn: str = "transductive",
         steps: int = 0,
         products: bool | None = None,
+        downsample: str = "pool",
     ) -> None:
-        super().__init__(in_channels, ways, hidden, image_size, bn, steps, products)
+        super().__init__(in_channels, ways, hidden, image_size, bn, steps, products, downsample)
