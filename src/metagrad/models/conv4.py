@@ -225,11 +225,12 @@ def _nchw_pass(x: Tensor) -> bool:
 
 
 class Conv3x3(nn.Conv2d):
-    """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters, ``state_dict`` and hooks) whose forward pass on an
-    input with few channels (Omniglot's one) is one matrix product over 3x3 patches: oneDNN's convolution runs
-    such an input at a few percent of the machine's speed and returns NCHW, the product is several times faster
-    and its result is channels-last already. A learner's inner-loop passes on the CPU, which Conv-4 runs in
-    NCHW, take oneDNN's convolution: on their few support images it was faster than the product and a copy.
+    """``nn.Conv2d(in, out, 3, stride=stride, padding=1)`` (same parameters, ``state_dict`` and hooks; stride 2 in
+    Conv-4's strided network) whose forward pass on an input with few channels (Omniglot's one) is one matrix
+    product over 3x3 patches: oneDNN's convolution runs such an input at a few percent of the machine's speed
+    and returns NCHW, the product is several times faster and its result is channels-last already. A learner's
+    inner-loop passes on the CPU, which Conv-4 runs in NCHW, take oneDNN's convolution: on their few support
+    images it was faster than the product and a copy.
 
     ``products``: ``None`` (that choice, and on a GPU under ``vmap`` the product for every input: one batched
     matrix product over the tasks instead of cuDNN's slow grouped convolution; measured with per-task weights,
