@@ -147,7 +147,12 @@ def _configure(learner: Any, diagnostics: bool) -> Any:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One row, in this (fresh) process."""
+    """One row, in this (fresh) process; or with ``spec["call"]``, the floor's ``count_flops`` or ``peak_rate``
+    (in a process of their own, so that the driver stays small: a child inherits its parent's maximum resident set
+    as its own starting ``ru_maxrss``, which would raise every row's ``peak MiB`` to the driver's)."""
+    if "call" in spec:
+        calls = {"count_flops": count_flops, "peak_rate": peak_rate}
+        return {"value": calls[spec["call"]](*spec["args"])}
     import torch
 
     from metagrad.tasks.base import TaskBatch
@@ -232,7 +237,13 @@ def _network(options: list[str]) -> str:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's maximum resident set: Linux's ``VmHWM``, which starts afresh at ``exec``, or else
+    ``ru_maxrss``, which a child starts from its parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_flops(ways: int, steps: int, meta_batch: int, queries: int = QUERIES, device: str = "cpu",
@@ -291,6 +302,14 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any] | 
 def run_metagrad(spec: dict[str, Any]) -> dict[str, Any] | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     return _run([sys.executable, __file__, "--worker", json.dumps(spec)], env)
+
+
+def in_child(call: str, *args: Any) -> float:
+    """``count_flops(*args)`` or ``peak_rate(*args)`` in a fresh process (see :func:`worker`)."""
+    got = _run([sys.executable, __file__, "--worker", json.dumps({"call": call, "args": list(args)})])
+    if got is None:
+        raise SystemExit(f"{call} failed")
+    return float(got["value"])
 
 
 def _kept_env() -> dict[str, str]:
@@ -357,10 +376,10 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     networks = {p: _network(p.split("+")[1:]) for p in args.paths}
     for steps in args.steps:
-        flops = {n: count_flops(ways, steps, args.meta_batch, args.queries, args.device, n)
-                 for n in ("pool", *(("stride",) if "stride" in networks.values() else ()))}  # fmt: skip
+        flops = {n: in_child("count_flops", ways, steps, args.meta_batch, args.queries, args.device, n)
+                 for n in sorted(set(networks.values()))}  # fmt: skip
         for threads in args.threads:
-            rate = peak_rate(threads, device=args.device)
+            rate = in_child("peak_rate", threads, 2.0, args.device)
             floor_s = {n: f / rate for n, f in flops.items()}
             for rnd in range(args.rounds):
                 # the peer's rows by network and allocator: each metagrad row beside learn2learn on its network
@@ -408,7 +427,7 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                           f"{r['peak_mib']:9.0f} {r['first_s']:8.1f}")  # fmt: skip
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
-                    n = r.get("network", "pool")  # (learn2learn's rows: its pooling network)
+                    n = r["network"]
                     r.update(gflop=flops[n] / 1e9, peak_gflops=rate / 1e9, floor_s=floor_s[n])
     return rows
 

@@ -98,9 +98,10 @@ def test_fast_conv4_forward_is_the_textbook_network_to_second_order(in_channels,
     """Value, gradient and a Hessian-vector product of a loss through Conv-4 equal the textbook layers' (float64),
     for the matrix-product first convolution (1 and 3 channels) and the plain one (8 channels), and with every
     convolution a matrix product (``Conv3x3.products = True``) over patches gathered each way; pooling or, as
-    the MAML code's Omniglot network, strided convolutions (at 16x16 and 15x15: an odd side too)."""
+    the MAML code's Omniglot network, strided convolutions (at 28x28 and 27x27, an odd side too: a 2x2 last map,
+    whose mean the head reads)."""
     torch.manual_seed(0)
-    side = 15 if downsample == "stride" and in_channels == 3 else 16
+    side = 16 if downsample == "pool" else 27 if in_channels == 3 else 28
     model = Conv4(in_channels, 3, hidden=6, image_size=side, downsample=downsample).double()
     for conv in model.convs:
         conv.products, conv.patches = products, patches
@@ -213,6 +214,39 @@ def test_the_patches_gather_and_its_written_out_adjoint_are_exact_to_third_order
     torch.testing.assert_close(hvp, hvp_plain, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_forward_mode_through_the_product_convolution_with_live_parameters(stride):
+    """Forward over reverse through a product convolution whose weight is a live ``nn.Parameter`` (the scatter's
+    input then requires grad: views of its output taken before an in-place addition are stale to autograd), and
+    reverse over that: each equals the same through ``F.conv2d`` (float64)."""
+    from torch.func import jvp
+
+    from metagrad.models.conv4 import _scatter
+
+    torch.manual_seed(0)
+    conv = Conv3x3(2, 3, stride=stride).double()
+    conv.products = True
+    x, t, u = (torch.randn(2, 2, 7, 6, dtype=torch.float64) for _ in range(3))
+
+    def fast(y):
+        return (conv(y).sin() ** 2).sum()
+
+    def ref(y):
+        return (F.conv2d(y, conv.weight, conv.bias, stride=stride, padding=1).sin() ** 2).sum()
+
+    def hvp(f, y):  # forward over reverse
+        return jvp(grad(f), (y,), (t,))[1]
+
+    def third(f):  # reverse over that
+        return grad(lambda y: (hvp(f, y) * u).sum())(x)
+
+    torch.testing.assert_close(hvp(fast, x), hvp(ref, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(third(fast), third(ref), rtol=1e-12, atol=1e-12)
+    patches = torch.randn(1, 2, 2, 9, 1, dtype=torch.float64, requires_grad=True)
+    _scatter(patches, stride, (5, 5)).sum().backward()  # (refused when the views were taken up front)
+    assert torch.equal(patches.grad, torch.ones_like(patches))
+
+
 def test_conv4_as_matrix_products_compiles_under_vmap():
     """A compiled step (train.compile, also inside a GPU's CUDA graph) traces the products' patches: Dynamo cannot
     vmap the blocks' custom autograd function, so compiled they are left to autograd, with the same numbers.
@@ -273,6 +307,8 @@ def test_the_model_downsample_option_builds_the_strided_network():
         Conv4.from_config(Conv4Config(channels=4, downsample="strided"), spec)
     base = ["task.name=omniglot", "model.name=conv4"]
     assert load_config(None, [*base, "model.downsample=stride"]).model.downsample == "stride"
+    with pytest.raises(ConfigError, match="model.downsample = 'avg' is not one of pool, stride"):
+        load_config(None, [*base, "model.downsample=avg"])
     with pytest.raises(ValueError, match="downsample must be one of"):
         Conv4(downsample="avg")
 

@@ -247,6 +247,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("task", "split"): ("character", "alphabet", "none"),
     ("model", "activation"): ("relu", "tanh", "gelu", "silu", "elu"),
     ("model", "bn"): ("transductive", "per_step"),
+    ("model", "downsample"): ("pool", "stride"),
     ("algorithm", "rate_parameterization"): ("log", "raw"),
     ("algorithm", "lslr_beyond"): ("stop", "last"),
     ("algorithm", "inner_optimizer"): ("sgd", "adam"),

@@ -286,11 +286,12 @@ def _out(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def _views(padded: Tensor, stride: int, out: tuple[int, int]) -> list[Tensor]:
-    """The nine ``[n, ho, wo, c]`` views of a padded channels-last ``[n, h+2, w+2, c]`` that a 3x3 kernel reads,
-    in ``(kh, kw)`` order: view ``(i, j)`` holds pixel ``(i + stride*y, j + stride*x)`` of ``padded`` at ``(y, x)``."""
-    (ho, wo), s = out, stride
-    return [padded[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s] for i in range(3) for j in range(3)]
+def _view(padded: Tensor, k: int, stride: int, out: tuple[int, int]) -> Tensor:
+    """View ``k`` (``(kh, kw) = divmod(k, 3)``) of the nine ``[n, ho, wo, c]`` views of a padded channels-last
+    ``[n, h+2, w+2, c]`` that a 3x3 kernel reads: view ``(i, j)`` holds pixel ``(i + stride*y, j + stride*x)`` of
+    ``padded`` at ``(y, x)``."""
+    (i, j), (ho, wo), s = divmod(k, 3), out, stride
+    return padded[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s]
 
 
 def _shifted_patches(x: Tensor, stride: int = 1) -> Tensor:
@@ -300,7 +301,8 @@ def _shifted_patches(x: Tensor, stride: int = 1) -> Tensor:
     n, c, h, w = x.shape
     padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     ho, wo = _out(h, stride), _out(w, stride)
-    return torch.stack(_views(padded, stride, (ho, wo)), dim=-1).reshape(n * ho * wo, c * 9)
+    views = [_view(padded, k, stride, (ho, wo)) for k in range(9)]
+    return torch.stack(views, dim=-1).reshape(n * ho * wo, c * 9)
 
 
 def _blocked_patches(x: Tensor, stride: int = 1) -> Tensor:
@@ -321,7 +323,7 @@ def _gather(padded: Tensor, stride: int = 1) -> Tensor:
     """``[n, h+2, w+2, c]`` to the nine ``[n, ho, wo, c]`` views a 3x3 kernel reads at ``stride``, stacked as
     ``[n, ho, wo, 9, c]``."""
     out = _out(padded.shape[1] - 2, stride), _out(padded.shape[2] - 2, stride)
-    return torch.stack(_views(padded, stride, out), dim=-2)
+    return torch.stack([_view(padded, k, stride, out) for k in range(9)], dim=-2)
 
 
 def _scatter(patches: Tensor, stride: int = 1, size: tuple[int, int] | None = None) -> Tensor:
@@ -333,8 +335,10 @@ def _scatter(patches: Tensor, stride: int = 1, size: tuple[int, int] | None = No
             raise ValueError("_scatter needs the padded size at a stride above 1 (several sizes give one output)")
         size = (ho + 2, wo + 2)
     out = patches.new_zeros(n, *size, c)  # (under vmap, batched as patches is)
-    for k, view in enumerate(_views(out, stride, (ho, wo))):
-        view += patches[:, :, :, k]
+    for k in range(9):
+        # Each view taken after the previous addition: views taken before it are stale to autograd, which then
+        # refuses the second addition when ``patches`` requires grad (forward mode through the gather does so).
+        _view(out, k, stride, (ho, wo)).add_(patches[:, :, :, k])
     return out
 
 
