@@ -202,7 +202,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mib()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_mib()
     replayed = {}
     if spec["path"].split("+")[0] in GRAPHED:  # whether the graph was captured and replayed
         replayed = {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
@@ -236,7 +236,7 @@ def _network(options: list[str]) -> str:
     return "stride" if "stride" in options else "pool"
 
 
-def _peak_mib() -> float:
+def peak_mib() -> float:
     """This process's maximum resident set: Linux's ``VmHWM``, which starts afresh at ``exec``, or else
     ``ru_maxrss``, which a child starts from its parent's."""
     try:

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.abspath(PEERS))
 import bench_conv4_l2l as peer  # noqa: E402
 import common_conv4 as C  # noqa: E402
 import torch  # noqa: E402
+from conv4 import peak_mib  # noqa: E402  (benchmarks/conv4.py, beside this script: stdlib and numpy only)
 
 
 def build_model() -> torch.nn.Module:
@@ -48,20 +49,10 @@ def main() -> None:
 
     times, info = C.time_iterations(step, args.warmup, args.iters)
     impl = f"learn2learn {peer.l2l.__version__} OmniglotCNN (torch {torch.__version__.split('+')[0]})"
-    extra = {"network": "OmniglotCNN", "torch": torch.__version__, "protocol": "conv4-omniglot-5w1s-q15-stride2-mean"}
-    peak = _own_peak_mib()
-    if peak is not None:  # (ru_maxrss, which the shared record reads, starts from the parent's peak)
-        extra["peak_rss_mib"] = round(peak, 1)
+    # This process's own peak (ru_maxrss, which the shared record reads, starts from the parent's peak).
+    extra = {"network": "OmniglotCNN", "torch": torch.__version__, "protocol": "conv4-omniglot-5w1s-q15-stride2-mean",
+             "peak_rss_mib": round(peak_mib(), 1)}  # fmt: skip
     C.record(args, impl, times, info, extra)
-
-
-def _own_peak_mib() -> float | None:
-    """Linux's ``VmHWM``: this process's maximum resident set since its ``exec``."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
 
 
 if __name__ == "__main__":

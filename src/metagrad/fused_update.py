@@ -473,8 +473,7 @@ def _settings(learner: MetaLearner) -> tuple[Any, ...]:
     captured with one of them replays it unchanged, so they key the graphs (Dynamo guards a compiled step on them
     likewise); about 12 µs a call on the sinusoid MLP. Private ones are left out: a module's own counters change
     at every call (CAVIA counts the passes through its context layer)."""
-    plain = (_frozen(v) for m in learner.modules() for k, v in m.__dict__.items() if k[0] != "_" and _is_plain(v))
-    return (learner.vectorize, *plain)
+    return (learner.vectorize, *(setting for m in learner.modules() for setting in _plain(m)))
 
 
 def _device(named: dict[str, Tensor]) -> torch.device:
