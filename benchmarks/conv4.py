@@ -16,7 +16,9 @@ lr 0.4 for ``--steps`` steps, second order, Adam 1e-3. One meta-iteration is wha
 ``opt.zero_grad(); learner.backward(batch); opt.step()``, with ``learner.diagnostics = False`` as the peer
 computes no pre-adaptation loss (``--diagnostics`` keeps it: one more forward pass of the query set per task).
 
-Every row runs in a fresh process (so ``peak MiB``, the process's maximum resident set, is that row's own), and
+Every row runs in a fresh process (so ``peak MiB``, the process's maximum resident set, is that row's own;
+``steady``, on the CPU, is the maximum after the first call, whose compilation's freed memory is given back
+first: the warm-up and timed iterations' own), and
 the rows of one (steps, threads) setting run one after another, metagrad's beside the peer's, ``--rounds`` times
 in turn: ``vs l2l`` is the median of metagrad's it/s over the peer's in the same round.
 
@@ -194,6 +196,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
+    steady = False
+    if device.type == "cpu":  # the peak from here on: the training's own, without the first call's compilation
+        from metagrad.allocator import release_freed_memory
+
+        release_freed_memory()  # (what the compilation freed, which kept memory would otherwise hold)
+        steady = reset_peak()
     for _ in range(spec["warmup"]):
         step()
     times = []
@@ -212,7 +220,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             profile_steps(step, spec["profile"], device, out)
         except Exception as e:  # noqa: BLE001
             out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
-    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak, **replayed}
+    steady_mib = peak_mib() if steady else float("nan")
+    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak, "steady_mib": steady_mib, **replayed}
 
 
 def profile_steps(step: Any, steps: int, device: Any, out: Path) -> None:
@@ -244,6 +253,17 @@ def peak_mib() -> float:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Start this process's ``VmHWM`` afresh from its present resident set (Linux's ``clear_refs``); False
+    where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def count_flops(ways: int, steps: int, meta_batch: int, queries: int = QUERIES, device: str = "cpu",
@@ -419,12 +439,13 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
             print(f"\nsteps {steps}, threads {threads}: per iteration {each}; peak {rate / 1e9:.0f} GF/s; "
                   f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
             print(f"  {'implementation':<32} {'it/s':>7} {'s/it':>7} {'vs l2l':>7} {'vs floor':>8} {'peak MiB':>9}"
-                  f" {'first_s':>8}")  # fmt: skip
+                  f" {'steady':>7} {'first_s':>8}")  # fmt: skip
+            nan = float("nan")
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
                     print(f"  {r['impl']:<32} {r['it_per_s']:7.3f} {1 / r['it_per_s']:7.2f} "
                           f"{r.get('vs_l2l', float('nan')):7.2f} {r.get('vs_floor', float('nan')):8.2f} "
-                          f"{r['peak_mib']:9.0f} {r['first_s']:8.1f}")  # fmt: skip
+                          f"{r['peak_mib']:9.0f} {r.get('steady_mib', nan):7.0f} {r['first_s']:8.1f}")  # fmt: skip
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
                     n = r["network"]
