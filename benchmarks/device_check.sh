@@ -30,13 +30,15 @@
 #      rows, in CONV4_PATHS: graphs+shifts, graphs-loop, graphs-compiled, graphs+tf32, graphs+bf16
 #      (benchmarks/conv4.py).
 #   conv4_compiled (not by default): the same protocol's update compiled by Inductor inside the CUDA graph
-#      (graphs-compiled; its first_s is the compilation) beside the eager update in the graph.
+#      (graphs-compiled; its first_s is the compilation) beside the eager update in the graph, on both networks
+#      (+stride: on the CPU compiling made the strided network 1.76x faster at this protocol).
 #   conv_patches: one Conv-4 convolution (1,920 images: the 20-way protocol's 16 tasks) differentiated to second
 #      order, each way Conv3x3 computes it (cuDNN, the product over blocks, their gather left to autograd, or
 #      over shifts), outside vmap.
 #   lake20: the MAML paper's 20-way Omniglot protocol on its code's own strided network
 #      (LAKE_CONFIG=configs/omniglot/maml_20way_strided.toml; maml_20way.toml is the pooling network of earlier
-#      sessions' runs) trained with the default settings for LAKE_S=125 s (interrupted; the latest checkpoint,
+#      sessions' runs) trained with the default settings, eager (train.compile=false: the config compiles for the
+#      CPU), for LAKE_S=125 s (interrupted; the latest checkpoint,
 #      every 500 iterations, is kept): the rate, the projected time of 60,000 iterations (target <= 15 minutes),
 #      and the latest checkpoint's error on Lake's 20 runs.
 # The third GPU session's calls (docs/results.md, with the parts of then) took 274 s and 364 s.
@@ -92,12 +94,13 @@ want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda
 LAKE_S=${LAKE_S:-125}
 LAKE_CONFIG=${LAKE_CONFIG:-configs/omniglot/maml_20way_strided.toml}
 want conv4_compiled && part conv4_compiled 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 \
-    --meta-batch 16 --queries 5 --threads 4 --iters 5 --warmup 2 --paths graphs graphs-compiled \
+    --meta-batch 16 --queries 5 --threads 4 --iters 5 --warmup 2 --paths graphs graphs-compiled graphs+stride \
+    graphs-compiled+stride \
     --json "$WORK/conv4_20way_cuda_compiled.json"
 want conv_patches && part conv_patches 30 "$PY" benchmarks/conv_patches.py --device cuda --images 1920 \
     --sizes 28 14 7 --seconds 0.5
 want lake20 && part lake20 $((LAKE_S + 5)) timeout -s INT "$LAKE_S" "$PY" -m metagrad train --config "$LAKE_CONFIG" \
-    --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.log_every=100 \
+    --device cuda --no-progress --out "$WORK/lake20" task.data="$OMNIGLOT" train.compile=false train.log_every=100 \
     train.val_every=100000 train.checkpoint_every=500 train.keep_last=2
 want lake20 && "$PY" - "$WORK/lake20/metrics.jsonl" <<'PY' | tee "$WORK/lake20_rate.txt"
 import json, sys
