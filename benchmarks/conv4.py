@@ -196,10 +196,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
-    steady = False
+    steady, first_peak = False, 0.0
     if device.type == "cpu":  # the peak from here on: the training's own, without the first call's compilation
         from metagrad.allocator import release_freed_memory
 
+        first_peak = peak_mib()
         release_freed_memory()  # (what the compilation freed, which kept memory would otherwise hold)
         steady = reset_peak()
     for _ in range(spec["warmup"]):
@@ -210,7 +211,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
+    # (before a profile, whose records would count)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_mib()
+    steady_mib = peak if steady else float("nan")
+    peak = max(peak, first_peak)  # the whole process's
     replayed = {}
     if spec["path"].split("+")[0] in GRAPHED:  # whether the graph was captured and replayed
         replayed = {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
@@ -220,7 +224,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             profile_steps(step, spec["profile"], device, out)
         except Exception as e:  # noqa: BLE001
             out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
-    steady_mib = peak_mib() if steady else float("nan")
     return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak, "steady_mib": steady_mib, **replayed}
 
 
