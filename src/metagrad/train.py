@@ -479,10 +479,18 @@ class Trainer:
             total=t.iterations, initial=self.iteration, disable=not self.progress, desc=self.learner.name,
             unit="it", dynamic_ncols=True, mininterval=0.5,
         )  # fmt: skip
+        # A compiled learner's first step compiles (about a minute for Conv-4 on a CPU): say so on the bar rather
+        # than show a run stuck at its first iteration.
+        compiling = self.learner._compiled is not None and self.start_iteration == self.iteration < t.iterations
+        if compiling:
+            bar.set_postfix_str("compiling the meta-step (first iteration)")
         try:
             while self.iteration < t.iterations:
                 logged = self.last
                 self.step()
+                if compiling:  # (before the bar shows the step)
+                    bar.set_postfix_str("", refresh=False)
+                    compiling = False
                 bar.update(1)
                 it = self.iteration
                 if self.last is not logged:
