@@ -16,11 +16,11 @@ lr 0.4 for ``--steps`` steps, second order, Adam 1e-3. One meta-iteration is wha
 ``opt.zero_grad(); learner.backward(batch); opt.step()``, with ``learner.diagnostics = False`` as the peer
 computes no pre-adaptation loss (``--diagnostics`` keeps it: one more forward pass of the query set per task).
 
-Every row runs in a fresh process (so ``peak MiB``, the process's maximum resident set, is that row's own;
-``steady``, on the CPU, is the maximum after the first call, whose compilation's freed memory is given back
-first: the warm-up and timed iterations' own), and
-the rows of one (steps, threads) setting run one after another, metagrad's beside the peer's, ``--rounds`` times
-in turn: ``vs l2l`` is the median of metagrad's it/s over the peer's in the same round.
+Every row runs in a fresh process, so ``peak MiB``, the process's maximum resident set, is that row's own.
+``steady``, on the CPU, is the process's maximum during the warm-up and timed iterations, after the first call
+(with what its compilation freed given back first). The rows of one (steps, threads) setting run one after
+another, metagrad's beside the peer's, ``--rounds`` times in turn: ``vs l2l`` is the median of metagrad's it/s
+over the peer's in the same round.
 
 Paths (``vectorize`` of :class:`metagrad.MetaLearner`): ``auto`` (the default: for a convolutional network the
 tasks one after another), ``loop`` (``vectorize=False``), ``vmap`` (all 32 tasks in one ``vmap``), ``chunk:K``
@@ -196,13 +196,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
-    steady, first_peak = False, 0.0
+    reset, first_peak = False, 0.0
     if device.type == "cpu":  # the peak from here on: the training's own, without the first call's compilation
         from metagrad.allocator import release_freed_memory
 
         first_peak = peak_mib()
         release_freed_memory()  # (what the compilation freed, which kept memory would otherwise hold)
-        steady = reset_peak()
+        reset = reset_peak()
     for _ in range(spec["warmup"]):
         step()
     times = []
@@ -213,7 +213,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     median = statistics.median(times)
     # (before a profile, whose records would count)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_mib()
-    steady_mib = peak if steady else float("nan")
+    steady = {"steady_mib": peak} if reset else {}
     peak = max(peak, first_peak)  # the whole process's
     replayed = {}
     if spec["path"].split("+")[0] in GRAPHED:  # whether the graph was captured and replayed
@@ -224,7 +224,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             profile_steps(step, spec["profile"], device, out)
         except Exception as e:  # noqa: BLE001
             out.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
-    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak, "steady_mib": steady_mib, **replayed}
+    return {"it_per_s": 1.0 / median, "first_s": first, "peak_mib": peak, **steady, **replayed}
 
 
 def profile_steps(step: Any, steps: int, device: Any, out: Path) -> None:
@@ -447,7 +447,7 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
                     print(f"  {r['impl']:<32} {r['it_per_s']:7.3f} {1 / r['it_per_s']:7.2f} "
-                          f"{r.get('vs_l2l', float('nan')):7.2f} {r.get('vs_floor', float('nan')):8.2f} "
+                          f"{r.get('vs_l2l', nan):7.2f} {r.get('vs_floor', nan):8.2f} "
                           f"{r['peak_mib']:9.0f} {r.get('steady_mib', nan):7.0f} {r['first_s']:8.1f}")  # fmt: skip
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:

@@ -93,9 +93,9 @@ want conv4_20way && part conv4_20way 150 "$PY" benchmarks/conv4.py --device cuda
     --json "$WORK/conv4_20way_cuda.json" --profile 2 --profile-out "$WORK/conv4_profile_{path}.txt"
 LAKE_S=${LAKE_S:-125}
 LAKE_CONFIG=${LAKE_CONFIG:-configs/omniglot/maml_20way_strided.toml}
-want conv4_compiled && part conv4_compiled 150 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 \
-    --meta-batch 16 --queries 5 --threads 4 --iters 5 --warmup 2 --paths graphs graphs-compiled graphs+stride \
-    graphs-compiled+stride \
+want conv4_compiled && part conv4_compiled 300 "$PY" benchmarks/conv4.py --device cuda --ways 20 --steps 5 \
+    --meta-batch 16 --queries 5 --threads 4 --iters 5 --warmup 2 --paths graphs+stride graphs-compiled+stride \
+    graphs graphs-compiled \
     --json "$WORK/conv4_20way_cuda_compiled.json"
 want conv_patches && part conv_patches 30 "$PY" benchmarks/conv_patches.py --device cuda --images 1920 \
     --sizes 28 14 7 --seconds 0.5

@@ -1,6 +1,7 @@
 """``compile(mode=...)``: the CUDA-graph modes copy every compiled call's outputs out of the graph's static memory
 (tested with a stand-in that overwrites its outputs on every call, as a graph replay does), and the mode reaches
-the learner from ``train.compile_mode``."""
+the learner from ``train.compile_mode``; the options ``compile()`` chooses on the CPU, and Conv-4's compiled
+meta-step against the eager one."""
 
 from __future__ import annotations
 
@@ -196,14 +197,15 @@ def test_one_learners_shapes_do_not_make_anothers_first_graph_dynamic() -> None:
 
 
 def test_compiled_conv4_meta_gradient_is_the_eager_one_to_second_order(float64) -> None:
-    """Conv-4's compiled second-order meta-step on the CPU (the task loop; batch norm's fused kernels under
-    ``torch.func``; the one-channel layer's product over patches; two inner steps), as
-    ``configs/omniglot/maml_20way_strided.toml`` trains it, gives the eager meta-gradient, which the suite checks
-    against vmap and central differences (tests/test_norm.py): float64, every tensor, to 1e-10 of its largest
-    entry. The backend is Inductor's graph up to its code generation: Dynamo's trace, functionalisation, Inductor's
-    decompositions (batch norm's among them) and the min-cut partition of the joint graph, where a transform's
-    error would be. (Inductor's C++ code for this graph takes about a minute to build on two cores, too long for
-    this suite: Inductor's kernels are checked on the MLP, tests/test_fused_update.py.)"""
+    """Conv-4's compiled second-order meta-step on the CPU (the strided network and the task loop, as
+    ``configs/omniglot/maml_20way_strided.toml`` compiles it, two inner steps) gives the eager meta-gradient:
+    float64, every tensor, to 1e-10 of its largest entry, in one graph. Traced, the network takes the form that is
+    right under ``vmap`` too (batch norm's composite statistics, metagrad.transforms.under_vmap); eagerly, PyTorch's
+    fused kernels, which tests/test_norm.py checks against vmap and central differences. The backend runs
+    Dynamo's trace, functionalisation, Inductor's decompositions and the min-cut partition of the joint graph
+    eagerly. It leaves out Inductor's code generation and metagrad's passes (tests/test_graph_passes.py): their C++
+    build of this graph takes about a minute on two cores, too long for this suite, and Inductor's kernels are
+    checked on the MLP (tests/test_fused_update.py)."""
     import copy
 
     torch.manual_seed(0)

@@ -478,35 +478,3 @@ def test_reptile_adapting_some_weights_moves_only_those_as_the_separate_parts(tm
     own.compile(backend="aot_eager")
     assert "own meta-step" in unfused_reason(own, torch.optim.SGD(own.parameters(), lr=0.1), 4, 1)
 
-
-def test_the_progress_bar_says_the_first_step_compiles(tmp_path: Path, monkeypatch) -> None:
-    """A compiled learner's first step compiles (a minute for Conv-4 on a CPU): the bar says so until it is done,
-    and says nothing of it for an eager learner."""
-    import sys
-
-    train_module = sys.modules[Trainer.__module__]  # (metagrad.train: the package's ``train`` is the function)
-    shown: list[tuple[str, int]] = []
-
-    class Bar:  # records what the bar would show, and when
-        def __init__(self, **kwargs) -> None:
-            self.n = kwargs["initial"]
-
-        def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-            shown.append((text, self.n))
-
-        def set_postfix(self, values: dict, refresh: bool = True) -> None:
-            pass
-
-        def update(self, n: int) -> None:
-            self.n += n
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(train_module, "tqdm", Bar)
-    compiled = trainer_of(tmp_path, "compiled", ["train.iterations=2"], fused=False, backend="eager")
-    compiled.fit()
-    assert shown == [("compiling the meta-step (first iteration)", 0), ("", 0)]  # cleared as the step is shown
-    shown.clear()
-    trainer_of(tmp_path, "eager", ["train.iterations=2"], fused=False, backend=None).fit()
-    assert shown == []

@@ -278,3 +278,46 @@ def test_fit_with_a_progress_bar_and_diagnostics_off(tmp_path: Path) -> None:
     assert "pre_loss" not in last and "loss" in last
     window = next(r for r in records(tmp_path / "run") if r["iteration"] == 3 and "loss" in r)
     assert window["pre_loss"] == first["pre_loss"]
+
+
+class _RecordedBar:
+    """Stands in for tqdm: records each text the bar would show after its numbers, with the count shown then."""
+
+    shown: list[tuple[str, int]] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.n = kwargs["initial"]
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.shown.append((text, self.n))
+
+    def set_postfix(self, values: dict, refresh: bool = True) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_progress_bar_says_that_a_compiled_first_step_compiles(tmp_path: Path, monkeypatch) -> None:
+    """A compiled learner's first step in a process compiles (a minute for Conv-4 on a CPU): the bar says so until
+    that step is shown, also after a resume; an eager learner's bar says nothing of it."""
+    monkeypatch.setattr(sys.modules[Trainer.__module__], "tqdm", _RecordedBar)  # (metagrad.train, the module)
+    monkeypatch.setattr(_RecordedBar, "shown", [])
+    message = "compiling the meta-step (first iteration)"
+    with Trainer(cfg_of("train.iterations=4"), tmp_path / "run", progress=True) as trainer:
+        trainer.learner.compile(backend="eager")  # (Dynamo's trace alone: what the bar reports is the same)
+        trainer.fit()
+    assert _RecordedBar.shown == [(message, 0), ("", 0)]  # cleared before the first step is shown
+    _RecordedBar.shown.clear()
+    with Trainer(cfg_of("train.iterations=5"), tmp_path / "run", progress=True) as resumed:
+        resumed.learner.compile(backend="eager")
+        resumed.resume()
+        resumed.fit()
+    assert _RecordedBar.shown == [(message, 4), ("", 4)]
+    _RecordedBar.shown.clear()
+    with Trainer(cfg_of("train.iterations=2"), tmp_path / "eager", progress=True) as eager:
+        eager.fit()
+    assert _RecordedBar.shown == []
