@@ -31,7 +31,7 @@
 #      (benchmarks/conv4.py).
 #   conv4_compiled (not by default): the same protocol's update compiled by Inductor inside the CUDA graph
 #      (graphs-compiled; its first_s is the compilation) beside the eager update in the graph, on both networks
-#      (+stride: on the CPU compiling made the strided network 1.76x faster at this protocol).
+#      (+stride: on the CPU compiling made the strided network 1.64-1.76x faster at this protocol).
 #   conv_patches: one Conv-4 convolution (1,920 images: the 20-way protocol's 16 tasks) differentiated to second
 #      order, each way Conv3x3 computes it (cuDNN, the product over blocks, their gather left to autograd, or
 #      over shifts), outside vmap.
