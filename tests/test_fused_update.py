@@ -477,4 +477,3 @@ def test_reptile_adapting_some_weights_moves_only_those_as_the_separate_parts(tm
     own = OwnStep(MLP(1, (4,), 1))
     own.compile(backend="aot_eager")
     assert "own meta-step" in unfused_reason(own, torch.optim.SGD(own.parameters(), lr=0.1), 4, 1)
-
