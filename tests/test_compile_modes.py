@@ -204,8 +204,8 @@ def test_compiled_conv4_meta_gradient_is_the_eager_one_to_second_order(float64) 
     fused kernels, which tests/test_norm.py checks against vmap and central differences. The backend runs
     Dynamo's trace, functionalisation, Inductor's decompositions and the min-cut partition of the joint graph
     eagerly. It leaves out Inductor's code generation and metagrad's passes (tests/test_graph_passes.py): their C++
-    build of this graph took 47-73 s on one core of this machine, too long for this suite, and Inductor's kernels are
-    checked on the MLP (tests/test_fused_update.py)."""
+    build of this graph took about a minute on one core here (this test with Inductor's backend), too long for
+    this suite; Inductor's kernels are checked on the MLP (tests/test_fused_update.py)."""
     import copy
 
     torch.manual_seed(0)

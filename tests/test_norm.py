@@ -226,8 +226,8 @@ def _user_mlp() -> nn.Module:
                          nn.Linear(5, 2))  # fmt: skip
 
 
-def _per_step_conv4() -> nn.Module:
-    model = Conv4(ways=2, hidden=3, image_size=16, bn="per_step", steps=2)
+def _per_step_conv4(downsample: str = "pool", side: int = 16) -> nn.Module:
+    model = Conv4(ways=2, hidden=3, image_size=side, bn="per_step", steps=2, downsample=downsample)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, PerStepBatchNorm2d):
@@ -257,6 +257,7 @@ MODELS = {
     "conv4_stride_products": (lambda: _conv4_products(downsample="stride", side=28),
                               lambda: _image_batch(tasks=2, side=28)),  # fmt: skip
     "conv4_per_step": (_per_step_conv4, lambda: _image_batch(tasks=2, side=16)),
+    "conv4_stride_per_step": (lambda: _per_step_conv4("stride", 28), lambda: _image_batch(tasks=2, side=28)),
     "user_cnn_batchnorm_instancenorm": (_user_cnn, _image_batch),
     # The same network in channels-last memory (its activations follow the weights'): on the CPU its batch norms
     # take the precise-statistics path (models/norm.py, _PreciseBatchNorm) where no vmap is active.
@@ -291,7 +292,8 @@ def _learner(model_name: str, algorithm: str, vectorize: bool):
 
 # A convolution's implementation is independent of the inner rule: the product form with MAML and MAML Enhanced.
 OTHER_FORMS = {"conv4_products": ("maml", "maml_enhanced"), "conv4_products_shifts": ("maml",),
-               "conv4_stride": ("maml", "maml_enhanced"), "conv4_stride_products": ("maml",)}  # fmt: skip
+               "conv4_stride": ("maml", "maml_enhanced"), "conv4_stride_products": ("maml",),
+               "conv4_stride_per_step": ("maml",)}  # fmt: skip
 
 
 def _grid(algorithms) -> list[tuple[str, str]]:
