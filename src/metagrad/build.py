@@ -113,4 +113,5 @@ def build_learner(cfg: Config, model: torch.nn.Module | None = None) -> MetaLear
             f"algorithm {cfg.algorithm.name!r} built a {type(learner).__name__}, not a metagrad.MetaLearner"
         )
     learner.tf32, learner.precise_norms = cfg.train.tf32, cfg.train.precise_norms
+    learner.task_threads = cfg.train.task_threads
     return learner

@@ -37,6 +37,7 @@ from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, ParameterIndex, TensorView
 from metagrad.numerics import tf32 as tf32_numerics
+from metagrad.task_threads import current_module, run_tasks, shareable
 from metagrad.tasks.base import TaskBatch, shard_weight
 from metagrad.transforms import inner_pass, plain_autograd, transforms_only
 
@@ -215,6 +216,7 @@ class MetaLearner(nn.Module):
         self.__dict__["eval_rule"] = eval_rule if eval_rule is not None else rule
         self.inner_steps = int(inner_steps)
         self.vectorize = vectorize
+        self.task_threads = "auto"
         # A model whose forward takes the inner step (Conv4 with per-step batch norm, MAML++).
         self.per_step = bool(getattr(model, "per_step", False))
         self.random = any(_is_random(m) for m in model.modules())
@@ -418,11 +420,14 @@ class MetaLearner(nn.Module):
         return self._forward(params, x, step, statistics, track)
 
     def _forward(self, params: Mapping[str, Tensor], x: Tensor, step: int, statistics: str, track: bool) -> Tensor:
+        # On a task thread, the thread's own shell of the network (functional_call swaps its tensors in place).
+        module = self.model if torch.compiler.is_compiling() else current_module(self.model)
+        tensors = (dict(params), dict(self.model.named_buffers()))
         if self.per_step:
             options = {"step": step, "statistics": statistics, "track": track}
-            return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,), options)
+            return functional_call(module, tensors, (x,), options)
         with norm_statistics(statistics, track, self.precise_norms):
-            return functional_call(self.model, (dict(params), dict(self.model.named_buffers())), (x,))
+            return functional_call(module, tensors, (x,))
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int = 0) -> Tensor:
         return self.loss_fn(self.network(params, x, step), y)
@@ -612,6 +617,33 @@ class MetaLearner(nn.Module):
             return next(self.model.parameters()).device.type != "cpu"
         return vmapped
 
+    @property
+    def task_threads(self) -> int | str:
+        """How many CPU threads the eager task loop runs whole tasks on at once (:mod:`metagrad.task_threads`):
+        ``"auto"`` (PyTorch's intra-op threads, ``torch.get_num_threads()``), ``k``, or ``1`` (one task at a
+        time, every thread on its operators). The tasks' gradients are summed in task order, so the meta-gradient
+        is the one-thread loop's to the bit. Only where nothing is shared between tasks: the CPU, the task loop,
+        eagerly, no random layer in training, no hook on the network; elsewhere one task at a time."""
+        return self.__dict__["_task_threads"]
+
+    @task_threads.setter
+    def task_threads(self, value: int | str) -> None:
+        if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)):
+            raise ConfigError(f"task_threads must be 'auto' or a positive number of threads, got {value!r}")
+        self.__dict__["_task_threads"] = value
+
+    def _threads_for_tasks(self, tasks: int, compiled: bool) -> int:
+        """How many threads this call's tasks run on at once (1: one after another); see :attr:`task_threads`."""
+        if tasks < 2 or compiled or self.vmapped or not plain_autograd():
+            return 1
+        v = self.task_threads
+        threads = torch.get_num_threads() if v == "auto" else int(v)
+        if threads < 2 or next(self.model.parameters()).device.type != "cpu":
+            return 1
+        if (self.random and self.model.training) or not shareable(self.model):
+            return 1
+        return threads
+
     def task_chunk(self, tasks: int) -> int:
         """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
         with ``vectorize=k``, one where tasks are not vmapped. Chunks are differentiated one after another and
@@ -640,10 +672,15 @@ class MetaLearner(nn.Module):
         fn = self._compiled if compiled else self._chunk_gradient
         scale = 1.0 / n if scale is None else scale
         chunks = [tasks] if size >= n else [tuple(t[i : i + size] for t in tasks) for i in range(0, n, size)]
-        total: list[dict[str, Tensor]] = []
-        for chunk in chunks:
+
+        def one(chunk: Task) -> tuple[Params, Params, dict[str, Tensor]]:
             args = (params, frozen, meta, chunk, weights, first_order, scale)
-            out = self._run_compiled(fn, *args) if compiled else fn(*args)
+            return self._run_compiled(fn, *args) if compiled else fn(*args)
+
+        threads = self._threads_for_tasks(len(chunks), compiled)
+        outs = map(one, chunks) if threads < 2 else run_tasks(one, chunks, threads, self.model)
+        total: list[dict[str, Tensor]] = []
+        for out in outs:  # in task order, however many threads computed them
             # Out of place: a compiled graph may return one buffer for two equal outputs.
             total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
         gp, gm, metrics = total
@@ -739,6 +776,7 @@ class MetaLearner(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         compiled = state.pop("_pickled_compiled", False)
+        state.setdefault("_task_threads", "auto")  # (a learner pickled before task threads)
         super().__setstate__(state)
         if compiled:
             self.compile(**self._compile_options)

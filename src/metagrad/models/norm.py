@@ -27,6 +27,7 @@ not leak one task into the next); the learner updates them in a plain forward pa
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -44,7 +45,9 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "current_mode",
     "make_exact",
+    "restore_mode",
     "statistics",
     "STATISTICS",
 ]
@@ -52,8 +55,9 @@ __all__ = [
 STATISTICS = ("batch", "running")
 
 
-class _Mode:
-    """What metagrad's learner asks of batch-norm layers right now (``None``: PyTorch's own behaviour)."""
+class _Mode(threading.local):
+    """What metagrad's learner asks of batch-norm layers right now (``None``: PyTorch's own behaviour), per
+    thread: tasks on several threads (:mod:`metagrad.task_threads`) each set their own passes' mode."""
 
     statistics: str | None = None  # "batch" or "running" for every batch norm that has running statistics
     track: bool | None = None  # whether a batch-statistics pass folds into the running statistics
@@ -61,6 +65,18 @@ class _Mode:
 
 
 _MODE = _Mode()
+
+
+def current_mode() -> tuple[str | None, bool | None, bool]:
+    """This thread's batch-norm mode, ``(statistics, track, precise)``, for :func:`restore_mode` on another."""
+    return _MODE.statistics, _MODE.track, _MODE.precise
+
+
+@contextlib.contextmanager
+def restore_mode(mode: tuple[str | None, bool | None, bool]) -> Iterator[None]:
+    """Within the block, this thread's batch norms take ``mode`` (what :func:`current_mode` gave)."""
+    with statistics(mode[0], mode[1], mode[2]):
+        yield
 
 
 @contextlib.contextmanager

@@ -1,0 +1,205 @@
+"""Tasks on several CPU threads at once (metagrad.task_threads): the one-thread task loop's meta-gradient to the bit,
+for every model and algorithm that takes that path, and the one-task-at-a-time loop wherever tasks share
+something."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from metagrad.algorithms import IMAML, MAML, MAMLEnhanced, ProtoNet
+from metagrad.algorithms import base as learner_base
+from metagrad.config import load_config
+from metagrad.errors import ConfigError
+from metagrad.models import MLP, Conv4, ResNet12, norm
+from metagrad.task_threads import current_module, run_tasks, shell
+from metagrad.tasks import TaskBatch
+
+
+def _images(tasks: int, ways: int, size: int, channels: int = 1, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(tasks, ways, channels, size, size, generator=g)
+    qx = torch.randn(tasks, 2 * ways, channels, size, size, generator=g)
+    sy = torch.arange(ways).repeat(tasks, 1)
+    return TaskBatch(sx, sy, qx, torch.arange(ways).repeat(tasks, 2))
+
+
+def _points(tasks: int, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    sx, qx = torch.randn(tasks, 5, 1, generator=g), torch.randn(tasks, 7, 1, generator=g)
+    return TaskBatch(sx, torch.sin(3 * sx), qx, torch.sin(3 * qx))
+
+
+CE = {"loss": "cross_entropy"}
+CASES = {
+    "conv4_pool_maml": lambda: (MAML(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
+    "conv4_stride_per_step_maml": lambda: (
+        MAML(Conv4(1, 3, 8, 16, bn="per_step", steps=2, downsample="stride"), inner_steps=2, **CE),
+        _images(5, 3, 16),
+    ),
+    "conv4_enhanced": lambda: (MAMLEnhanced(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
+    "conv4_fomaml": lambda: (MAML(Conv4(1, 3, 8, 16), inner_steps=2, first_order=True, **CE), _images(5, 3, 16)),
+    "conv4_imaml": lambda: (IMAML(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
+    "conv4_protonet": lambda: (ProtoNet(Conv4(1, 3, 8, 16), ways=3), _images(5, 3, 16)),
+    "resnet12_maml": lambda: (MAML(ResNet12(3, 2, (3, 4, 4, 5)), inner_steps=1, **CE), _images(3, 2, 16, 3)),
+    "mlp_loop_maml": lambda: (MAML(MLP(), inner_steps=2, vectorize=False), _points(6)),
+}
+
+
+def _spy(monkeypatch) -> list[set[int]]:
+    """Record, per run_tasks call, the threads its tasks ran on."""
+    calls: list[set[int]] = []
+
+    def spying(fn, items, threads, model):
+        seen: set[int] = set()
+        calls.append(seen)
+
+        def recorded(item):
+            seen.add(threading.get_ident())
+            return fn(item)
+
+        return run_tasks(recorded, items, threads, model)
+
+    monkeypatch.setattr(learner_base, "run_tasks", spying)
+    return calls
+
+
+def _meta_gradient(learner, batch, task_threads, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        learner.task_threads = task_threads
+        torch.manual_seed(0)
+        return learner.meta_gradient(batch)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_identical(a, b) -> None:
+    for tree_a, tree_b in zip(a, b, strict=True):
+        assert tree_a.keys() == tree_b.keys()
+        for k in tree_a:
+            assert torch.equal(tree_a[k], tree_b[k]), k
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tasks_on_threads_give_the_one_thread_loop_bit_for_bit(case, monkeypatch):
+    learner, batch = CASES[case]()
+    reference = _meta_gradient(learner, batch, 1, 1)  # one task at a time, one thread
+    calls = _spy(monkeypatch)
+    threaded = _meta_gradient(learner, batch, 3, 2)
+    # Every task ran on a task thread, never on the caller's.
+    assert len(calls) == 1 and calls[0] and threading.get_ident() not in calls[0]
+    _assert_identical(reference, threaded)
+
+
+def test_the_caller_keeps_its_threads_and_the_tasks_take_the_rest():
+    learner, batch = CASES["conv4_pool_maml"]()
+    seen: list[int] = []
+    forward = learner_base.MetaLearner._forward
+
+    def counting(self, *args):
+        if threading.current_thread() is not threading.main_thread():
+            seen.append(torch.get_num_threads())
+        return forward(self, *args)
+
+    torch.set_num_threads(2)
+    learner.task_threads = 4
+    learner._forward = counting.__get__(learner)
+    learner.meta_gradient(batch)
+    assert set(seen) == {1}  # four threads over five tasks: one intra-op thread each
+    assert torch.get_num_threads() == 2
+    seen.clear()
+    learner.task_threads = 4
+    fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    learner.meta_gradient(TaskBatch(*(t[:2] for t in fields)))
+    assert set(seen) == {2}  # four threads over two tasks: two each
+
+
+def test_tasks_that_share_something_run_one_after_another(monkeypatch):
+    calls = _spy(monkeypatch)
+    learner, batch = CASES["conv4_pool_maml"]()
+    learner.task_threads = 1
+    learner.meta_gradient(batch)
+    handle = learner.model.register_forward_hook(lambda m, a, o: None)  # a hook may reach the original module
+    learner.task_threads = 2
+    reference = learner.meta_gradient(batch)
+    handle.remove()
+    vmapped = MAML(Conv4(1, 3, 8, 16), inner_steps=1, vectorize=True, **CE)
+    vmapped.task_threads = 2
+    vmapped.meta_gradient(batch)
+    dropout = MAML(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)), inner_steps=1, vectorize=False)
+    dropout.task_threads = 2
+    dropout.meta_gradient(_points(4), generator=torch.Generator().manual_seed(0))
+    assert calls == []
+    assert reference[2]["loss"].isfinite()
+    learner.task_threads = 2
+    learner.meta_gradient(batch)
+    assert len(calls) == 1  # (the same learner without its hook)
+
+
+class _FailsOnOneTask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x == 99.0).any()):
+            raise ValueError("task with the marked point")
+        return self.net(x)
+
+
+def test_a_failing_task_raises_as_in_the_loop_and_leaves_nothing_running():
+    learner = MAML(_FailsOnOneTask(), inner_steps=1, vectorize=False)
+    learner.task_threads = 2
+    batch = _points(8)
+    batch.support_x[5, 0, 0] = 99.0
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="marked point"):
+        learner.meta_gradient(batch)
+    assert torch.get_num_threads() == threads
+    batch.support_x[5, 0, 0] = 0.0
+    assert learner.meta_gradient(batch)[2]["loss"].isfinite()
+
+
+def test_each_task_runs_its_own_shell_and_the_callers_batch_norm_mode():
+    model = Conv4(1, 3, 8, 16)
+    twin = shell(model)
+    assert twin is not model and all(a is not b for a, b in zip(twin.modules(), model.modules(), strict=True))
+    assert dict(twin.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    assert all(a is b for a, b in zip(twin.parameters(), model.parameters(), strict=True))
+    assert all(a is b for a, b in zip(twin.buffers(), model.buffers(), strict=True))
+    assert current_module(model) is model
+
+    def look(_: int):
+        return current_module(model) is not model, norm.current_mode()
+
+    with norm.statistics("running", False, True):
+        seen = list(run_tasks(look, [0, 1, 2], 2, model))
+        assert norm.current_mode() == ("running", False, True)
+    assert seen == [(True, ("running", False, True))] * 3
+    assert norm.current_mode() == (None, None, False)
+    other = threading.Thread(target=lambda: seen.append(norm.current_mode()))
+    with norm.statistics("running", False, True):
+        other.start()
+        other.join()
+    assert seen[-1] == (None, None, False)  # another thread's mode is its own
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "all", 1.5])
+def test_task_threads_refuses_what_is_not_a_number_of_threads(value):
+    learner = MAML(MLP(), inner_steps=1)
+    with pytest.raises(ConfigError, match="task_threads"):
+        learner.task_threads = value
+
+
+def test_the_config_sets_task_threads():
+    from metagrad.build import build_learner
+
+    assert build_learner(load_config(None, ["train.task_threads=3"])).task_threads == 3
+    assert build_learner(load_config(None, [])).task_threads == "auto"
+    with pytest.raises(ConfigError, match="task_threads"):
+        build_learner(load_config(None, ["train.task_threads=0"]))
