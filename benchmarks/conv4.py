@@ -39,7 +39,9 @@ precise, docs/results.md), ``+products``: every convolution a matrix product ove
 ``vmap`` on a GPU), ``+convolutions``: every convolution cuDNN's or oneDNN's (grouped under ``vmap``), or
 ``+shifts``: the product's patches gathered in the weight's ``(c, kh, kw)`` order and differentiated by autograd,
 instead of the default ``"blocks"`` (``Conv3x3.patches``), or ``+autograd``: the blocks with their backward pass
-left to autograd instead of the written-out adjoint (what that adjoint is worth), or ``+stride``: the MAML code's
+left to autograd instead of the written-out adjoint (what that adjoint is worth), ``+serial``: the task loop one task
+at a time with every thread on its operators (``learner.task_threads = 1``, as before task threads; the default
+runs whole tasks side by side on the threads, ``metagrad.task_threads``), or ``+stride``: the MAML code's
 Omniglot network (``Conv4(downsample="stride")``: stride-2 convolutions instead of max-pooling, about 3.5x less
 arithmetic; beside learn2learn on its own Omniglot network, ``OmniglotCNN``, the same strided network, run by
 ``peer_conv4_l2l_strided.py`` on the shared script's loop; each row's floor is its own network's).
@@ -105,10 +107,10 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     from metagrad.models.conv4 import Conv4
 
     path, *options = path.split("+")  # graphs+tf32, graphs+bf16: the GPU's faster arithmetic
-    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts", "autograd", "stride"}
+    unknown = set(options) - {"tf32", "bf16", "products", "convolutions", "shifts", "autograd", "stride", "serial"}
     if unknown:  # (a row named after an option that no longer exists would measure the default)
         raise SystemExit(f"unknown path options {sorted(unknown)}: tf32, bf16, products, convolutions, shifts, "
-                         "autograd or stride")
+                         "autograd, stride or serial")
     if "autograd" in options:  # the blocks' gather differentiated by autograd (this row's process only)
         from _common import AutogradPatches
 
@@ -131,6 +133,8 @@ def _learner(path: str, ways: int, steps: int) -> Any:
     # PyTorch's channels-last CPU batch norm as it is: faster, float32 statistics less precise
     learner.precise_norms = path != "imprecise-norms"
     learner.tf32 = "tf32" in options
+    if "serial" in options:  # one task at a time, every thread on its operators
+        learner.task_threads = 1
     learner.autocast = torch.bfloat16 if "bf16" in options else None
     for module in learner.model.modules():
         if hasattr(module, "products"):

@@ -116,6 +116,8 @@ def assert_first_order_matches_frozen_inner_gradients(
         return update(grads, state, meta, step)
 
     rule.update_with_state = frozen
+    # The replay follows the order the gradients were taken in: one task at a time (not side by side on threads).
+    task_threads, learner.task_threads = learner.task_threads, 1
     try:
         recording = True
         with torch.no_grad():
@@ -133,6 +135,7 @@ def assert_first_order_matches_frozen_inner_gradients(
         _every_tensor(learner, meta_loss, {**gp, **gm}, seed, h, rtol, atol)
     finally:
         del rule.update_with_state
+        learner.task_threads = task_threads
 
 
 def _every_tensor(

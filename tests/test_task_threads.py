@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from metagrad.algorithms import IMAML, MAML, MAMLEnhanced, ProtoNet
+from metagrad.algorithms import IMAML, MAML, MAMLEnhanced, ProtoNet, Reptile
 from metagrad.algorithms import base as learner_base
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
@@ -46,6 +46,7 @@ CASES = {
     "conv4_protonet": lambda: (ProtoNet(Conv4(1, 3, 8, 16), ways=3), _images(5, 3, 16)),
     "resnet12_maml": lambda: (MAML(ResNet12(3, 2, (3, 4, 4, 5)), inner_steps=1, **CE), _images(3, 2, 16, 3)),
     "mlp_loop_maml": lambda: (MAML(MLP(), inner_steps=2, vectorize=False), _points(6)),
+    "conv4_reptile": lambda: (Reptile(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
 }
 
 
@@ -94,6 +95,21 @@ def test_tasks_on_threads_give_the_one_thread_loop_bit_for_bit(case, monkeypatch
     # Every task ran on a task thread, never on the caller's.
     assert len(calls) == 1 and calls[0] and threading.get_ident() not in calls[0]
     _assert_identical(reference, threaded)
+
+
+@pytest.mark.parametrize("case", ["conv4_pool_maml", "conv4_stride_per_step_maml", "conv4_imaml"])
+def test_evaluation_curves_on_threads_are_the_one_thread_loops(case, monkeypatch):
+    learner, batch = CASES[case]()
+    learner.eval()
+    torch.set_num_threads(1)
+    learner.task_threads = 1
+    reference = learner.adaptation_curve(batch, steps=3)
+    calls = _spy(monkeypatch)
+    torch.set_num_threads(2)
+    learner.task_threads = "auto"
+    curves = learner.adaptation_curve(batch, steps=3)
+    assert len(calls) == 1 and len(calls[0]) >= 1
+    assert torch.equal(reference, curves)
 
 
 def test_the_caller_keeps_its_threads_and_the_tasks_take_the_rest():
@@ -203,3 +219,27 @@ def test_the_config_sets_task_threads():
     assert build_learner(load_config(None, [])).task_threads == "auto"
     with pytest.raises(ConfigError, match="task_threads"):
         build_learner(load_config(None, ["train.task_threads=0"]))
+
+
+def _child_meta_gradient(queue) -> None:
+    learner, batch = CASES["mlp_loop_maml"]()
+    learner.task_threads = 2
+    queue.put(float(learner.meta_gradient(batch)[2]["loss"]))
+
+
+def test_a_forked_child_runs_tasks_on_threads_of_its_own():
+    import multiprocessing
+
+    learner, batch = CASES["mlp_loop_maml"]()
+    learner.task_threads = 2
+    expected = float(learner.meta_gradient(batch)[2]["loss"])  # the parent's pool threads now exist
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_meta_gradient, args=(queue,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0, "the child waited on the parent's pool threads"
+    assert queue.get(timeout=5) == expected

@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import copy
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -38,7 +39,7 @@ from torch import nn
 
 from metagrad.models import norm
 
-__all__ = ["run_tasks", "shell", "current_module", "shareable"]
+__all__ = ["run_tasks", "shell", "current_module", "in_task_thread", "shareable"]
 
 T = TypeVar("T")
 
@@ -73,6 +74,11 @@ def current_module(model: nn.Module) -> nn.Module:
     return model if not shells else shells.get(id(model), model)
 
 
+def in_task_thread() -> bool:
+    """Whether this thread is running a task of :func:`run_tasks` (whose own calls then run one after another)."""
+    return bool(getattr(_LOCAL, "shells", None))
+
+
 def shareable(model: nn.Module) -> bool:
     """Whether tasks of ``model`` may run on several threads: no forward hook or pre-hook on any module (nor a
     global one), and no parametrization (both may reach the original module rather than the thread's shell)."""
@@ -85,6 +91,17 @@ def shareable(model: nn.Module) -> bool:
         if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
             return False
     return True
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's pool threads do not exist there (a task sent to them would wait forever)."""
+    global _LOCK
+    _POOLS.clear()
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:

@@ -37,7 +37,7 @@ from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, ParameterIndex, TensorView
 from metagrad.numerics import tf32 as tf32_numerics
-from metagrad.task_threads import current_module, run_tasks, shareable
+from metagrad.task_threads import current_module, in_task_thread, run_tasks, shareable
 from metagrad.tasks.base import TaskBatch, shard_weight
 from metagrad.transforms import inner_pass, plain_autograd, transforms_only
 
@@ -535,7 +535,13 @@ class MetaLearner(nn.Module):
             in_dims = (None,) * len(shared) + (0,)
             randomness = "different" if self.random and self.model.training else "error"
             return vmap(fn, in_dims=in_dims, randomness=randomness)(*shared, tasks)
-        outs = [fn(*shared, tuple(t[i] for t in tasks)) for i in range(tasks[0].shape[0])]
+        items = [tuple(t[i] for t in tasks) for i in range(tasks[0].shape[0])]
+        threads = self._threads_for_tasks(len(items), compiled=False)
+
+        def one(task: tuple[Tensor, ...]) -> Any:
+            return fn(*shared, task)
+
+        outs = list(map(one, items) if threads < 2 else run_tasks(one, items, threads, self.model))
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     def meta_loss(
@@ -634,7 +640,7 @@ class MetaLearner(nn.Module):
 
     def _threads_for_tasks(self, tasks: int, compiled: bool) -> int:
         """How many threads this call's tasks run on at once (1: one after another); see :attr:`task_threads`."""
-        if tasks < 2 or compiled or self.vmapped or not plain_autograd():
+        if tasks < 2 or compiled or self.vmapped or not plain_autograd() or in_task_thread():
             return 1
         v = self.task_threads
         threads = torch.get_num_threads() if v == "auto" else int(v)
