@@ -222,6 +222,10 @@ def test_the_config_sets_task_threads():
 
 
 def _child_meta_gradient(queue) -> None:
+    # One intra-op thread in the child: GNU OpenMP's threads, which the parent used, hang a forked child's
+    # parallel regions (as without task threads).
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
     learner, batch = CASES["mlp_loop_maml"]()
     learner.task_threads = 2
     queue.put(float(learner.meta_gradient(batch)[2]["loss"]))
@@ -230,6 +234,7 @@ def _child_meta_gradient(queue) -> None:
 def test_a_forked_child_runs_tasks_on_threads_of_its_own():
     import multiprocessing
 
+    torch.manual_seed(0)
     learner, batch = CASES["mlp_loop_maml"]()
     learner.task_threads = 2
     expected = float(learner.meta_gradient(batch)[2]["loss"])  # the parent's pool threads now exist
