@@ -54,7 +54,7 @@ def _spy(monkeypatch) -> list[set[int]]:
     """Record, per run_tasks call, the threads its tasks ran on."""
     calls: list[set[int]] = []
 
-    def spying(fn, items, threads, model):
+    def spying(fn, items, threads, model, combine=None):
         seen: set[int] = set()
         calls.append(seen)
 
@@ -62,7 +62,7 @@ def _spy(monkeypatch) -> list[set[int]]:
             seen.add(threading.get_ident())
             return fn(item)
 
-        return run_tasks(recorded, items, threads, model)
+        return run_tasks(recorded, items, threads, model, combine)
 
     monkeypatch.setattr(learner_base, "run_tasks", spying)
     return calls
@@ -248,3 +248,32 @@ def test_a_forked_child_runs_tasks_on_threads_of_its_own():
         child.kill()
     assert not alive and child.exitcode == 0, "the child waited on the parent's pool threads"
     assert queue.get(timeout=5) == expected
+
+
+def test_results_are_combined_in_the_items_order_on_the_task_threads():
+    import time
+
+    model = MLP()
+    order: list[tuple[int, bool]] = []
+
+    def slow_first(i: int) -> int:
+        time.sleep(0.05 * (3 - i))  # the last item finishes first
+        return i
+
+    def combine(i: int) -> None:
+        order.append((i, threading.current_thread() is threading.main_thread()))
+
+    assert run_tasks(slow_first, [0, 1, 2, 3], 4, model, combine) == []
+    assert order == [(0, False), (1, False), (2, False), (3, False)]
+    assert run_tasks(slow_first, [0, 1, 2, 3], 4, model) == [0, 1, 2, 3]
+
+    def fails(i: int) -> int:
+        time.sleep(0.05 * (3 - i))
+        if i in (1, 3):
+            raise ValueError(f"item {i}")
+        return i
+
+    order.clear()
+    with pytest.raises(ValueError, match="item 1"):  # the first in order, though item 3 failed sooner
+        run_tasks(fails, [0, 1, 2, 3], 4, model, combine)
+    assert [i for i, _ in order] == [0]  # nothing combined past the failure

@@ -122,38 +122,83 @@ def _on_shell(model: nn.Module) -> Iterator[None]:
 
 
 def run_tasks(
-    fn: Callable[[Any], T], items: Sequence[Any], threads: int, model: nn.Module
-) -> Iterator[T]:
-    """``fn(item)`` for every item, on up to ``threads`` threads at once, yielded in the items' order.
+    fn: Callable[[Any], T],
+    items: Sequence[Any],
+    threads: int,
+    model: nn.Module,
+    combine: Callable[[T], None] | None = None,
+) -> list[T]:
+    """``fn(item)`` for every item, on up to ``threads`` threads at once; the results in the items' order, or,
+    with ``combine``, each result handed to ``combine`` in the items' order (on the thread that computed it, once
+    the earlier items' are combined) and not kept: ``[]`` is returned.
+
+    Combining on the task's thread as soon as its turn comes frees each result before that thread's next task
+    allocates its activations. Results held until the end instead sat between the next tasks' large blocks in
+    the allocator's heap, which then grew by about one task's activations every two tasks (Conv-4, 32 tasks on
+    two threads: 1.1 GiB against 0.6).
 
     Each call runs with ``threads // workers`` intra-op threads (at least one), on its own :func:`shell` of
     ``model``, in a copy of the caller's context variables, with the caller's batch-norm mode and grad mode.
-    If a call fails (or the caller stops), the calls not yet started are cancelled and the running ones
-    finish before the error goes on: nothing runs on the learner once this returns or raises."""
+    The caller's thread waits with one intra-op thread (its OpenMP threads would otherwise spin on the tasks'
+    cores). If a call fails (or the caller is interrupted), the calls not yet started are cancelled, the running
+    ones finish, and the first item's error in order is raised: nothing runs on the learner once this returns."""
     workers = max(1, min(threads, len(items)))
     each = max(1, threads // workers)
     mode, grad_enabled = norm.current_mode(), torch.is_grad_enabled()
+    turn = threading.Condition()
+    # The next item to combine, and the first item that failed (the later ones are not combined).
+    state = {"next": 0, "failed": len(items)}
 
-    def job(item: Any, context: contextvars.Context) -> T:
-        def run() -> T:
+    def failed(index: int) -> None:
+        with turn:
+            state["failed"] = min(state["failed"], index)
+            turn.notify_all()
+
+    def combine_in_order(index: int, result: T) -> None:
+        with turn:
+            turn.wait_for(lambda: state["next"] == index or state["failed"] < index)
+            if state["failed"] < index:
+                return
+        try:
+            combine(result)  # type: ignore[misc]  # (alone: the later items wait for this one's turn to end)
+        except BaseException:
+            failed(index)
+            raise
+        with turn:
+            state["next"] += 1
+            turn.notify_all()
+
+    def job(index: int, item: Any, context: contextvars.Context) -> T | None:
+        def run() -> T | None:
             if torch.get_num_threads() != each:
                 torch.set_num_threads(each)
-            with _on_shell(model), norm.restore_mode(mode), torch.set_grad_enabled(grad_enabled):
-                return fn(item)
+            try:
+                with _on_shell(model), norm.restore_mode(mode), torch.set_grad_enabled(grad_enabled):
+                    result = fn(item)
+            except BaseException:
+                failed(index)
+                raise
+            if combine is None:
+                return result
+            combine_in_order(index, result)
+            return None
 
         return context.run(run)
 
     pool, threads_here = _pool(workers), torch.get_num_threads()
-    futures = [pool.submit(job, item, contextvars.copy_context()) for item in items]
-    # The caller's own work between results (summing them) on one thread: its intra-op threads would otherwise
-    # spin-wait after each small operator (OpenMP's idle policy) on the cores the tasks run on (it made every
-    # task 1.6-2x slower).
     torch.set_num_threads(1)
+    futures = [pool.submit(job, i, item, contextvars.copy_context()) for i, item in enumerate(items)]
     try:
-        for future in futures:
-            yield future.result()
+        concurrent.futures.wait(futures)
     finally:
+        if not all(f.done() for f in futures):  # interrupted: the tasks not yet combined stop at their turn
+            failed(-1)
         for future in futures:
             future.cancel()
         concurrent.futures.wait(futures)
         torch.set_num_threads(threads_here)  # (also the count that threads started later begin with)
+    for future in futures:  # the first failure in the items' order, as the one-thread loop would meet it
+        error = future.exception()
+        if error is not None:
+            raise error
+    return [] if combine is not None else [f.result() for f in futures]

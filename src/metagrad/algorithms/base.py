@@ -541,7 +541,7 @@ class MetaLearner(nn.Module):
         def one(task: tuple[Tensor, ...]) -> Any:
             return fn(*shared, task)
 
-        outs = list(map(one, items) if threads < 2 else run_tasks(one, items, threads, self.model))
+        outs = list(map(one, items)) if threads < 2 else run_tasks(one, items, threads, self.model)
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     def meta_loss(
@@ -683,12 +683,27 @@ class MetaLearner(nn.Module):
             args = (params, frozen, meta, chunk, weights, first_order, scale)
             return self._run_compiled(fn, *args) if compiled else fn(*args)
 
-        threads = self._threads_for_tasks(len(chunks), compiled)
-        outs = map(one, chunks) if threads < 2 else run_tasks(one, chunks, threads, self.model)
         total: list[dict[str, Tensor]] = []
-        for out in outs:  # in task order, however many threads computed them
-            # Out of place: a compiled graph may return one buffer for two equal outputs.
-            total = list(out) if not total else [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
+        threads = self._threads_for_tasks(len(chunks), compiled)
+        if threads < 2:
+            for chunk in chunks:
+                out = one(chunk)
+                # Out of place: a compiled graph may return one buffer for two equal outputs.
+                if total:
+                    total = [{k: a[k] + b[k] for k in a} for a, b in zip(total, out, strict=True)]
+                else:
+                    total = list(out)
+        else:
+
+            def add(out: tuple[Params, Params, dict[str, Tensor]]) -> None:  # in task order (see run_tasks)
+                if not total:
+                    total.extend({k: v.clone() for k, v in tree.items()} for tree in out)
+                else:  # in place, the same sums as out of place above
+                    for a, b in zip(total, out, strict=True):
+                        for k in a:
+                            a[k].add_(b[k])
+
+            run_tasks(one, chunks, threads, self.model, combine=add)
         gp, gm, metrics = total
         return gp, gm, metrics
 
