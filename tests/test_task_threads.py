@@ -42,7 +42,7 @@ CASES = {
     ),
     "conv4_enhanced": lambda: (MAMLEnhanced(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
     "conv4_fomaml": lambda: (MAML(Conv4(1, 3, 8, 16), inner_steps=2, first_order=True, **CE), _images(5, 3, 16)),
-    "conv4_imaml": lambda: (IMAML(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
+    "conv4_imaml": lambda: (IMAML(Conv4(1, 3, 8, 16), inner_steps=1, cg_steps=2, **CE), _images(4, 3, 16)),
     "conv4_protonet": lambda: (ProtoNet(Conv4(1, 3, 8, 16), ways=3), _images(5, 3, 16)),
     "resnet12_maml": lambda: (MAML(ResNet12(3, 2, (3, 4, 4, 5)), inner_steps=1, **CE), _images(3, 2, 16, 3)),
     "mlp_loop_maml": lambda: (MAML(MLP(), inner_steps=2, vectorize=False), _points(6)),
@@ -50,19 +50,20 @@ CASES = {
 }
 
 
-def _spy(monkeypatch) -> list[set[int]]:
-    """Record, per run_tasks call, the threads its tasks ran on."""
+def _spy(monkeypatch, probes: list[set[int]] | None = None) -> list[set[int]]:
+    """Record, per run_tasks call that runs tasks side by side, the threads its tasks ran on (and in ``probes``,
+    per call that probes on one task thread)."""
     calls: list[set[int]] = []
 
-    def spying(fn, items, threads, model, combine=None):
+    def spying(fn, items, threads, model, combine=None, workers=None):
         seen: set[int] = set()
-        calls.append(seen)
+        (calls if workers is None else probes if probes is not None else []).append(seen)
 
         def recorded(item):
             seen.add(threading.get_ident())
             return fn(item)
 
-        return run_tasks(recorded, items, threads, model, combine)
+        return run_tasks(recorded, items, threads, model, combine, workers)
 
     monkeypatch.setattr(learner_base, "run_tasks", spying)
     return calls
@@ -90,7 +91,10 @@ def _assert_identical(a, b) -> None:
 def test_tasks_on_threads_give_the_one_thread_loop_bit_for_bit(case, monkeypatch):
     learner, batch = CASES[case]()
     reference = _meta_gradient(learner, batch, 1, 1)  # one task at a time, one thread
-    calls = _spy(monkeypatch)
+    probes: list[set[int]] = []
+    calls = _spy(monkeypatch, probes)
+    _meta_gradient(learner, batch, 3, 2)  # the first call that may go to threads probes, one task at a time
+    assert calls == [] and len(probes) == 1 and len(probes[0]) == 1 and threading.get_ident() not in probes[0]
     threaded = _meta_gradient(learner, batch, 3, 2)
     # Every task ran on a task thread, never on the caller's.
     assert len(calls) == 1 and calls[0] and threading.get_ident() not in calls[0]
@@ -107,8 +111,9 @@ def test_evaluation_curves_on_threads_are_the_one_thread_loops(case, monkeypatch
     calls = _spy(monkeypatch)
     torch.set_num_threads(2)
     learner.task_threads = "auto"
+    learner.adaptation_curve(batch, steps=3)  # (the probe)
     curves = learner.adaptation_curve(batch, steps=3)
-    assert len(calls) == 1 and len(calls[0]) >= 1
+    assert len(calls) == 1 and calls[0] and threading.get_ident() not in calls[0]
     assert torch.equal(reference, curves)
 
 
@@ -125,6 +130,9 @@ def test_the_caller_keeps_its_threads_and_the_tasks_take_the_rest():
     torch.set_num_threads(2)
     learner.task_threads = 4
     learner._forward = counting.__get__(learner)
+    learner.meta_gradient(batch)  # (the probe: one task thread with all four threads)
+    assert set(seen) == {4}
+    seen.clear()
     learner.meta_gradient(batch)
     assert set(seen) == {1}  # four threads over five tasks: one intra-op thread each
     assert torch.get_num_threads() == 2
@@ -135,26 +143,91 @@ def test_the_caller_keeps_its_threads_and_the_tasks_take_the_rest():
     assert set(seen) == {2}  # four threads over two tasks: two each
 
 
+def _twice(learner, batch, **kwargs):
+    learner.task_threads = 2
+    for _ in range(2):  # the first call probes
+        out = learner.meta_gradient(batch, **kwargs)
+    return out
+
+
+class _ListedLayers(nn.Module):
+    """Reaches its layers through a plain list too: a thread's shell would call the original layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(1, 8), nn.Linear(8, 1)
+        self.__dict__["order"] = [self.a, self.b]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.order[1](torch.tanh(self.order[0](x)))
+
+
+class _CountsCalls(nn.Module):
+    """Writes a buffer in every forward pass (outside autograd): tasks on threads would share it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.calls += 1
+        return self.net(x)
+
+
+class _DrawsNoise(nn.Module):
+    """Draws from the global generator without being marked random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.01 * torch.randn_like(x))
+
+
+class _OwnMAML(MAML):
+    """A user's subclass, whose per-task code metagrad cannot vouch for."""
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_tasks_that_share_something_run_one_after_another(monkeypatch):
     calls = _spy(monkeypatch)
     learner, batch = CASES["conv4_pool_maml"]()
-    learner.task_threads = 1
-    learner.meta_gradient(batch)
-    handle = learner.model.register_forward_hook(lambda m, a, o: None)  # a hook may reach the original module
-    learner.task_threads = 2
-    reference = learner.meta_gradient(batch)
-    handle.remove()
-    vmapped = MAML(Conv4(1, 3, 8, 16), inner_steps=1, vectorize=True, **CE)
-    vmapped.task_threads = 2
-    vmapped.meta_gradient(batch)
+    for hook in (learner.model.register_forward_hook(lambda m, a, o: None),
+                 learner.model.register_full_backward_hook(lambda m, gi, go: None)):  # fmt: skip
+        _twice(learner, batch)
+        hook.remove()
+    _twice(MAML(Conv4(1, 3, 8, 16), inner_steps=1, vectorize=True, **CE), batch)
     dropout = MAML(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)), inner_steps=1, vectorize=False)
-    dropout.task_threads = 2
-    dropout.meta_gradient(_points(4), generator=torch.Generator().manual_seed(0))
+    _twice(dropout, _points(4), generator=torch.Generator().manual_seed(0))
+    for model in (_ListedLayers(), _CountsCalls(), _DrawsNoise()):
+        _twice(MAML(model, inner_steps=1, vectorize=False), _points(4))
+    _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _twice(MAML(MLP(), inner_steps=1, vectorize=False), _points(4))
     assert calls == []
-    assert reference[2]["loss"].isfinite()
-    learner.task_threads = 2
-    learner.meta_gradient(batch)
-    assert len(calls) == 1  # (the same learner without its hook)
+    _twice(learner, batch)
+    assert len(calls) == 1  # (the same learner without its hooks)
+    _OwnMAML.thread_safe_tasks = True  # a subclass that vouches for its per-task code
+    try:
+        _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))
+    finally:
+        del _OwnMAML.thread_safe_tasks
+    assert len(calls) == 2
+
+
+def test_a_network_that_writes_a_buffer_gives_the_one_thread_loops_result():
+    torch.manual_seed(0)
+    serial = MAML(_CountsCalls(), inner_steps=1, vectorize=False)
+    torch.manual_seed(0)
+    threaded = MAML(_CountsCalls(), inner_steps=1, vectorize=False)
+    serial.task_threads, threaded.task_threads = 1, 2
+    for _ in range(3):
+        expected, got = serial.meta_gradient(_points(6)), threaded.meta_gradient(_points(6))
+        _assert_identical(expected, got)
+        assert threaded.model.calls == serial.model.calls  # every pass counted, none lost to a race
 
 
 class _FailsOnOneTask(nn.Module):
@@ -168,14 +241,17 @@ class _FailsOnOneTask(nn.Module):
         return self.net(x)
 
 
-def test_a_failing_task_raises_as_in_the_loop_and_leaves_nothing_running():
+def test_a_failing_task_raises_as_in_the_loop_and_leaves_nothing_running(monkeypatch):
     learner = MAML(_FailsOnOneTask(), inner_steps=1, vectorize=False)
     learner.task_threads = 2
     batch = _points(8)
+    learner.meta_gradient(batch)  # (the probe)
+    calls = _spy(monkeypatch)
     batch.support_x[5, 0, 0] = 99.0
     threads = torch.get_num_threads()
     with pytest.raises(ValueError, match="marked point"):
         learner.meta_gradient(batch)
+    assert len(calls) == 1 and threading.get_ident() not in calls[0]
     assert torch.get_num_threads() == threads
     batch.support_x[5, 0, 0] = 0.0
     assert learner.meta_gradient(batch)[2]["loss"].isfinite()
@@ -227,8 +303,7 @@ def _child_meta_gradient(queue) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     learner, batch = CASES["mlp_loop_maml"]()
-    learner.task_threads = 2
-    queue.put(float(learner.meta_gradient(batch)[2]["loss"]))
+    queue.put(float(_twice(learner, batch)[2]["loss"]))
 
 
 def test_a_forked_child_runs_tasks_on_threads_of_its_own():
@@ -236,8 +311,7 @@ def test_a_forked_child_runs_tasks_on_threads_of_its_own():
 
     torch.manual_seed(0)
     learner, batch = CASES["mlp_loop_maml"]()
-    learner.task_threads = 2
-    expected = float(learner.meta_gradient(batch)[2]["loss"])  # the parent's pool threads now exist
+    expected = float(_twice(learner, batch)[2]["loss"])  # the parent's pool threads now exist
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_meta_gradient, args=(queue,))

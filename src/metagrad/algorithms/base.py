@@ -37,7 +37,7 @@ from metagrad.models.norm import make_exact
 from metagrad.models.norm import statistics as norm_statistics
 from metagrad.named import NamedTensors, ParameterIndex, TensorView
 from metagrad.numerics import tf32 as tf32_numerics
-from metagrad.task_threads import current_module, in_task_thread, run_tasks, shareable
+from metagrad.task_threads import current_module, in_task_thread, run_tasks, why_not_here, why_not_threaded
 from metagrad.tasks.base import TaskBatch, shard_weight
 from metagrad.transforms import inner_pass, plain_autograd, transforms_only
 
@@ -89,6 +89,16 @@ def _variables(tree: Mapping[str, Tensor]) -> Params:
 
 def _detach(tree: Mapping[str, Tensor]) -> Params:
     return {k: v.detach() for k, v in tree.items()}
+
+
+def _thread_safe_class(cls: type) -> bool:
+    """Whether a learner's or inner rule's class may run tasks on several threads at once: as it declares
+    (``thread_safe_tasks``, inherited), else if it is metagrad's own (a subclass elsewhere may keep state in
+    Python that its tasks would share)."""
+    declared = getattr(cls, "thread_safe_tasks", None)
+    if declared is not None:
+        return bool(declared)
+    return cls.__module__.split(".")[0] == "metagrad"
 
 
 def _name_of(fn: Callable[..., Any]) -> str:
@@ -186,6 +196,11 @@ class MetaLearner(nn.Module):
     not_meta_learned: frozenset[str] = frozenset()
     """Parameters that the outer loop leaves out though they require grad (CAVIA's context, reset to zero for every
     task): the meta-gradient has no entry for them, so no optimizer moves them; the inner loop may still adapt them."""
+    thread_safe_tasks: bool | None = None
+    """Whether this class's per-task code (``task_loss`` and what it calls) may run tasks on several threads at
+    once (:attr:`task_threads`): ``None`` decides by where the class is defined (metagrad's own: yes; a subclass
+    elsewhere: no, as it may keep Python state that its tasks would share). A subclass whose per-task code only
+    computes from its arguments, through :meth:`network`, may declare ``True``."""
 
     def __init__(
         self,
@@ -536,12 +551,16 @@ class MetaLearner(nn.Module):
             randomness = "different" if self.random and self.model.training else "error"
             return vmap(fn, in_dims=in_dims, randomness=randomness)(*shared, tasks)
         items = [tuple(t[i] for t in tasks) for i in range(tasks[0].shape[0])]
-        threads = self._threads_for_tasks(len(items), compiled=False)
+        threads, workers, probe = self._threads_for_tasks(len(items), False, getattr(fn, "__name__", "map_tasks"))
 
         def one(task: tuple[Tensor, ...]) -> Any:
             return fn(*shared, task)
 
-        outs = list(map(one, items)) if threads < 2 else run_tasks(one, items, threads, self.model)
+        if threads < 2:
+            outs = list(map(one, items))
+        else:
+            with probe:
+                outs = run_tasks(one, items, threads, self.model, workers=workers)
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     def meta_loss(
@@ -638,17 +657,46 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"task_threads must be 'auto' or a positive number of threads, got {value!r}")
         self.__dict__["_task_threads"] = value
 
-    def _threads_for_tasks(self, tasks: int, compiled: bool) -> int:
-        """How many threads this call's tasks run on at once (1: one after another); see :attr:`task_threads`."""
+    def _threads_for_tasks(
+        self, tasks: int, compiled: bool, kind: str
+    ) -> tuple[int, int | None, contextlib.AbstractContextManager[None]]:
+        """``(threads, workers, probe)``: how many threads this call's tasks may use (1: one after another on the
+        caller's thread; see :attr:`task_threads`), on how many task threads at once (None: as many as there are
+        threads), and what to run them under. The first call of its ``kind`` (and training mode) that could go to
+        threads runs its tasks one after another on one task thread, under a probe that records whether they wrote
+        a buffer or drew from the global random number generator, which threads would share (the tasks then stay
+        on the caller's thread). (On a task thread rather than the caller's: with freed memory kept, each thread's
+        heap keeps its peak, and the caller's would keep a task's activations it no longer needs.)"""
+        one: tuple[int, int | None, contextlib.AbstractContextManager[None]] = (1, None, contextlib.nullcontext())
         if tasks < 2 or compiled or self.vmapped or not plain_autograd() or in_task_thread():
-            return 1
+            return one
         v = self.task_threads
         threads = torch.get_num_threads() if v == "auto" else int(v)
-        if threads < 2 or next(self.model.parameters()).device.type != "cpu":
-            return 1
-        if (self.random and self.model.training) or not shareable(self.model):
-            return 1
-        return threads
+        if threads < 2 or next(self.model.parameters()).device.type != "cpu" or why_not_here() is not None:
+            return one
+        if (self.random and self.model.training) or not self._thread_safe_code():
+            return one
+        if why_not_threaded(self.model) is not None:
+            return one
+        key = (id(self.model), kind, self.training, self.model.training)
+        verdicts = self.__dict__.setdefault("_tasks_share_nothing", {})
+        if key not in verdicts:
+            return threads, 1, self._probe_task_sharing(verdicts, key)
+        return (threads if verdicts[key] else 1), None, contextlib.nullcontext()
+
+    def _thread_safe_code(self) -> bool:
+        """Whether this learner's and its inner rules' classes may run tasks on several threads: metagrad's own, or
+        a class that declares ``thread_safe_tasks = True`` (its per-task code touches nothing shared)."""
+        rules = [m for r in (self.rule, self.eval_rule) for m in r.modules() if isinstance(m, InnerRule)]
+        return all(_thread_safe_class(type(x)) for x in (self, *rules))
+
+    @contextlib.contextmanager
+    def _probe_task_sharing(self, verdicts: dict, key: tuple) -> Iterator[None]:
+        buffers = list(self.model.buffers())
+        versions, rng = [b._version for b in buffers], torch.get_rng_state()
+        yield
+        unchanged = [b._version for b in buffers] == versions and torch.equal(rng, torch.get_rng_state())
+        verdicts[key] = unchanged
 
     def task_chunk(self, tasks: int) -> int:
         """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
@@ -684,7 +732,7 @@ class MetaLearner(nn.Module):
             return self._run_compiled(fn, *args) if compiled else fn(*args)
 
         total: list[dict[str, Tensor]] = []
-        threads = self._threads_for_tasks(len(chunks), compiled)
+        threads, workers, probe = self._threads_for_tasks(len(chunks), compiled, "meta-gradient")
         if threads < 2:
             for chunk in chunks:
                 out = one(chunk)
@@ -703,7 +751,8 @@ class MetaLearner(nn.Module):
                         for k in a:
                             a[k].add_(b[k])
 
-            run_tasks(one, chunks, threads, self.model, combine=add)
+            with probe:
+                run_tasks(one, chunks, threads, self.model, combine=add, workers=workers)
         gp, gm, metrics = total
         return gp, gm, metrics
 

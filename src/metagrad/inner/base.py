@@ -31,6 +31,10 @@ Params = dict[str, Tensor]
 class InnerRule(nn.Module):
     """Base class: override ``update`` and, for learned rules, ``init``."""
 
+    thread_safe_tasks: bool | None = None
+    """Whether ``update`` may run for several tasks at once on different threads (see
+    ``MetaLearner.thread_safe_tasks``): ``None`` decides by where the class is defined (metagrad's rules: yes)."""
+
     def init(self, params: Mapping[str, Tensor]) -> Params:
         """Learned tensors this rule adds to ``meta_state`` (none by default)."""
         return {}
