@@ -93,8 +93,8 @@ class TrainConfig(_Checked):
     threads: int = 0
     # On the CPU, the eager task loop runs whole tasks on this many threads at once, each task with one thread of
     # its own: "auto" (all of train.threads), k, or 1 (one task at a time, every thread on its operators). The
-    # meta-gradient is the one-thread loop's to the bit; memory holds one task's graph per thread
-    # (metagrad.task_threads). Not compiled steps, vmap, dropout in training or a network with hooks.
+    # meta-gradient is the one-thread loop's to the bit; memory holds one task's graph per thread. Where tasks
+    # would share something (a compiled step, dropout, hooks, ...) they stay one at a time (metagrad.task_threads)
     task_threads: int | str = "auto"
     # On the CPU, glibc's malloc keeps the memory it frees for the next iteration instead of returning it to the
     # system (metagrad.allocator, process-wide): a Conv-4 step no longer faults its memory in again every time
