@@ -52,18 +52,18 @@ CASES = {
 
 def _spy(monkeypatch, probes: list[set[int]] | None = None) -> list[set[int]]:
     """Record, per run_tasks call that runs tasks side by side, the threads its tasks ran on (and in ``probes``,
-    per call that probes on one task thread)."""
+    per call that runs one task alone on a task thread: the probe before a learner's first such call)."""
     calls: list[set[int]] = []
 
-    def spying(fn, items, threads, model, combine=None, workers=None):
+    def spying(fn, items, threads, model, combine=None):
         seen: set[int] = set()
-        (calls if workers is None else probes if probes is not None else []).append(seen)
+        (calls if threads > 1 else probes if probes is not None else []).append(seen)
 
         def recorded(item):
             seen.add(threading.get_ident())
             return fn(item)
 
-        return run_tasks(recorded, items, threads, model, combine, workers)
+        return run_tasks(recorded, items, threads, model, combine)
 
     monkeypatch.setattr(learner_base, "run_tasks", spying)
     return calls
@@ -93,11 +93,13 @@ def test_tasks_on_threads_give_the_one_thread_loop_bit_for_bit(case, monkeypatch
     reference = _meta_gradient(learner, batch, 1, 1)  # one task at a time, one thread
     probes: list[set[int]] = []
     calls = _spy(monkeypatch, probes)
-    _meta_gradient(learner, batch, 3, 2)  # the first call that may go to threads probes, one task at a time
-    assert calls == [] and len(probes) == 1 and len(probes[0]) == 1 and threading.get_ident() not in probes[0]
+    first = _meta_gradient(learner, batch, 3, 2)  # its first task alone on a task thread (the probe), then the rest
+    assert len(probes) == 1 and len(calls) == 1
     threaded = _meta_gradient(learner, batch, 3, 2)
+    assert len(probes) == 1 and len(calls) == 2
     # Every task ran on a task thread, never on the caller's.
-    assert len(calls) == 1 and calls[0] and threading.get_ident() not in calls[0]
+    assert all(seen and threading.get_ident() not in seen for seen in probes + calls)
+    _assert_identical(reference, first)
     _assert_identical(reference, threaded)
 
 
@@ -111,10 +113,10 @@ def test_evaluation_curves_on_threads_are_the_one_thread_loops(case, monkeypatch
     calls = _spy(monkeypatch)
     torch.set_num_threads(2)
     learner.task_threads = "auto"
-    learner.adaptation_curve(batch, steps=3)  # (the probe)
+    first = learner.adaptation_curve(batch, steps=3)  # (after the probe's task)
     curves = learner.adaptation_curve(batch, steps=3)
-    assert len(calls) == 1 and calls[0] and threading.get_ident() not in calls[0]
-    assert torch.equal(reference, curves)
+    assert len(calls) == 2 and all(seen and threading.get_ident() not in seen for seen in calls)
+    assert torch.equal(reference, first) and torch.equal(reference, curves)
 
 
 def test_the_caller_keeps_its_threads_and_the_tasks_take_the_rest():
@@ -130,17 +132,14 @@ def test_the_caller_keeps_its_threads_and_the_tasks_take_the_rest():
     torch.set_num_threads(2)
     learner.task_threads = 4
     learner._forward = counting.__get__(learner)
-    learner.meta_gradient(batch)  # (the probe: one task thread with all four threads)
-    assert set(seen) == {4}
-    seen.clear()
     learner.meta_gradient(batch)
-    assert set(seen) == {1}  # four threads over five tasks: one intra-op thread each
+    assert set(seen) == {1}  # four threads over five tasks: one intra-op thread each, the probe's task too
     assert torch.get_num_threads() == 2
     seen.clear()
-    learner.task_threads = 4
     fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     learner.meta_gradient(TaskBatch(*(t[:2] for t in fields)))
-    assert set(seen) == {2}  # four threads over two tasks: two each
+    assert set(seen) == {1}  # four threads over two tasks: still one each (see run_tasks)
+    assert torch.get_num_threads() == 2
 
 
 def _twice(learner, batch, **kwargs):
@@ -209,16 +208,17 @@ def test_tasks_that_share_something_run_one_after_another(monkeypatch):
         _twice(MAML(MLP(), inner_steps=1, vectorize=False), _points(4))
     assert calls == []
     _twice(learner, batch)
-    assert len(calls) == 1  # (the same learner without its hooks)
+    assert len(calls) == 2  # (the same learner without its hooks)
     _OwnMAML.thread_safe_tasks = True  # a subclass that vouches for its per-task code
     try:
         _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))
     finally:
         del _OwnMAML.thread_safe_tasks
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_a_network_that_writes_a_buffer_gives_the_one_thread_loops_result():
+    torch.set_num_threads(1)  # (task_threads = 2 below; the probe's task runs on one thread, as here)
     torch.manual_seed(0)
     serial = MAML(_CountsCalls(), inner_steps=1, vectorize=False)
     torch.manual_seed(0)

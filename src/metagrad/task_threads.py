@@ -3,10 +3,9 @@
 On the CPU a convolutional network's tasks run one after another (``vectorize="auto"``). PyTorch's own
 threads then split each operator of one task, and a task's operators are small (a few support images, 7x7 maps
 in the strided Conv-4), so two threads ran the strided network's five-step meta-iteration only 1.05-1.2x faster
-than one (docs/results.md). Here each thread takes whole tasks instead, with one intra-op thread of its own
-(more where the threads outnumber the tasks), and the tasks' results are combined in task order: where each task
-has one thread, the meta-gradient is the one-thread task loop's to the bit. Memory holds one task's graph per
-thread instead of one.
+than one (docs/results.md). Here each thread takes whole tasks instead, with one intra-op thread of its own, and
+the tasks' results are combined in task order: the meta-gradient is the one-thread task loop's to the bit.
+Memory holds one task's graph per thread instead of one.
 
 What makes it safe:
 
@@ -18,9 +17,9 @@ What makes it safe:
 * the learner runs tasks here only where nothing is shared between them (``MetaLearner._threads_for_tasks``):
   on the CPU, eagerly (``torch.compile`` is not thread-safe in PyTorch 2.13), outside ``vmap``, with no random
   layer in training, no autocast or PyTorch mode around the call, a network that :func:`why_not_threaded` accepts,
-  per-task code of metagrad's own (or declared thread-safe), and only after one call one task at a time showed
-  that the tasks write no buffer and draw no random number. ``torch.func``'s own state is per thread, so a
-  task's transforms (iMAML's) run on its thread. Elsewhere the tasks run one after another as before.
+  per-task code of metagrad's own (or declared thread-safe), and only after the first task of a first call,
+  alone on a task thread, wrote no buffer and drew no random number. ``torch.func``'s own state is per thread,
+  so a task's transforms (iMAML's) run on its thread. Elsewhere the tasks run one after another as before.
 
 Python's global interpreter lock is held only between operators: a task of Conv-4 spends most of its time in
 oneDNN's and ATen's kernels, which release it.
@@ -172,7 +171,6 @@ def run_tasks(
     threads: int,
     model: nn.Module,
     combine: Callable[[T], None] | None = None,
-    workers: int | None = None,
 ) -> list[T]:
     """``fn(item)`` for every item, on up to ``threads`` threads at once; the results in the items' order, or,
     with ``combine``, each result handed to ``combine`` in the items' order (on the thread that computed it, once
@@ -183,16 +181,17 @@ def run_tasks(
     the allocator's heap, which then grew by about one task's activations every two tasks (Conv-4, 32 tasks on
     two threads: 1.1 GiB against 0.6).
 
-    ``workers`` threads (default: ``threads``, at most one per item) each take the next item in order, with
-    ``threads // workers`` intra-op threads (at least one), on its
-    own :func:`shell` of ``model``, in a copy of the caller's context variables, with the caller's batch-norm
-    mode and grad mode. The caller's thread waits with one intra-op thread (its OpenMP threads would otherwise
-    spin on the tasks' cores). Once an item fails (or the caller is interrupted), no later item starts or is
-    combined, the running ones finish, and the first failure in the items' order is raised: nothing runs on the
-    learner once this returns."""
+    ``threads`` threads (at most one per item) each take the next item in order, with one intra-op thread, on
+    its own :func:`shell` of ``model``, in a copy of the caller's context variables, with the caller's batch-norm
+    mode and grad mode. (One intra-op thread each, also where threads outnumber the items: a task thread with
+    more starts a team of OpenMP threads of its own, and from then on GNU OpenMP, counting more threads than
+    cores, lets the caller's own team sleep between parallel regions instead of spinning: the caller's small
+    operators then ran 4-5 times slower for the rest of the process.) The caller's thread waits with one
+    intra-op thread (its OpenMP threads would otherwise spin on the tasks' cores). Once an item fails (or the
+    caller is interrupted), no later item starts or is combined, the running ones finish, and the first failure
+    in the items' order is raised: nothing runs on the learner once this returns."""
     n = len(items)
-    workers = max(1, min(threads if workers is None else workers, n))
-    each = max(1, threads // workers)
+    workers = max(1, min(threads, n))
     mode, grad_enabled = norm.current_mode(), torch.is_grad_enabled()
     turn = threading.Condition()
     # The next item to hand out, the next to combine, and the first that failed (none after it runs or combines).
@@ -218,8 +217,8 @@ def run_tasks(
             turn.notify_all()
 
     def worker() -> None:
-        if torch.get_num_threads() != each:
-            torch.set_num_threads(each)
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
         with _on_shell(model), norm.restore_mode(mode), torch.set_grad_enabled(grad_enabled):
             while True:
                 with turn:

@@ -101,6 +101,33 @@ def _thread_safe_class(cls: type) -> bool:
     return cls.__module__.split(".")[0] == "metagrad"
 
 
+@dataclasses.dataclass
+class _TaskThreads:
+    """How a call's tasks go to task threads: on ``threads`` at once, after the ``probe`` where there is one."""
+
+    threads: int
+    probe: _SharingProbe | None
+
+
+class _SharingProbe:
+    """Around a task alone on a task thread: records in ``verdicts[key]`` (and ``clean``) whether it left the
+    network's buffers and the global random number generator as they were (a task that changes either shares it
+    with the others, so tasks on threads would race on it)."""
+
+    def __init__(self, model: nn.Module, verdicts: dict, key: tuple) -> None:
+        self.model, self.verdicts, self.key, self.clean = model, verdicts, key, False
+
+    def __enter__(self) -> None:
+        self.buffers = list(self.model.buffers())
+        self.versions, self.rng = [b._version for b in self.buffers], torch.get_rng_state()
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if kind is None:
+            versions = [b._version for b in self.buffers]
+            self.clean = versions == self.versions and torch.equal(self.rng, torch.get_rng_state())
+            self.verdicts[self.key] = self.clean
+
+
 def _name_of(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", type(fn).__name__).strip("_<>") or "loss"
 
@@ -551,16 +578,12 @@ class MetaLearner(nn.Module):
             randomness = "different" if self.random and self.model.training else "error"
             return vmap(fn, in_dims=in_dims, randomness=randomness)(*shared, tasks)
         items = [tuple(t[i] for t in tasks) for i in range(tasks[0].shape[0])]
-        threads, workers, probe = self._threads_for_tasks(len(items), False, getattr(fn, "__name__", "map_tasks"))
+        threads = self._threads_for_tasks(len(items), False, getattr(fn, "__name__", "map_tasks"))
 
         def one(task: tuple[Tensor, ...]) -> Any:
             return fn(*shared, task)
 
-        if threads < 2:
-            outs = list(map(one, items))
-        else:
-            with probe:
-                outs = run_tasks(one, items, threads, self.model, workers=workers)
+        outs = list(map(one, items)) if threads is None else self._on_task_threads(one, items, threads)
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     def meta_loss(
@@ -646,9 +669,10 @@ class MetaLearner(nn.Module):
     def task_threads(self) -> int | str:
         """How many CPU threads the eager task loop runs whole tasks on at once (:mod:`metagrad.task_threads`):
         ``"auto"`` (PyTorch's intra-op threads, ``torch.get_num_threads()``), ``k``, or ``1`` (one task at a
-        time, every thread on its operators). The tasks' gradients are summed in task order, so the meta-gradient
-        is the one-thread loop's to the bit. Only where nothing is shared between tasks: the CPU, the task loop,
-        eagerly, no random layer in training, no hook on the network; elsewhere one task at a time."""
+        time, every thread on its operators). The tasks' gradients are summed in task order, so where each task
+        has one thread the meta-gradient is the one-thread loop's to the bit; memory holds one task's graph per
+        thread. Only where nothing is shared between tasks (the CPU, the task loop, eagerly, no random layer in
+        training, no hook on the network, ...: :meth:`_threads_for_tasks`); elsewhere one task at a time."""
         return self.__dict__["_task_threads"]
 
     @task_threads.setter
@@ -657,46 +681,58 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"task_threads must be 'auto' or a positive number of threads, got {value!r}")
         self.__dict__["_task_threads"] = value
 
-    def _threads_for_tasks(
-        self, tasks: int, compiled: bool, kind: str
-    ) -> tuple[int, int | None, contextlib.AbstractContextManager[None]]:
-        """``(threads, workers, probe)``: how many threads this call's tasks may use (1: one after another on the
-        caller's thread; see :attr:`task_threads`), on how many task threads at once (None: as many as there are
-        threads), and what to run them under. The first call of its ``kind`` (and training mode) that could go to
-        threads runs its tasks one after another on one task thread, under a probe that records whether they wrote
-        a buffer or drew from the global random number generator, which threads would share (the tasks then stay
-        on the caller's thread). (On a task thread rather than the caller's: with freed memory kept, each thread's
-        heap keeps its peak, and the caller's would keep a task's activations it no longer needs.)"""
-        one: tuple[int, int | None, contextlib.AbstractContextManager[None]] = (1, None, contextlib.nullcontext())
+    def _threads_for_tasks(self, tasks: int, compiled: bool, kind: str) -> _TaskThreads | None:
+        """Whether this call's tasks go to task threads (None: one after another on the caller's thread; see
+        :attr:`task_threads`), and how: the first call of its ``kind`` (and training mode) that could go there
+        first runs its first task alone on one task thread, under a probe that records whether the task wrote a
+        buffer or drew from the global random number generator, which threads would share (that call's and every
+        later call's tasks then stay one after another). (On a task thread rather than the caller's: with freed
+        memory kept, each thread's heap keeps its peak, and the caller's would keep activations it no longer
+        needs.)"""
         if tasks < 2 or compiled or self.vmapped or not plain_autograd() or in_task_thread():
-            return one
+            return None
         v = self.task_threads
         threads = torch.get_num_threads() if v == "auto" else int(v)
         if threads < 2 or next(self.model.parameters()).device.type != "cpu" or why_not_here() is not None:
-            return one
+            return None
         if (self.random and self.model.training) or not self._thread_safe_code():
-            return one
+            return None
         if why_not_threaded(self.model) is not None:
-            return one
+            return None
         key = (id(self.model), kind, self.training, self.model.training)
         verdicts = self.__dict__.setdefault("_tasks_share_nothing", {})
-        if key not in verdicts:
-            return threads, 1, self._probe_task_sharing(verdicts, key)
-        return (threads if verdicts[key] else 1), None, contextlib.nullcontext()
+        if verdicts.get(key) is False:
+            return None
+        return _TaskThreads(threads, None if key in verdicts else _SharingProbe(self.model, verdicts, key))
+
+    def _on_task_threads(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        how: _TaskThreads,
+        combine: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
+        """``fn`` over ``items`` as :meth:`_threads_for_tasks` decided: the probe's first item alone on a task
+        thread, then the rest side by side, or, if the probe saw the tasks share something, on this thread."""
+        done: list[Any] = []
+        if how.probe is not None:
+            with how.probe:
+                done = run_tasks(fn, items[:1], 1, self.model, combine)
+            items = items[1:]
+            if not how.probe.clean:
+                rest = [fn(item) for item in items]
+                if combine is None:
+                    return done + rest
+                for out in rest:
+                    combine(out)
+                return []
+        return done + run_tasks(fn, items, how.threads, self.model, combine)
 
     def _thread_safe_code(self) -> bool:
         """Whether this learner's and its inner rules' classes may run tasks on several threads: metagrad's own, or
         a class that declares ``thread_safe_tasks = True`` (its per-task code touches nothing shared)."""
         rules = [m for r in (self.rule, self.eval_rule) for m in r.modules() if isinstance(m, InnerRule)]
         return all(_thread_safe_class(type(x)) for x in (self, *rules))
-
-    @contextlib.contextmanager
-    def _probe_task_sharing(self, verdicts: dict, key: tuple) -> Iterator[None]:
-        buffers = list(self.model.buffers())
-        versions, rng = [b._version for b in buffers], torch.get_rng_state()
-        yield
-        unchanged = [b._version for b in buffers] == versions and torch.equal(rng, torch.get_rng_state())
-        verdicts[key] = unchanged
 
     def task_chunk(self, tasks: int) -> int:
         """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
@@ -732,8 +768,8 @@ class MetaLearner(nn.Module):
             return self._run_compiled(fn, *args) if compiled else fn(*args)
 
         total: list[dict[str, Tensor]] = []
-        threads, workers, probe = self._threads_for_tasks(len(chunks), compiled, "meta-gradient")
-        if threads < 2:
+        threads = self._threads_for_tasks(len(chunks), compiled, "meta-gradient")
+        if threads is None:
             for chunk in chunks:
                 out = one(chunk)
                 # Out of place: a compiled graph may return one buffer for two equal outputs.
@@ -751,8 +787,7 @@ class MetaLearner(nn.Module):
                         for k in a:
                             a[k].add_(b[k])
 
-            with probe:
-                run_tasks(one, chunks, threads, self.model, combine=add, workers=workers)
+            self._on_task_threads(one, chunks, threads, add)
         gp, gm, metrics = total
         return gp, gm, metrics
 
