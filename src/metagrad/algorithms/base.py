@@ -669,10 +669,11 @@ class MetaLearner(nn.Module):
     def task_threads(self) -> int | str:
         """How many CPU threads the eager task loop runs whole tasks on at once (:mod:`metagrad.task_threads`):
         ``"auto"`` (PyTorch's intra-op threads, ``torch.get_num_threads()``), ``k``, or ``1`` (one task at a
-        time, every thread on its operators). The tasks' gradients are summed in task order, so where each task
-        has one thread the meta-gradient is the one-thread loop's to the bit; memory holds one task's graph per
-        thread. Only where nothing is shared between tasks (the CPU, the task loop, eagerly, no random layer in
-        training, no hook on the network, ...: :meth:`_threads_for_tasks`); elsewhere one task at a time."""
+        time, every thread on its operators). Each task runs with one intra-op thread and the tasks' gradients are
+        summed in task order, so the meta-gradient is the one-thread loop's to the bit; memory holds one task's
+        graph per thread. Only where nothing is shared between tasks (the CPU, the task loop, eagerly, no random
+        layer in training, no hook on the network, ...: :meth:`_threads_for_tasks`); elsewhere one task at a
+        time."""
         return self.__dict__["_task_threads"]
 
     @task_threads.setter
