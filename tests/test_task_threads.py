@@ -5,6 +5,7 @@ something."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,3 +352,26 @@ def test_results_are_combined_in_the_items_order_on_the_task_threads():
     with pytest.raises(ValueError, match="item 1"):  # the first in order, though item 3 failed sooner
         run_tasks(fails, [0, 1, 2, 3], 4, model, combine)
     assert [i for i, _ in order] == [0]  # nothing combined past the failure
+
+
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason=f"Omniglot data not found at {OMNIGLOT}")
+def test_a_training_run_on_two_threads_has_the_one_thread_runs_weights(tmp_path, monkeypatch):
+    """`metagrad train` of the strided 20-way config (eager), on one thread and on two: every weight equal to the
+    bit after three Adam steps, the two-thread run with its tasks side by side."""
+    from metagrad import train
+
+    overrides = ["train.iterations=3", "train.compile=false", "model.channels=8", "task.ways=5", "task.queries=2",
+                 "train.meta_batch=4", f"task.data={OMNIGLOT}", "train.val_every=100000", "train.log_every=1",
+                 "train.checkpoint_every=100000", "train.val_tasks=4"]  # fmt: skip
+    calls = _spy(monkeypatch)
+    states = {}
+    for threads in (1, 2):
+        cfg = load_config(ROOT / "configs/omniglot/maml_20way_strided.toml", [*overrides, f"train.threads={threads}"])
+        states[threads] = train(cfg, tmp_path / str(threads), progress=False).learner.state_dict()
+    assert len(calls) >= 2  # the two-thread run's iterations after the probe went to task threads
+    assert states[1].keys() == states[2].keys()
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
