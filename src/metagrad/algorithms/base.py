@@ -684,12 +684,12 @@ class MetaLearner(nn.Module):
 
     def _threads_for_tasks(self, tasks: int, compiled: bool, kind: str) -> _TaskThreads | None:
         """Whether this call's tasks go to task threads (None: one after another on the caller's thread; see
-        :attr:`task_threads`), and how: the first call of its ``kind`` (and training mode) that could go there
-        first runs its first task alone on one task thread, under a probe that records whether the task wrote a
-        buffer or drew from the global random number generator, which threads would share (that call's and every
-        later call's tasks then stay one after another). (On a task thread rather than the caller's: with freed
-        memory kept, each thread's heap keeps its peak, and the caller's would keep activations it no longer
-        needs.)"""
+        :attr:`task_threads`), and how: the first call of its ``kind`` (and training mode) that could go there, with
+        three tasks or more, first runs its first task alone on one task thread, under a probe that records whether
+        the task wrote a buffer or drew from the global random number generator, which threads would share (that
+        call's and every later call's tasks then stay one after another). (On a task thread rather than the
+        caller's: with freed memory kept, each thread's heap keeps its peak, and the caller's would keep activations
+        it no longer needs.)"""
         if tasks < 2 or compiled or self.vmapped or not plain_autograd() or in_task_thread():
             return None
         v = self.task_threads
@@ -702,8 +702,8 @@ class MetaLearner(nn.Module):
             return None
         key = (id(self.model), kind, self.training, self.model.training)
         verdicts = self.__dict__.setdefault("_tasks_share_nothing", {})
-        if verdicts.get(key) is False:
-            return None
+        if verdicts.get(key) is False or (key not in verdicts and tasks < 3):
+            return None  # (a probe of two tasks would leave one: nothing side by side in that call)
         return _TaskThreads(threads, None if key in verdicts else _SharingProbe(self.model, verdicts, key))
 
     def _on_task_threads(
