@@ -15,6 +15,7 @@ from metagrad.algorithms import IMAML, MAML, MAMLEnhanced, ProtoNet, Reptile
 from metagrad.algorithms import base as learner_base
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
+from metagrad.inner import SGD, Chain
 from metagrad.models import MLP, Conv4, ResNet12, norm
 from metagrad.task_threads import current_module, run_tasks, shell
 from metagrad.tasks import TaskBatch
@@ -47,8 +48,23 @@ CASES = {
     "conv4_protonet": lambda: (ProtoNet(Conv4(1, 3, 8, 16), ways=3), _images(5, 3, 16)),
     "resnet12_maml": lambda: (MAML(ResNet12(3, 2, (3, 4, 4, 5)), inner_steps=1, **CE), _images(3, 2, 16, 3)),
     "mlp_loop_maml": lambda: (MAML(MLP(), inner_steps=2, vectorize=False), _points(6)),
+    # A researcher's own CNN (stock BatchNorm2d with running statistics, made exact; InstanceNorm2d), also in
+    # channels-last memory (the precise batch-norm path), and ResNet-12 with running statistics.
+    "user_cnn_maml": lambda: (MAML(_user_cnn(), inner_steps=2, **CE), _images(4, 2, 8)),
+    "user_cnn_channels_last_maml": lambda: (
+        MAML(_user_cnn().to(memory_format=torch.channels_last), inner_steps=2, **CE), _images(4, 2, 8)),
+    "resnet12_running_maml": lambda: (
+        MAML(ResNet12(3, 2, (3, 4, 4, 5), running_statistics=True), inner_steps=1, **CE), _images(3, 2, 16, 3)),
     "conv4_reptile": lambda: (Reptile(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
 }
+
+
+def _user_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.SiLU(), nn.AvgPool2d(2),
+        nn.Conv2d(3, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=True), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(12, 2),
+    )  # fmt: skip
 
 
 def _spy(monkeypatch, probes: list[set[int]] | None = None) -> list[set[int]]:
@@ -191,6 +207,10 @@ class _OwnMAML(MAML):
     """A user's subclass, whose per-task code metagrad cannot vouch for."""
 
 
+class _OwnSGD(SGD):
+    """A user's inner rule, likewise (also inside a Chain)."""
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_tasks_that_share_something_run_one_after_another(monkeypatch):
     calls = _spy(monkeypatch)
@@ -205,6 +225,7 @@ def test_tasks_that_share_something_run_one_after_another(monkeypatch):
     for model in (_ListedLayers(), _CountsCalls(), _DrawsNoise()):
         _twice(MAML(model, inner_steps=1, vectorize=False), _points(4))
     _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))
+    _twice(MAML(MLP(), Chain(_OwnSGD(0.1)), inner_steps=1, vectorize=False), _points(4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _twice(MAML(MLP(), inner_steps=1, vectorize=False), _points(4))
     assert calls == []

@@ -2,8 +2,8 @@
 
 On the CPU a convolutional network's tasks run one after another (``vectorize="auto"``). PyTorch's own
 threads then split each operator of one task, and a task's operators are small (a few support images, 7x7 maps
-in the strided Conv-4), so two threads ran the strided network's five-step meta-iteration only 1.05-1.2x faster
-than one (docs/results.md). Here each thread takes whole tasks instead, with one intra-op thread of its own, and
+in the strided Conv-4), so two threads ran the strided network's meta-iteration only 1.13-1.45x faster than one
+(docs/results.md). Here each thread takes whole tasks instead, with one intra-op thread of its own, and
 the tasks' results are combined in task order: the meta-gradient is the one-thread task loop's to the bit.
 Memory holds one task's graph per thread instead of one.
 
@@ -186,7 +186,7 @@ def run_tasks(
     mode and grad mode. (One intra-op thread each, also where threads outnumber the items: a task thread with
     more starts a team of OpenMP threads of its own, and from then on GNU OpenMP, counting more threads than
     cores, lets the caller's own team sleep between parallel regions instead of spinning: the caller's small
-    operators then ran 4-5 times slower for the rest of the process.) The caller's thread waits with one
+    operators then ran several times slower for the rest of the process.) The caller's thread waits with one
     intra-op thread (its OpenMP threads would otherwise spin on the tasks' cores). Once an item fails (or the
     caller is interrupted), no later item starts or is combined, the running ones finish, and the first failure
     in the items' order is raised: nothing runs on the learner once this returns."""
@@ -219,7 +219,7 @@ def run_tasks(
     def worker() -> None:
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
-        with _on_shell(model), norm.restore_mode(mode), torch.set_grad_enabled(grad_enabled):
+        with _on_shell(model), norm.statistics(*mode), torch.set_grad_enabled(grad_enabled):
             while True:
                 with turn:
                     index = state["take"]

@@ -47,7 +47,6 @@ __all__ = [
     "LayerNorm",
     "current_mode",
     "make_exact",
-    "restore_mode",
     "statistics",
     "STATISTICS",
 ]
@@ -68,15 +67,8 @@ _MODE = _Mode()
 
 
 def current_mode() -> tuple[str | None, bool | None, bool]:
-    """This thread's batch-norm mode, ``(statistics, track, precise)``, for :func:`restore_mode` on another."""
+    """This thread's batch-norm mode, ``(statistics, track, precise)``: ``statistics(*mode)`` sets it on another."""
     return _MODE.statistics, _MODE.track, _MODE.precise
-
-
-@contextlib.contextmanager
-def restore_mode(mode: tuple[str | None, bool | None, bool]) -> Iterator[None]:
-    """Within the block, this thread's batch norms take ``mode`` (what :func:`current_mode` gave)."""
-    with statistics(mode[0], mode[1], mode[2]):
-        yield
 
 
 @contextlib.contextmanager
