@@ -73,8 +73,9 @@ want() {
 }
 
 # Verbose, with a traceback of any test still running after 60 s. The TF32 test first: it ran last before, after
-# a capture that had failed, and failed.
-want cuda_tests && part cuda_tests 150 "$PY" -m pytest -v -o faulthandler_timeout=60 -p no:cacheprovider \
+# a capture that had failed, and failed. In one process (addopts without pyproject's xdist workers: the lent
+# machine's own torch install may not have pytest-xdist, and the tests share one GPU).
+want cuda_tests && part cuda_tests 150 "$PY" -m pytest -v -o addopts=-ra -o faulthandler_timeout=60 -p no:cacheprovider \
     tests/test_numerics.py tests/test_cuda.py tests/test_cuda_graph.py -k "cuda or tf32 or graph or replay"
 # One row kind per call: each row profiles into the same file name.
 want iteration && part iteration 40 "$PY" benchmarks/iteration.py --no-peer --device cuda --compile off --steps 1 5 \

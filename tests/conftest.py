@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The suite runs on pytest-xdist's workers (pyproject's addopts; `-n 0` runs it in one process). Each worker gets
+# its share of the cores: PyTorch's OpenMP teams in two workers, each as wide as the machine, oversubscribed the
+# cores and made the suite slower than one process. Subprocesses (the CLI, torchrun) inherit the same width.
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _width = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_width)
+    torch.set_num_threads(_width)
 
 
 def pytest_configure(config: pytest.Config) -> None:
