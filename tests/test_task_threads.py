@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from metagrad.algorithms import IMAML, MAML, MAMLEnhanced, ProtoNet, Reptile
+from metagrad.algorithms import CAVIA, IMAML, MAML, MAMLEnhanced, ProtoNet, Reptile
 from metagrad.algorithms import base as learner_base
+from metagrad.algorithms.cavia import ContextNetwork
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
 from metagrad.inner import SGD, Chain
@@ -56,6 +57,10 @@ CASES = {
     "resnet12_running_maml": lambda: (
         MAML(ResNet12(3, 2, (3, 4, 4, 5), running_statistics=True), inner_steps=1, **CE), _images(3, 2, 16, 3)),
     "conv4_reptile": lambda: (Reptile(Conv4(1, 3, 8, 16), inner_steps=2, **CE), _images(5, 3, 16)),
+    # CAVIA's context goes in by a forward hook, which feeds the context of the shell being called on its thread.
+    "conv4_cavia_film": lambda: (
+        CAVIA(ContextNetwork(Conv4(1, 3, 8, 16), 2, "film", "norms.2"), inner_steps=2, **CE), _images(5, 3, 16)),
+    "mlp_cavia_concat_loop": lambda: (CAVIA(ContextNetwork(MLP(), 2), inner_steps=2, vectorize=False), _points(6)),
 }
 
 

@@ -96,8 +96,9 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 def why_not_threaded(model: nn.Module) -> str | None:
     """Why tasks of ``model`` may not run on several threads, or None where they may.
 
-    Refused: a hook (forward or backward, on a module or global) or a parametrization, which may reach the
-    original modules rather than a thread's shell; and a module that holds one of the network's modules or
+    Refused: a hook (forward or backward, on a module or global; unless the hook declares
+    ``thread_safe_tasks = True``) or a parametrization, which may reach the original modules rather than a
+    thread's shell; and a module that holds one of the network's modules or
     tensors other than as a registered submodule, parameter or buffer (in a list, a dict, a bound method, a
     ``functools.partial``): one task at a time, ``functional_call`` swaps the original's tensors and such a
     reference sees the task's weights, where on a shell it would not."""
@@ -110,7 +111,7 @@ def why_not_threaded(model: nn.Module) -> str | None:
     tree |= {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     for name, m in model.named_modules():
         where = name or "the network"
-        if any(getattr(m, h, None) for h in _HOOKS):
+        if any(not _safe_hooks(getattr(m, h, None)) for h in _HOOKS):
             return f"{where} has a hook"
         if parametrize.is_parametrized(m):
             return f"{where} is parametrized"
@@ -118,6 +119,13 @@ def why_not_threaded(model: nn.Module) -> str | None:
             if key not in _MODULE_ATTRIBUTES and _reaches(value, tree, depth=3):
                 return f"{where}.{key} holds a part of the network outside its registered modules and tensors"
     return None
+
+
+def _safe_hooks(hooks: Any) -> bool:
+    """Whether every hook in ``hooks`` (a module's table of them) declares ``thread_safe_tasks = True``: it reads
+    the module it is called on, or the one being called on its thread, and nothing shared between tasks (CAVIA's
+    context feed)."""
+    return not hooks or all(getattr(hook, "thread_safe_tasks", False) is True for hook in hooks.values())
 
 
 def _reaches(value: Any, tree: set[int], depth: int) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ class ContextNetwork(nn.Module):
                               "network of its own, or give that one back first with its unwrap()")  # fmt: skip
         _remove_feeds(target)  # those of wrappers no longer in use
         self._passes_fed = 0  # eager passes through the layer: a layer the forward pass never calls is refused
-        target.register_forward_hook(_ContextFeed(self))
+        self._context_feed = _ContextFeed(self)
+        target.register_forward_hook(self._context_feed)
 
     def unwrap(self) -> nn.Module:
         """``net`` without this wrapper's hook, as it was before it was wrapped (this wrapper no longer runs)."""
@@ -130,9 +132,22 @@ class ContextNetwork(nn.Module):
         if torch.compiler.is_compiling():  # checked on the eager passes (CAVIA makes one before it compiles)
             return self.net(x, *args, **kwargs)
         before = self._passes_fed
-        out = self.net(x, *args, **kwargs)
+        # The feed reads this very module's context: on a task thread (metagrad.task_threads) a shell of the
+        # wrapper, whose tensors are the task's, where the hook itself only knows the wrapper it was made for.
+        feed = self.__dict__.get("_context_feed")  # (pickled before it was kept: the hook's owner is this one)
+        calling = _CALLING.__dict__.setdefault("owners", {})
+        outer = calling.get(feed)
+        calling[feed] = self
+        try:
+            out = self.net(x, *args, **kwargs)
+        finally:
+            if outer is None:
+                del calling[feed]
+            else:
+                calling[feed] = outer
         if self._passes_fed == before:  # the network never called that module: the context would silently do nothing
-            if not any(h.owner is self for h in _context_feeds(self.net.get_submodule(self.layer)).values()):
+            feeds = _context_feeds(self.net.get_submodule(self.layer)).values()
+            if not any(h is feed if feed is not None else h.owner is self for h in feeds):
                 raise ConfigError("this ContextNetwork was unwrapped (unwrap()): wrap the network again")
             raise ConfigError(
                 f"CAVIA's context layer {self.layer!r} is never called by {type(self.net).__name__}'s forward pass "
@@ -141,9 +156,18 @@ class ContextNetwork(nn.Module):
         return out
 
 
+# The ContextNetwork each feed serves in the forward pass under way on this thread, by feed: the wrapper itself, or
+# on a task thread its shell (same attributes, the task's tensors).
+_CALLING = threading.local()
+
+
 class _ContextFeed:
     """The forward hook by which a :class:`ContextNetwork` feeds its context in. It holds the wrapper weakly (see
-    ContextNetwork); pickled or deep-copied with it, it follows the copy of the wrapper."""
+    ContextNetwork); pickled or deep-copied with it, it follows the copy of the wrapper. It feeds the context of
+    the wrapper whose forward pass is under way on the calling thread (a task thread's shell of it, see
+    :mod:`metagrad.task_threads`), so tasks of a CAVIA learner may run side by side on threads."""
+
+    thread_safe_tasks = True  # (metagrad.task_threads.why_not_threaded: this hook reaches no shared state)
 
     def __init__(self, owner: ContextNetwork | None) -> None:
         self._owner = weakref.ref(owner) if owner is not None else None
@@ -153,7 +177,8 @@ class _ContextFeed:
         return self._owner() if self._owner is not None else None
 
     def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
-        owner = self.owner
+        owner = None if torch.compiler.is_compiling() else getattr(_CALLING, "owners", {}).get(self)
+        owner = owner or self.owner  # (compiled: one task at a time, on the wrapper itself)
         return None if owner is None else owner._feed(module, inputs, output)
 
     def __reduce__(self) -> tuple[Any, ...]:
