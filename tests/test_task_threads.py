@@ -217,25 +217,56 @@ class _OwnSGD(SGD):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_tasks_that_share_something_run_one_after_another(monkeypatch):
+def test_tasks_that_share_something_run_one_after_another_and_say_why(monkeypatch):
     calls = _spy(monkeypatch)
     learner, batch = CASES["conv4_pool_maml"]()
+    assert learner.task_loop == "no meta-gradient yet"
+
+    def says(learner, why):  # learner.task_loop (which `metagrad train` prints) tells why
+        assert learner.task_loop.endswith(why), learner.task_loop
+
     for hook in (learner.model.register_forward_hook(lambda m, a, o: None),
                  learner.model.register_full_backward_hook(lambda m, gi, go: None)):  # fmt: skip
         _twice(learner, batch)
+        says(learner, "one task at a time: the network has a hook")
         hook.remove()
-    _twice(MAML(Conv4(1, 3, 8, 16), inner_steps=1, vectorize=True, **CE), batch)
+    vmapped = MAML(Conv4(1, 3, 8, 16), inner_steps=1, vectorize=True, **CE)
+    _twice(vmapped, batch)
+    says(vmapped, "vectorised (vmap)")
     dropout = MAML(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)), inner_steps=1, vectorize=False)
     _twice(dropout, _points(4), generator=torch.Generator().manual_seed(0))
-    for model in (_ListedLayers(), _CountsCalls(), _DrawsNoise()):
-        _twice(MAML(model, inner_steps=1, vectorize=False), _points(4))
-    _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))
-    _twice(MAML(MLP(), Chain(_OwnSGD(0.1)), inner_steps=1, vectorize=False), _points(4))
+    says(dropout, "the network draws random numbers in training (dropout), in task order")
+    for model, why in ((_ListedLayers(), "the network.order holds a part of the network outside its registered "
+                        "modules and tensors"),
+                       (_CountsCalls(), "a task wrote a buffer or drew from the global random number generator "
+                        "(the probe)"),
+                       (_DrawsNoise(), "drew from the global random number generator (the probe)")):  # fmt: skip
+        shared = MAML(model, inner_steps=1, vectorize=False)
+        _twice(shared, _points(4))
+        says(shared, why)
+    own = _OwnMAML(MLP(), inner_steps=1, vectorize=False)
+    _twice(own, _points(4))
+    says(own, "_OwnMAML is defined outside metagrad and does not declare thread_safe_tasks = True")
+    chained = MAML(MLP(), Chain(_OwnSGD(0.1)), inner_steps=1, vectorize=False)
+    _twice(chained, _points(4))
+    says(chained, "_OwnSGD is defined outside metagrad and does not declare thread_safe_tasks = True")
+    plain = MAML(MLP(), inner_steps=1, vectorize=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _twice(MAML(MLP(), inner_steps=1, vectorize=False), _points(4))
+        _twice(plain, _points(4))
+    says(plain, "one task at a time: autocast is on")
+    plain.task_threads = 1
+    plain.meta_gradient(_points(4))
+    says(plain, "one task at a time: task_threads = 1")
+    fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    fresh, _ = CASES["conv4_pool_maml"]()
+    _twice(fresh, TaskBatch(*(t[:2] for t in fields)))
+    says(fresh, "two tasks (the first call of three or more probes whether tasks share anything)")
     assert calls == []
     _twice(learner, batch)
     assert len(calls) == 2  # (the same learner without its hooks)
+    assert learner.task_loop == "side by side on 2 threads"
+    learner.compile(backend="eager")  # (not called here: a compiled step keeps one task at a time)
+    says(learner, "one task at a time in the compiled step (torch.compile is not thread-safe in PyTorch 2.13)")
     _OwnMAML.thread_safe_tasks = True  # a subclass that vouches for its per-task code
     try:
         _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))
@@ -394,10 +425,12 @@ def test_a_training_run_on_two_threads_has_the_one_thread_runs_weights(tmp_path,
                  "train.meta_batch=4", f"task.data={OMNIGLOT}", "train.val_every=100000", "train.log_every=1",
                  "train.checkpoint_every=100000", "train.val_tasks=4"]  # fmt: skip
     calls = _spy(monkeypatch)
-    states = {}
+    states, loops = {}, {}
     for threads in (1, 2):
         cfg = load_config(ROOT / "configs/omniglot/maml_20way_strided.toml", [*overrides, f"train.threads={threads}"])
-        states[threads] = train(cfg, tmp_path / str(threads), progress=False).learner.state_dict()
+        learner = train(cfg, tmp_path / str(threads), progress=False).learner
+        states[threads], loops[threads] = learner.state_dict(), learner.task_loop
     assert len(calls) >= 2  # the two-thread run's iterations after the probe went to task threads
+    assert loops == {1: "one task at a time: one CPU thread (torch.get_num_threads())", 2: "side by side on 2 threads"}
     assert states[1].keys() == states[2].keys()
     assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])

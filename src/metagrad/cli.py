@@ -215,6 +215,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     last = ", ".join(f"{k} {v:.4g}" for k, v in result.last.items() if k in shown)
     print(f"trained {result.learner.name} for {result.iterations} iterations in {result.seconds:.1f} s ({last})")
     print(f"update: {result.update}")
+    print(f"tasks: {result.learner.task_loop}")
     print(f"run directory: {out}   evaluate with: metagrad eval {out}")
     return 0
 

@@ -458,6 +458,7 @@ class Trainer:
             "algorithm": self.learner.name,
             "config": self.cfg.to_dict(),
             "update": self.update,  # how the steps before it ran (a CUDA graph, one compiled call, the parts)
+            "task_loop": self.learner.task_loop,  # how their tasks ran (vectorised, side by side, one at a time)
         }
         directory = self.run_dir / CHECKPOINTS / (name or checkpoint_name(self.iteration))
         path = save_training_state(directory, self.learner, self.optimizer, self.scheduler, self.generator, info)

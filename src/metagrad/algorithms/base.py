@@ -682,6 +682,17 @@ class MetaLearner(nn.Module):
             raise ConfigError(f"task_threads must be 'auto' or a positive number of threads, got {value!r}")
         self.__dict__["_task_threads"] = value
 
+    @property
+    def task_loop(self) -> str:
+        """How the tasks of the last eager meta-gradient ran, in words: vectorised, side by side on task threads,
+        or one at a time and why (a hook on the network, dropout, one thread, ...: :attr:`task_threads`).
+        ``metagrad train`` prints it."""
+        if self._compiled is not None:
+            if self.vmapped:
+                return "vectorised (vmap) in the compiled step"
+            return "one task at a time in the compiled step (torch.compile is not thread-safe in PyTorch 2.13)"
+        return self.__dict__.get("_task_loop", "no meta-gradient yet")
+
     def _threads_for_tasks(self, tasks: int, compiled: bool, kind: str) -> _TaskThreads | None:
         """Whether this call's tasks go to task threads (None: one after another on the caller's thread; see
         :attr:`task_threads`), and how: the first call of its ``kind`` (and training mode) that could go there, with
@@ -689,22 +700,48 @@ class MetaLearner(nn.Module):
         the task wrote a buffer or drew from the global random number generator, which threads would share (that
         call's and every later call's tasks then stay one after another). (On a task thread rather than the
         caller's: with freed memory kept, each thread's heap keeps its peak, and the caller's would keep activations
-        it no longer needs.)"""
-        if tasks < 2 or compiled or self.vmapped or not plain_autograd() or in_task_thread():
-            return None
+        it no longer needs.) A meta-gradient's eager call records the choice, in words, for :attr:`task_loop`."""
+        how, why = self._task_thread_choice(tasks, compiled, kind)
+        if kind == "meta-gradient" and why and not torch.compiler.is_compiling():
+            self.__dict__["_task_loop"] = why
+        return how
+
+    def _task_thread_choice(self, tasks: int, compiled: bool, kind: str) -> tuple[_TaskThreads | None, str]:
+        if compiled or in_task_thread():
+            return None, ""  # (task_loop says so for a compiled step; a task thread's own call says nothing)
+        if self.vmapped:
+            return None, "vectorised (vmap)" + ("" if tasks < 2 else f", in {tasks} chunks one after another")
+        alone = "one task at a time: "
+        if tasks < 2:
+            return None, alone + "a single task"
+        if not plain_autograd():
+            return None, alone + "inside torch.func transforms"
         v = self.task_threads
         threads = torch.get_num_threads() if v == "auto" else int(v)
-        if threads < 2 or next(self.model.parameters()).device.type != "cpu" or why_not_here() is not None:
-            return None
-        if (self.random and self.model.training) or not self._thread_safe_code():
-            return None
-        if why_not_threaded(self.model) is not None:
-            return None
+        if threads < 2:
+            return None, alone + ("task_threads = 1" if v != "auto" else "one CPU thread (torch.get_num_threads())")
+        device = next(self.model.parameters()).device
+        if device.type != "cpu":
+            return None, alone + f"on {device.type} (tasks go side by side on the CPU's threads only)"
+        here = why_not_here()
+        if here is not None:
+            return None, alone + here
+        if self.random and self.model.training:
+            return None, alone + "the network draws random numbers in training (dropout), in task order"
+        foreign = self._foreign_code()
+        if foreign is not None:
+            return None, alone + f"{foreign} is defined outside metagrad and does not declare thread_safe_tasks = True"
+        shared = why_not_threaded(self.model)
+        if shared is not None:
+            return None, alone + shared
         key = (id(self.model), kind, self.training, self.model.training)
         verdicts = self.__dict__.setdefault("_tasks_share_nothing", {})
-        if verdicts.get(key) is False or (key not in verdicts and tasks < 3):
-            return None  # (a probe of two tasks would leave one: nothing side by side in that call)
-        return _TaskThreads(threads, None if key in verdicts else _SharingProbe(self.model, verdicts, key))
+        if verdicts.get(key) is False:
+            return None, alone + "a task wrote a buffer or drew from the global random number generator (the probe)"
+        if key not in verdicts and tasks < 3:  # (a probe of two tasks would leave one: nothing side by side)
+            return None, alone + "two tasks (the first call of three or more probes whether tasks share anything)"
+        how = _TaskThreads(threads, None if key in verdicts else _SharingProbe(self.model, verdicts, key))
+        return how, f"side by side on {threads} threads"
 
     def _on_task_threads(
         self,
@@ -729,11 +766,12 @@ class MetaLearner(nn.Module):
                 return []
         return done + run_tasks(fn, items, how.threads, self.model, combine)
 
-    def _thread_safe_code(self) -> bool:
-        """Whether this learner's and its inner rules' classes may run tasks on several threads: metagrad's own, or
-        a class that declares ``thread_safe_tasks = True`` (its per-task code touches nothing shared)."""
+    def _foreign_code(self) -> str | None:
+        """The first of this learner's and its inner rules' classes that may not run tasks on several threads (by
+        name), or None: metagrad's own may, and so may a class that declares ``thread_safe_tasks = True`` (its
+        per-task code touches nothing shared)."""
         rules = [m for r in (self.rule, self.eval_rule) for m in r.modules() if isinstance(m, InnerRule)]
-        return all(_thread_safe_class(type(x)) for x in (self, *rules))
+        return next((type(x).__qualname__ for x in (self, *rules) if not _thread_safe_class(type(x))), None)
 
     def task_chunk(self, tasks: int) -> int:
         """How many tasks one (vmapped, compiled) meta-gradient call takes: all with ``vectorize=True``, ``k``
