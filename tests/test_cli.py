@@ -292,6 +292,9 @@ def test_train_prints_a_summary_and_resume_continues(tmp_path: Path, capsys: pyt
     assert "trained maml for 10 iterations" in out and f"metagrad eval {run}" in out
     assert "update: separate parts (the learner is not compiled)" in out  # (how the update ran: Trainer.update)
     assert "\ntasks: vectorised (vmap)\n" in out  # (how the tasks ran: learner.task_loop)
+    (saved,) = [i for i, _ in checkpoints(run)]
+    info = json.loads((run / "checkpoints" / f"iter-{saved:08d}" / "trainer.json").read_text())
+    assert info["task_loop"] == "vectorised (vmap)" and info["update"].startswith("separate parts")
     code, out, err = run_cli(["train", "--resume", "--out", run, "--no-progress", "train.iterations=20"], capsys)
     assert code == 0, err
     assert "trained maml for 20 iterations" in out

@@ -4,6 +4,7 @@ something."""
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -119,10 +120,24 @@ def test_tasks_on_threads_give_the_one_thread_loop_bit_for_bit(case, monkeypatch
     assert len(probes) == 1 and len(calls) == 1
     threaded = _meta_gradient(learner, batch, 3, 2)
     assert len(probes) == 1 and len(calls) == 2
+    assert learner.task_loop == "side by side on 3 threads"
     # Every task ran on a task thread, never on the caller's.
     assert all(seen and threading.get_ident() not in seen for seen in probes + calls)
     _assert_identical(reference, first)
     _assert_identical(reference, threaded)
+
+
+def test_a_cavia_wrapper_pickled_before_it_kept_its_feed_still_feeds_each_threads_shell(monkeypatch):
+    learner, batch = CASES["conv4_cavia_film"]()
+    reference = _meta_gradient(learner, batch, 1, 1)
+    del learner.model.__dict__["_context_feed"]  # as a ContextNetwork pickled by an earlier version
+    old = pickle.loads(pickle.dumps(learner))
+    (feed,) = old.model.net.get_submodule("norms.2")._forward_hooks.values()
+    assert old.model.__dict__["_context_feed"] is feed and feed.owner is old.model
+    calls = _spy(monkeypatch)
+    _assert_identical(reference, _meta_gradient(old, batch, 3, 2))
+    _assert_identical(reference, _meta_gradient(old, batch, 3, 2))
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("case", ["conv4_pool_maml", "conv4_stride_per_step_maml", "conv4_imaml"])
@@ -236,6 +251,11 @@ def test_tasks_that_share_something_run_one_after_another_and_say_why(monkeypatc
     dropout = MAML(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)), inner_steps=1, vectorize=False)
     _twice(dropout, _points(4), generator=torch.Generator().manual_seed(0))
     says(dropout, "the network draws random numbers in training (dropout), in task order")
+    counts = MAML(_CountsCalls(), inner_steps=1, vectorize=False)
+    counts.task_threads = 2
+    counts.meta_gradient(_points(4))  # the probe's call itself: its other tasks ran one at a time
+    says(counts, "one task at a time: a task wrote a buffer or drew from the global random number generator "
+         "(the probe)")  # fmt: skip
     for model, why in ((_ListedLayers(), "the network.order holds a part of the network outside its registered "
                         "modules and tensors"),
                        (_CountsCalls(), "a task wrote a buffer or drew from the global random number generator "
@@ -265,8 +285,11 @@ def test_tasks_that_share_something_run_one_after_another_and_say_why(monkeypatc
     _twice(learner, batch)
     assert len(calls) == 2  # (the same learner without its hooks)
     assert learner.task_loop == "side by side on 2 threads"
-    learner.compile(backend="eager")  # (not called here: a compiled step keeps one task at a time)
-    says(learner, "one task at a time in the compiled step (torch.compile is not thread-safe in PyTorch 2.13)")
+    compiled = MAML(MLP(), inner_steps=1, vectorize=False)
+    compiled.compile(backend="eager")
+    _twice(compiled, _points(4))
+    assert len(calls) == 2  # a compiled step keeps one task at a time
+    says(compiled, "one task at a time in the compiled step (torch.compile is not thread-safe in PyTorch 2.13)")
     _OwnMAML.thread_safe_tasks = True  # a subclass that vouches for its per-task code
     try:
         _twice(_OwnMAML(MLP(), inner_steps=1, vectorize=False), _points(4))

@@ -96,8 +96,8 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 def why_not_threaded(model: nn.Module) -> str | None:
     """Why tasks of ``model`` may not run on several threads, or None where they may.
 
-    Refused: a hook (forward or backward, on a module or global; unless the hook declares
-    ``thread_safe_tasks = True``) or a parametrization, which may reach the original modules rather than a
+    Refused: a global module hook, a hook on a module (forward or backward) unless the hook declares
+    ``thread_safe_tasks = True``, or a parametrization, which may reach the original modules rather than a
     thread's shell; and a module that holds one of the network's modules or
     tensors other than as a registered submodule, parameter or buffer (in a list, a dict, a bound method, a
     ``functools.partial``): one task at a time, ``functional_call`` swaps the original's tensors and such a

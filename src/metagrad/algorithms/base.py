@@ -103,10 +103,16 @@ def _thread_safe_class(cls: type) -> bool:
 
 @dataclasses.dataclass
 class _TaskThreads:
-    """How a call's tasks go to task threads: on ``threads`` at once, after the ``probe`` where there is one."""
+    """How a call's tasks go to task threads: on ``threads`` at once, after the ``probe`` where there is one;
+    ``record``: the call's outcome is what :attr:`MetaLearner.task_loop` reports."""
 
     threads: int
     probe: _SharingProbe | None
+    record: bool = False
+
+
+# What task_loop says of tasks that the probe saw share something.
+_SHARED = "a task wrote a buffer or drew from the global random number generator (the probe)"
 
 
 class _SharingProbe:
@@ -569,16 +575,22 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     # ----- batching ---------------------------------------------------------------------------------
-    def map_tasks(self, fn: Callable[..., Any], shared: tuple, tasks: tuple[Tensor, ...]) -> Any:
-        """``fn(*shared, tasks_i)`` for every task i, stacked: vmap, or a plain loop with the same numbers.
+    def map_tasks(
+        self, fn: Callable[..., Any], shared: tuple, tasks: tuple[Tensor, ...], kind: str | None = None
+    ) -> Any:
+        """``fn(*shared, tasks_i)`` for every task i, stacked: vmap, or a plain loop with the same numbers (on task
+        threads where they share nothing: :attr:`task_threads`). ``kind`` names the call for that choice (default
+        ``fn``'s name); ``"meta-gradient"`` (a meta-step built on it: Reptile's, iMAML's) is what
+        :attr:`task_loop` reports.
 
         Random layers (dropout) in training draw different randomness for every task."""
+        n = tasks[0].shape[0]
+        threads = self._threads_for_tasks(n, False, kind or getattr(fn, "__name__", "map_tasks"))
         if self.vmapped:
             in_dims = (None,) * len(shared) + (0,)
             randomness = "different" if self.random and self.model.training else "error"
             return vmap(fn, in_dims=in_dims, randomness=randomness)(*shared, tasks)
-        items = [tuple(t[i] for t in tasks) for i in range(tasks[0].shape[0])]
-        threads = self._threads_for_tasks(len(items), False, getattr(fn, "__name__", "map_tasks"))
+        items = [tuple(t[i] for t in tasks) for i in range(n)]
 
         def one(task: tuple[Tensor, ...]) -> Any:
             return fn(*shared, task)
@@ -689,9 +701,13 @@ class MetaLearner(nn.Module):
         ``metagrad train`` prints it."""
         if self._compiled is not None:
             if self.vmapped:
-                return "vectorised (vmap) in the compiled step"
+                return self._vectorised() + " in the compiled step"
             return "one task at a time in the compiled step (torch.compile is not thread-safe in PyTorch 2.13)"
         return self.__dict__.get("_task_loop", "no meta-gradient yet")
+
+    def _vectorised(self) -> str:
+        v = self.vectorize
+        return "vectorised (vmap)" + ("" if isinstance(v, bool | str) else f", {int(v)} tasks a call")
 
     def _threads_for_tasks(self, tasks: int, compiled: bool, kind: str) -> _TaskThreads | None:
         """Whether this call's tasks go to task threads (None: one after another on the caller's thread; see
@@ -702,27 +718,32 @@ class MetaLearner(nn.Module):
         caller's: with freed memory kept, each thread's heap keeps its peak, and the caller's would keep activations
         it no longer needs.) A meta-gradient's eager call records the choice, in words, for :attr:`task_loop`."""
         how, why = self._task_thread_choice(tasks, compiled, kind)
-        if kind == "meta-gradient" and why and not torch.compiler.is_compiling():
+        record = kind == "meta-gradient" and bool(why) and not torch.compiler.is_compiling()
+        if record:
             self.__dict__["_task_loop"] = why
+        if how is not None:
+            how.record = record
         return how
 
     def _task_thread_choice(self, tasks: int, compiled: bool, kind: str) -> tuple[_TaskThreads | None, str]:
-        if compiled or in_task_thread():
-            return None, ""  # (task_loop says so for a compiled step; a task thread's own call says nothing)
+        if compiled or torch.compiler.is_compiling() or in_task_thread():
+            # (task_loop says so for a compiled step; a task thread's own call says nothing; Dynamo traces no
+            # thread-local state)
+            return None, ""
         if self.vmapped:
-            return None, "vectorised (vmap)" + ("" if tasks < 2 else f", in {tasks} chunks one after another")
+            return None, self._vectorised()
         alone = "one task at a time: "
         if tasks < 2:
             return None, alone + "a single task"
+        device = next(self.model.parameters()).device
+        if device.type != "cpu":
+            return None, alone + f"on {device.type} (tasks go side by side on the CPU's threads only)"
         if not plain_autograd():
-            return None, alone + "inside torch.func transforms"
+            return None, alone + "inside torch.func transforms or inference mode"
         v = self.task_threads
         threads = torch.get_num_threads() if v == "auto" else int(v)
         if threads < 2:
             return None, alone + ("task_threads = 1" if v != "auto" else "one CPU thread (torch.get_num_threads())")
-        device = next(self.model.parameters()).device
-        if device.type != "cpu":
-            return None, alone + f"on {device.type} (tasks go side by side on the CPU's threads only)"
         here = why_not_here()
         if here is not None:
             return None, alone + here
@@ -737,11 +758,12 @@ class MetaLearner(nn.Module):
         key = (id(self.model), kind, self.training, self.model.training)
         verdicts = self.__dict__.setdefault("_tasks_share_nothing", {})
         if verdicts.get(key) is False:
-            return None, alone + "a task wrote a buffer or drew from the global random number generator (the probe)"
+            return None, alone + _SHARED
         if key not in verdicts and tasks < 3:  # (a probe of two tasks would leave one: nothing side by side)
             return None, alone + "two tasks (the first call of three or more probes whether tasks share anything)"
         how = _TaskThreads(threads, None if key in verdicts else _SharingProbe(self.model, verdicts, key))
-        return how, f"side by side on {threads} threads"
+        side = min(threads, tasks - (how.probe is not None))  # (run_tasks: never more threads than tasks)
+        return how, f"side by side on {side} threads"
 
     def _on_task_threads(
         self,
@@ -758,6 +780,8 @@ class MetaLearner(nn.Module):
                 done = run_tasks(fn, items[:1], 1, self.model, combine)
             items = items[1:]
             if not how.probe.clean:
+                if how.record:
+                    self.__dict__["_task_loop"] = "one task at a time: " + _SHARED
                 rest = [fn(item) for item in items]
                 if combine is None:
                     return done + rest

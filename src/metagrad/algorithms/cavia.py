@@ -103,6 +103,14 @@ class ContextNetwork(nn.Module):
         self._context_feed = _ContextFeed(self)
         target.register_forward_hook(self._context_feed)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_context_feed" not in self.__dict__:  # pickled before the wrapper kept its feed: the layer's hook is it
+            layer = self.net.get_submodule(self.layer)
+            feed = next((h for h in _context_feeds(layer).values() if h.owner is self), None)
+            if feed is not None:
+                self.__dict__["_context_feed"] = feed
+
     def unwrap(self) -> nn.Module:
         """``net`` without this wrapper's hook, as it was before it was wrapped (this wrapper no longer runs)."""
         _remove_feeds(self.net.get_submodule(self.layer), self)

@@ -121,7 +121,7 @@ class Reptile(MetaLearner):
     def _reptile_step(
         self, params: Params, meta: Params, state: Params, tasks: tuple[Tensor, ...]
     ) -> tuple[Params, Params, dict[str, Tensor]]:
-        adapted, new_state, pre, post = self.map_tasks(self._adapt_task, (params, meta, state), tasks)
+        adapted, new_state, pre, post = self.map_tasks(self._adapt_task, (params, meta, state), tasks, "meta-gradient")
         delta = {k: params[k] - adapted[k].mean(0) for k in self.fast}
         return delta, {k: x.mean(0) for k, x in new_state.items()}, {"loss": post.mean(), "pre_loss": pre.mean()}
 
