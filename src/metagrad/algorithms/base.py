@@ -743,7 +743,8 @@ class MetaLearner(nn.Module):
         v = self.task_threads
         threads = torch.get_num_threads() if v == "auto" else int(v)
         if threads < 2:
-            return None, alone + ("task_threads = 1" if v != "auto" else "one CPU thread (torch.get_num_threads())")
+            one = "one CPU thread (torch.get_num_threads() is 1: train.threads sets it)"
+            return None, alone + ("task_threads = 1" if v != "auto" else one)
         here = why_not_here()
         if here is not None:
             return None, alone + here
