@@ -4,6 +4,7 @@ one evaluation point, regression refused, adapt/predict and checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,11 +133,19 @@ def test_compare_runs_protonet_imaml_and_cavia_beside_maml_on_omniglot(tmp_path,
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the presets read task.data relative to the checkout
     out = tmp_path / "cmp"
     argv = ["compare", "--task", "omniglot", "--budget", "tiny", "--out", str(out), "--algorithms", "maml",
-            "protonet", "imaml", "cavia", "--no-progress", "--workers", "1"]  # fmt: skip
+            "protonet", "imaml", "cavia", "--no-progress", "--workers", "1", "train.meta_batch=3"]  # fmt: skip
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
     by_name = {r["algorithm"]: r for r in data["results"]}
     assert set(by_name) == {"maml", "protonet", "imaml", "cavia"} and not data["failures"]
+    # One worker leaves the other cores to each run's tasks, side by side (the one-thread numbers, to the bit).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for name in by_name:
+        (last,) = sorted((out / name / "checkpoints").glob("iter-*"))[-1:]
+        info = json.loads((last / "trainer.json").read_text())
+        assert info["config"]["train"]["threads"] == 1 and info["config"]["train"]["task_threads"] == cores
+        assert info["task_loop"] == (f"side by side on {cores} threads" if cores > 1 else
+                                     "one task at a time: task_threads = 1"), (name, info["task_loop"])  # fmt: skip
     assert by_name["protonet"]["results"][0]["steps"] == [0]
     assert by_name["imaml"]["results"][0]["steps"] == [0, 1, 2]
     report = (out / "report.md").read_text()

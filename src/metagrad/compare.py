@@ -78,6 +78,7 @@ def _train_and_eval(
     data: str | None = None,
     overrides: Sequence[str] = (),
     checkpoint: str = "latest",
+    task_threads: int = 1,
 ) -> dict:
     import torch
 
@@ -91,8 +92,13 @@ def _train_and_eval(
         cfg.eval.tasks = tasks
     dev = resolve_device(device)
     if dev.type == "cpu":
+        # One intra-op thread, so that results do not depend on the machine's cores or the workers; the cores
+        # that the workers leave free run whole tasks side by side (metagrad.task_threads), which gives the
+        # one-thread loop's numbers to the bit.
         cfg.train.threads = 1
         torch.set_num_threads(1)
+        if cfg.train.task_threads == "auto":
+            cfg.train.task_threads = task_threads
 
     parent = os.getppid()
 
@@ -276,7 +282,9 @@ def compare(
     write_atomic(
         marker, json.dumps({"format": COMPARE_FORMAT, "algorithms": list(algorithms), "budget": budget, "task": task})
     )
-    n_workers = workers or (1 if dev.type == "cuda" else max(1, min(len(algorithms), os.cpu_count() or 1)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_workers = workers or (1 if dev.type == "cuda" else max(1, min(len(algorithms), cores)))
+    task_threads = max(1, cores // n_workers)  # (on the CPU: the cores each worker may run tasks on)
 
     start = time.perf_counter()
     manager = mp.get_context("spawn").Manager()
@@ -294,7 +302,7 @@ def compare(
             order = sorted(algorithms, key=lambda a: -getattr(preset(a, budget, task).algorithm, "inner_steps", 0))
             futures = {
                 pool.submit(_train_and_eval, a, budget, str(out), str(dev), tasks, shared, task, base_dict, data,
-                            list(overrides), checkpoint): a
+                            list(overrides), checkpoint, task_threads): a
                 for a in order
             }
             pending = set(futures)
