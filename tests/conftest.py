@@ -11,8 +11,9 @@ import torch
 # its share of the cores: PyTorch's OpenMP teams in two workers, each as wide as the machine, oversubscribed the
 # cores and made the suite slower than one process. Subprocesses (the CLI, torchrun) inherit the same width.
 if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    _width = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    from metagrad.task_threads import usable_cores
+
+    _width = max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ["OMP_NUM_THREADS"] = str(_width)
     torch.set_num_threads(_width)
 

@@ -4,7 +4,6 @@ one evaluation point, regression refused, adapt/predict and checkpoints."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from metagrad.errors import ConfigError, DataError
 from metagrad.evaluate import format_table, summarize
 from metagrad.models import MLP, Conv4
 from metagrad.run import load_learner
+from metagrad.task_threads import usable_cores
 from metagrad.tasks import TaskBatch
 from metagrad.train import train
 
@@ -139,7 +139,7 @@ def test_compare_runs_protonet_imaml_and_cavia_beside_maml_on_omniglot(tmp_path,
     by_name = {r["algorithm"]: r for r in data["results"]}
     assert set(by_name) == {"maml", "protonet", "imaml", "cavia"} and not data["failures"]
     # One worker leaves the other cores to each run's tasks, side by side (the one-thread numbers, to the bit).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     for name in by_name:
         (last,) = sorted((out / name / "checkpoints").glob("iter-*"))[-1:]
         info = json.loads((last / "trainer.json").read_text())

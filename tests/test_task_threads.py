@@ -127,6 +127,26 @@ def test_tasks_on_threads_give_the_one_thread_loop_bit_for_bit(case, monkeypatch
     _assert_identical(reference, threaded)
 
 
+class _ScaledByBias:
+    """A researcher's forward hook that reads the module it is called with (on a task thread, the shell holding the
+    task's weights) and declares so."""
+
+    thread_safe_tasks = True
+
+    def __call__(self, module, inputs, output):
+        return output * (1 + 0.1 * torch.tanh(module.bias.mean()))
+
+
+def test_a_users_hook_that_declares_thread_safe_tasks_runs_side_by_side_on_the_tasks_weights(monkeypatch):
+    learner, batch = CASES["conv4_pool_maml"]()
+    learner.model.convs[1].register_forward_hook(_ScaledByBias())
+    reference = _meta_gradient(learner, batch, 1, 1)
+    calls = _spy(monkeypatch)
+    _assert_identical(reference, _meta_gradient(learner, batch, 3, 2))
+    _assert_identical(reference, _meta_gradient(learner, batch, 3, 2))
+    assert len(calls) == 2 and learner.task_loop == "side by side on 3 threads"
+
+
 def test_a_cavia_wrapper_pickled_before_it_kept_its_feed_still_feeds_each_threads_shell(monkeypatch):
     learner, batch = CASES["conv4_cavia_film"]()
     reference = _meta_gradient(learner, batch, 1, 1)

@@ -282,7 +282,9 @@ def compare(
     write_atomic(
         marker, json.dumps({"format": COMPARE_FORMAT, "algorithms": list(algorithms), "budget": budget, "task": task})
     )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from metagrad.task_threads import usable_cores
+
+    cores = usable_cores()
     n_workers = workers or (1 if dev.type == "cuda" else max(1, min(len(algorithms), cores)))
     task_threads = max(1, cores // n_workers)  # (on the CPU: the cores each worker may run tasks on)
 

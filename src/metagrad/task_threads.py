@@ -41,7 +41,7 @@ from torch import nn
 
 from metagrad.models import norm
 
-__all__ = ["run_tasks", "shell", "current_module", "in_task_thread", "why_not_threaded", "why_not_here"]
+__all__ = ["run_tasks", "shell", "current_module", "in_task_thread", "usable_cores", "why_not_threaded", "why_not_here"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,13 @@ _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None  # one pool, grown to the most threads asked for
 _MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))  # what nn.Module itself keeps in a module's __dict__
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the platform has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def shell(model: nn.Module) -> nn.Module:

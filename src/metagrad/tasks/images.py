@@ -34,6 +34,7 @@ from torch import Tensor
 
 from metagrad.errors import ConfigError, DataError
 from metagrad.registry import register_task
+from metagrad.task_threads import usable_cores
 from metagrad.tasks.episodes import EpisodeSampler
 from metagrad.tasks.imagecache import CacheWriter, cache_key, default_cache_dir, read_cache
 from metagrad.tasks.imagelayouts import LAYOUTS, ImageClass, Scan, scan
@@ -289,13 +290,6 @@ def _convert_arrays(
 # ----- loading ------------------------------------------------------------------------------------------------
 
 
-def _usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, where the platform has one), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 def load_images(
     root: str | os.PathLike,
     *,
@@ -322,7 +316,7 @@ def load_images(
         raise ConfigError(f"channels must be 0 (as the data), 1 or 3, got {channels}")
     if resample not in RESAMPLE:
         raise ConfigError(f"resample must be one of {', '.join(RESAMPLE)}, got {resample!r}")
-    size, workers = int(image_size), int(workers) or _usable_cores()
+    size, workers = int(image_size), int(workers) or usable_cores()
     found = scan(root, layout)
     options = {"size": size, "channels": channels, "resample": resample, "layout": found.layout}
     key = cache_key([str(found.root), found.fingerprint], options)
