@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaSGD, Reptile
-from metagrad.inner import SGD, Chain, Curvature
+from metagrad.inner import SGD, Adam, Chain, Curvature
 from metagrad.models import norm
 from metagrad.models.conv4 import Conv4, PerStepBatchNorm2d
 from metagrad.tasks import TaskBatch
@@ -270,11 +270,13 @@ ALGORITHMS = {
     # ANIL: the body's meta-gradient comes through the head's inner gradient only (mixed second derivatives).
     "anil": lambda m: MAML(m, inner_lr=0.5, inner_steps=2, loss="cross_entropy", adapt_only=MAML.last_layer(m)),
     # The other inner rules on every norm model: learned per-parameter rates, the curvature without learned rates.
-    # (Inner Adam is checked on the MLP, tests/test_stateful_rules.py: here its normalisation of near-zero inner
-    # gradients curves the meta-loss so that a central difference's truncation error, shrinking as h^2, is 4e-5 at
-    # h = 1e-6 on the user MLP.)
     "metasgd": lambda m: MetaSGD(m, inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
     "curvature_sgd": lambda m: MAML(m, Chain(Curvature(), SGD(0.3)), inner_steps=2, loss="cross_entropy"),
+    # A stateful rule. At Adam's usual eps = 1e-8 its normalisation of near-zero inner gradients curves the user
+    # MLP's meta-loss so that a central difference's truncation error is 4e-5 at h = 1e-6 (at 1e-3, 1.6e-6 on
+    # Conv-4). eps = 1e-2 smooths the smallest gradients' normalisation, with the same derivative formulas, so
+    # that a central difference resolves 1e-6 on every model.
+    "adam": lambda m: MAML(m, Adam(0.05, beta1=0.5, eps=1e-2), inner_steps=2, loss="cross_entropy"),
 }
 
 
@@ -323,7 +325,7 @@ def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(mo
     assert_every_tensor_matches_central_differences(loop, batch, gp_v, gm_v)
 
 
-FIRST_ORDER = ("maml", "maml_enhanced", "metasgd", "anil")
+FIRST_ORDER = ("maml", "maml_enhanced", "metasgd", "anil", "adam")
 
 
 @pytest.mark.parametrize(("model_name", "algorithm"), _grid(FIRST_ORDER))

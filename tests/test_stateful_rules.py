@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from meta_gradcheck import (
+    assert_every_tensor_matches_central_differences,
+    assert_first_order_matches_frozen_inner_gradients,
+    assert_vmap_equals_loop,
+)
 
 from metagrad.algorithms import MAML, Reptile
 from metagrad.inner import LSLR, SGD, Adam, Chain
@@ -48,31 +53,40 @@ def test_stateless_rules_pass_state_through_and_chains_merge_it():
     assert SGD(0.1).update_with_state(g, {"x": torch.zeros(())}, {}, 0)[1].keys() == {"x"}
 
 
-def _maml_with_adam(vectorize: bool, first_order: bool) -> MAML:
+RULES = {
+    "adam": lambda: Adam(0.05, beta1=0.5),
+    # A stateful rule chained with a learned one: the meta-gradient reaches LSLR's per-step rates through Adam's
+    # normalised steps.
+    "adam_lslr": lambda: Chain(Adam(0.05, beta1=0.5), LSLR(0.7, steps=3)),
+}
+
+
+def _maml_with(rule: str, vectorize: bool, first_order: bool) -> MAML:
     torch.manual_seed(0)
     model = MLP(1, (8, 8), 1, "tanh").double()
-    return MAML(model, Adam(0.05, beta1=0.5), inner_steps=3, first_order=first_order, vectorize=vectorize)
+    learner = MAML(model, RULES[rule](), inner_steps=3, first_order=first_order, vectorize=vectorize)
+    g = gen(2)
+    for k, v in learner.meta_state.items():  # learned rates apart from their common start
+        learner.meta_state[k] = v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+    return learner.double()
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_maml_through_inner_adam_vmap_equals_loop_equals_central_difference(first_order):
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_maml_through_inner_adam_vmap_equals_loop_equals_central_difference(rule, first_order):
     batch = Sinusoid().sample(3, 5, 5, gen(0)).to("cpu", F64)
-    vec, loop = _maml_with_adam(True, first_order), _maml_with_adam(False, first_order)
-    gv, _, _ = vec.meta_gradient(batch, 0)
-    gl, _, _ = loop.meta_gradient(batch, 0)
-    for k in gv:
-        torch.testing.assert_close(gv[k], gl[k], rtol=1e-10, atol=1e-12)
+    vec, loop = _maml_with(rule, True, first_order), _maml_with(rule, False, first_order)
+    gv, mv, _ = vec.meta_gradient(batch, 0)
+    gl, ml, _ = loop.meta_gradient(batch, 0)
+    assert loop.schedule(0)[1] == first_order and set(mv) == set(loop.meta_state)
+    assert (rule == "adam_lslr") == bool(mv)  # LSLR's rates are learned
+    assert_vmap_equals_loop({**gv, **mv}, {**gl, **ml}, rel=1e-10)
+    # Each tensor on its own (a 1e-4 error in any one fails); first order with the inner gradients frozen, from
+    # which Adam's moments are then recomputed.
     if first_order:
-        return
-    params = {k: v.detach().clone() for k, v in loop.params.items()}
-    direction = {k: torch.randn(v.shape, generator=gen(1), dtype=F64) for k, v in params.items()}
-    tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-
-    def f(t: float) -> torch.Tensor:
-        return loop.meta_loss({k: v + t * direction[k] for k, v in params.items()}, {}, tasks, None, False)[0]
-
-    fd = (f(1e-6) - f(-1e-6)) / 2e-6
-    torch.testing.assert_close(sum((gv[k] * direction[k]).sum() for k in gv), fd.detach(), rtol=1e-6, atol=1e-10)
+        assert_first_order_matches_frozen_inner_gradients(loop, batch, gv, mv)
+    else:
+        assert_every_tensor_matches_central_differences(loop, batch, gv, mv)
 
 
 def test_reptile_takes_any_rule_and_keeps_its_state_in_extra_state():
