@@ -109,11 +109,13 @@ def assert_every_tensor_matches_central_differences(
 def assert_first_order_matches_frozen_inner_gradients(
     learner: MetaLearner, batch: TaskBatch, gp: dict, gm: dict, *, seed: int = 3, h: float = 1e-6,
     rtol: float = 1e-6, atol: float = 1e-9,
+    randomness: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> None:  # fmt: skip
     """A first-order meta-gradient (``learner`` trains first order; its tasks run one after another) equals, tensor
     by tensor, float64 central differences of the meta-loss with every inner gradient frozen at its value at the
     learner's own weights: the inner rule's updates are replayed from the recorded gradients (their dependence on
-    the rule's learned tensors, e.g. learned rates, stays), which is what first order differentiates."""
+    the rule's learned tensors, e.g. learned rates, stays), which is what first order differentiates.
+    ``randomness``: as :func:`assert_every_tensor_matches_central_differences`'s (also around the recording)."""
     weights, first_order = learner.schedule(0)
     assert first_order and not learner.vmapped, "a first-order learner running its tasks in a loop"
     tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -132,14 +134,14 @@ def assert_first_order_matches_frozen_inner_gradients(
     task_threads, learner.task_threads = learner.task_threads, 1
     try:
         recording = True
-        with torch.no_grad():
+        with torch.no_grad(), randomness():
             learner.meta_loss(dict(learner.params), dict(learner.meta_state), tasks, weights, True)
         recording = False
         assert recorded, "the inner rule was called"
 
         def meta_loss(p: dict, m: dict) -> torch.Tensor:
             replay[:] = recorded
-            with torch.no_grad():
+            with torch.no_grad(), randomness():
                 out = learner.meta_loss(p, m, tasks, weights, True)[0]
             assert not replay, "every recorded inner gradient replayed"
             return out

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaSGD, Reptile
-from metagrad.inner import SGD, Adam, Chain, Curvature
+from metagrad.inner import LSLR, SGD, Adam, Chain, Curvature
 from metagrad.models import norm
 from metagrad.models.conv4 import Conv4, PerStepBatchNorm2d
 from metagrad.tasks import TaskBatch
@@ -272,6 +272,9 @@ ALGORITHMS = {
     # The other inner rules on every norm model: learned per-parameter rates, the curvature without learned rates.
     "metasgd": lambda m: MetaSGD(m, inner_lr=0.3, inner_steps=2, loss="cross_entropy"),
     "curvature_sgd": lambda m: MAML(m, Chain(Curvature(), SGD(0.3)), inner_steps=2, loss="cross_entropy"),
+    # Learned per-step rates alone, per layer and stored raw (MAML Enhanced's are per tensor, as log-rates).
+    "lslr_raw_per_layer": lambda m: MAML(m, LSLR(0.3, steps=2, per_layer=True, parameterization="raw"),
+                                         inner_steps=2, loss="cross_entropy"),  # fmt: skip
     # A stateful rule. At Adam's usual eps = 1e-8 its normalisation of near-zero inner gradients curves the user
     # MLP's meta-loss so that a central difference's truncation error is 4e-5 at h = 1e-6 (at 1e-3, 1.6e-6 on
     # Conv-4). eps = 1e-2 smooths the smallest gradients' normalisation, with the same derivative formulas, so
@@ -325,7 +328,7 @@ def test_second_order_meta_gradient_vmap_equals_loop_equals_finite_difference(mo
     assert_every_tensor_matches_central_differences(loop, batch, gp_v, gm_v)
 
 
-FIRST_ORDER = ("maml", "maml_enhanced", "metasgd", "anil", "adam")
+FIRST_ORDER = ("maml", "maml_enhanced", "metasgd", "anil", "curvature_sgd", "lslr_raw_per_layer", "adam")
 
 
 @pytest.mark.parametrize(("model_name", "algorithm"), _grid(FIRST_ORDER))
@@ -342,17 +345,27 @@ def test_first_order_meta_gradient_vmap_equals_loop_equals_frozen_inner_gradient
     assert_first_order_matches_frozen_inner_gradients(loop, batch, gp_v, gm_v)
 
 
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_dropout_in_training_meta_gradient_equals_central_differences_with_the_same_masks(vectorize):
-    """A user's CNN with dropout on (training mode) and batch norm, second-order Meta-SGD: with the step's
-    randomness seeded, the meta-gradient equals every tensor's central difference taken with the same masks.
-    vmap and the loop draw different masks, so each path is checked on its own."""
+# (The first-order check replays the frozen inner gradients one task at a time: the loop only.)
+DROPOUT_PATHS = {"vmap_second_order": (True, False), "loop_second_order": (False, False),
+                 "loop_first_order": (False, True)}  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+@pytest.mark.parametrize(("vectorize", "first_order"), DROPOUT_PATHS.values(), ids=list(DROPOUT_PATHS))
+def test_dropout_in_training_meta_gradient_equals_central_differences_with_the_same_masks(
+    vectorize, first_order, algorithm
+):
+    """A user's CNN with dropout on (training mode) and batch norm, MAML and Meta-SGD: with the step's randomness
+    seeded, the meta-gradient equals every tensor's central difference taken with the same masks (first order:
+    with the inner gradients frozen). vmap and the loop draw different masks, so each path is checked on its own."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.SiLU(), nn.Dropout(0.3), nn.AvgPool2d(2),
         nn.Flatten(), nn.Linear(48, 2),
     )  # fmt: skip
-    learner = MetaSGD(model, inner_lr=0.3, inner_steps=2, loss="cross_entropy", vectorize=vectorize).to("cpu", F64)
+    make = {"maml": MAML, "metasgd": MetaSGD}[algorithm]
+    learner = make(model, inner_lr=0.3, inner_steps=2, loss="cross_entropy", vectorize=vectorize,
+                   first_order=first_order).to("cpu", F64)  # fmt: skip
     assert learner.random and learner.training
     batch = _image_batch()
     gp, gm, _ = learner.meta_gradient(batch, 0, torch.Generator().manual_seed(7))
@@ -360,7 +373,10 @@ def test_dropout_in_training_meta_gradient_equals_central_differences_with_the_s
     def same_masks():
         return learner._task_randomness(torch.Generator().manual_seed(7), torch.device("cpu"))
 
-    assert_every_tensor_matches_central_differences(learner, batch, gp, gm, randomness=same_masks)
+    if first_order:
+        assert_first_order_matches_frozen_inner_gradients(learner, batch, gp, gm, randomness=same_masks)
+    else:
+        assert_every_tensor_matches_central_differences(learner, batch, gp, gm, randomness=same_masks)
     # The masks matter: other masks give another gradient.
     other = learner.meta_gradient(batch, 0, torch.Generator().manual_seed(8))[0]
     assert not torch.allclose(other["0.weight"], gp["0.weight"], rtol=1e-3)
