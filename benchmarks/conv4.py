@@ -52,7 +52,9 @@ The floor: ``torch.utils.flop_counter`` counts the floating-point operations of 
 convolutions and matrix products (the exact second-order computation; element-wise work is left out, so the
 true floor is higher), and ``floor_s`` divides them by the best rate this machine reaches on a large matrix
 product at the same thread count, measured in the same run (``peak GF/s``). ``vs floor`` is ``floor_s`` over
-the measured seconds per iteration (1 = at the floor).
+the measured seconds per iteration (1 = at the floor), for learn2learn's rows too (the same arithmetic on the
+same network). Each setting's table ends with what the issue's target, twice learn2learn's rate, asks: that rate
+as a fraction of the floor (above 1, faster than the floor itself allows, so out of reach on this machine).
 
 The allocator (in brackets after each row's name): metagrad's rows keep freed memory for reuse
 (``metagrad.allocator.keep_freed_memory``), as ``metagrad train`` and :class:`metagrad.Trainer` do on the CPU;
@@ -418,7 +420,7 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                         name = "learn2learn" + (" OmniglotCNN" if network == "stride" else "")
                         rows.append({"impl": f"{name} ({allocator})", "ways": ways, "steps": steps,
                                      "threads": threads, "round": rnd, "allocator": allocator, "network": network,
-                                     **base})  # fmt: skip
+                                     "vs_floor": floor_s[network] * base["it_per_s"], **base})  # fmt: skip
                 for path in args.paths:
                     for allocator in args.allocator:
                         spec = {"path": path, "ways": ways, "steps": steps, "threads": threads,
@@ -453,6 +455,9 @@ def run_protocol(args: argparse.Namespace, ways: int, peer: bool) -> list[dict[s
                     print(f"  {r['impl']:<32} {r['it_per_s']:7.3f} {1 / r['it_per_s']:7.2f} "
                           f"{r.get('vs_l2l', nan):7.2f} {r.get('vs_floor', nan):8.2f} "
                           f"{r['peak_mib']:9.0f} {r.get('steady_mib', nan):7.0f} {r['first_s']:8.1f}")  # fmt: skip
+            for r in rows:  # what the target (2x the peer) asks of the floor: above 1 is beyond it
+                if r["steps"] == steps and r["threads"] == threads and r["impl"].startswith("learn2learn"):
+                    print(f"  2x {r['impl']}: {2 * r['it_per_s']:.3f} it/s, {2 * r['vs_floor']:.2f} of the floor")
             for r in rows:
                 if r["steps"] == steps and r["threads"] == threads:
                     n = r["network"]
