@@ -454,6 +454,41 @@ def test_results_are_combined_in_the_items_order_on_the_task_threads():
     assert [i for i, _ in order] == [0]  # nothing combined past the failure
 
 
+def test_the_same_threads_run_every_call_and_a_grown_pool_replaces_its_threads_first(monkeypatch):
+    """The probe's one-thread call and the next two-thread call run on the same pool's threads (each keeps its
+    allocator heap: a new thread started beside a live old one took a heap of its own, and the process's peak grew
+    by a task's activations). Past the cores, a larger pool replaces the old one only once its threads have
+    ended."""
+    import time
+
+    from metagrad import task_threads
+
+    model = MLP()
+    monkeypatch.setattr(task_threads, "_POOL", None)
+    monkeypatch.setattr(task_threads, "usable_cores", lambda: 2)
+    seen: list[set[threading.Thread]] = []
+
+    def record(i: int) -> int:
+        seen[-1].add(threading.current_thread())
+        time.sleep(0.02)  # (so that every worker of the call takes an item)
+        return i
+
+    for threads, items in ((1, [0]), (2, [0, 1, 2, 3]), (1, [0])):
+        seen.append(set())
+        run_tasks(record, items, threads, model)
+    assert len(seen[1]) == 2 and seen[0] <= seen[1] and seen[2] <= seen[1]
+
+    old = set().union(*seen)
+    alive: list[bool] = []
+
+    def check(i: int) -> int:
+        alive.append(any(t.is_alive() for t in old))
+        return i
+
+    run_tasks(check, list(range(6)), 3, model)  # more than the pool holds
+    assert alive and not any(alive), "a new pool thread ran beside the old pool's"
+
+
 ROOT = Path(__file__).resolve().parents[1]
 OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 

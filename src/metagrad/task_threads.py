@@ -161,12 +161,20 @@ if hasattr(os, "register_at_fork"):
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The one pool, with room for ``workers`` threads and for every core, so that it rarely grows. Its threads
+    start as calls need them and then stay: the same few threads run every call's tasks. Each thread allocates
+    from a glibc heap (arena) of its own, which keeps what is freed; a thread that ends hands its heap on to the
+    next one started. The probe's one-thread pool used to be replaced by a two-thread one while its thread was
+    still ending: a new thread then took a third heap, and the process's peak grew by about one task's
+    activations (Conv-4, five steps, two threads: 832-864 MiB in five runs of seven, 755-783 in six of six
+    since; docs/results.md)."""
     global _POOL
     with _LOCK:
         if _POOL is None or _POOL._max_workers < workers:
-            old, _POOL = _POOL, concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="metagrad-task")
-            if old is not None:
-                old.shutdown(wait=False)  # (its idle threads end; none is busy: calls do not overlap)
+            size = max(workers, usable_cores())
+            old, _POOL = _POOL, concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="metagrad-task")
+            if old is not None:  # its threads end first (none is busy: calls do not overlap), heaps handed on
+                old.shutdown(wait=True)
         return _POOL
 
 
