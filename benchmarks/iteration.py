@@ -9,6 +9,7 @@ Run from the repository root (JAX's virtual environment from ``bash ../shared/pe
     python benchmarks/iteration.py --no-peer --steps 1 --profile 200 --kernels              # ... kernel by kernel
     python benchmarks/iteration.py --algorithm cavia --update fused separate    # another preset, both updates
     python benchmarks/iteration.py --steps 1 --unguarded       # ... and the cost of Dynamo's guard checks
+    python benchmarks/iteration.py --steps 1 --bare            # ... and the compiled update alone
 
 Protocol (the peer's ``../shared/peers/bench_jax.py``): sinusoid MAML, 1-40-40-1 ReLU MLP, meta-batch 25,
 K = 10 support and 10 query points, inner SGD at lr 0.01, second order, Adam 1e-3. One iteration is
@@ -30,6 +31,13 @@ without Dynamo's guard checks (``torch.compiler.set_stance(skip_guard_eval_unsaf
 that keep the compiled step in step with the Python state cost per iteration. Unsafe (a changed setting would run
 a stale graph), so never how ``metagrad train`` runs: it shows how much of the gap to JAX, whose jit checks no
 Python state, those checks are.
+
+``--bare`` adds another diagnostic row, also after the timed blocks: the compiled update alone, called with the
+arguments the trainer last gave it and each iteration's fresh task draws, then the scheduler's step and one host
+copy of the metrics. What it leaves out is the Python that keeps each step safe and honest (the learner's and the
+optimizer's settings checked, the parameters read by name, the Adam state gathered, the metrics logged): the
+row is the ceiling of any driver around this compiled update (the sinusoid MAML presets, whose tasks are assembled
+inside it).
 """
 
 from __future__ import annotations
@@ -77,7 +85,7 @@ def profile_steps(trainer: Any, steps: int, out: Path) -> None:
 def worker(
     steps: int, seconds: float, device: str = "cpu", mode: str = "default", profile: int = 0,
     profile_out: Path | None = None, kernels: bool = False, algorithm: str = "maml", fused: bool = True,
-    unguarded: bool = False, compiled: bool = True,
+    unguarded: bool = False, compiled: bool = True, bare: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -105,10 +113,11 @@ def worker(
         while time.perf_counter() < end:
             trainer.step()
         blocks = _rates(trainer, seconds)
-        bare = None
+        unchecked = None
         if unguarded:  # diagnostic only: the cached graph runs without Dynamo checking the Python state
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                bare = statistics.median(_rates(trainer, seconds))
+                unchecked = statistics.median(_rates(trainer, seconds))
+        alone = statistics.median(_bare_rates(trainer, seconds)) if bare else None
         if profile and profile_out is not None:
             try:  # the timing above must come back even if the profiler fails on this machine
                 profile_steps(trainer, profile, profile_out)
@@ -121,7 +130,52 @@ def worker(
     out = {"it_per_s": statistics.median(blocks), "first_s": first, "fused": fused_used, "update": update}
     if graphs is not None:  # the update replayed from metagrad's CUDA graphs (train.cuda_graphs)
         out |= {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
-    return out if bare is None else {**out, "unguarded_it_per_s": bare}
+    if unchecked is not None:
+        out["unguarded_it_per_s"] = unchecked
+    if alone is not None:
+        out["bare_it_per_s"] = alone
+    return out
+
+
+def _bare_rates(trainer: Any, seconds: float) -> list[float]:
+    """Iterations per second of the compiled update alone (``--bare``), in blocks as :func:`_rates`."""
+    import torch
+
+    fused = trainer._fused
+    if fused is None or fused.graphs is not None:
+        raise SystemExit("--bare times the fused compiled update on the CPU: this row has none")
+    compiled, captured = fused._compiled, {}
+
+    def spy(*args: Any) -> Any:
+        captured["args"] = args
+        return compiled(*args)
+
+    fused._compiled = spy
+    try:
+        trainer.step()
+    finally:
+        fused._compiled = compiled
+    args = captured["args"]
+    if args[4] is None:  # (sizes: only a family that assembles its tasks inside the update has them)
+        raise SystemExit("--bare needs a task family assembled inside the compiled update (the sinusoid)")
+    family, size, shots, queries = args[4]
+    before, after = args[:3], args[4:]
+
+    def step() -> None:
+        values = family.draw(size, shots, queries, trainer.generator)
+        with torch.no_grad():
+            out, _ = compiled(*before, values, *after)
+        out.tolist()
+        trainer.scheduler.step()
+
+    blocks = []
+    for _ in range(5):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 5:
+            step()
+            n += 1
+        blocks.append(n / (time.perf_counter() - t0))
+    return blocks
 
 
 def _rates(trainer: Any, seconds: float) -> list[float]:
@@ -168,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="train.compile: one row each (off on a GPU: the eager update in metagrad's CUDA graphs)")
     ap.add_argument("--unguarded", action="store_true",
                     help="also time each row's steps without Dynamo's guard checks (unsafe; diagnostic row)")
+    ap.add_argument("--bare", action="store_true",
+                    help="also time the compiled update alone, without the driver's checks (diagnostic row)")
     ap.add_argument("--jax-python", type=Path, default=JAX_PYTHON)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.worker is not None:
         out = Path(args.profile_out.format(steps=args.worker))
         got = worker(args.worker, args.seconds, args.device, args.compile_mode, args.profile, out, args.kernels,
-                     args.algorithm, args.update == ["fused"], args.unguarded, args.compile == ["on"])  # fmt: skip
+                     args.algorithm, args.update == ["fused"], args.unguarded, args.compile == ["on"],
+                     args.bare)  # fmt: skip
         print(json.dumps(got))
         return 0
     peer = not args.no_peer and args.algorithm == "maml"
@@ -205,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--update", update, "--compile", compiled]  # fmt: skip
                 cmd += ["--kernels"] if args.kernels else []
                 cmd += ["--unguarded"] if args.unguarded else []
+                cmd += ["--bare"] if args.bare else []
                 got = _json_line(cmd, env)
             if got is not None:
                 impl = "metagrad Trainer.step"
@@ -230,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                     if base is not None:
                         bare["vs_jax"] = bare["it_per_s"] / base["it_per_s"]
                     rows.append(bare)
+                if "bare_it_per_s" in got:
+                    alone = {"impl": "the compiled update alone", "steps": steps, "algorithm": args.algorithm,
+                             "update": update, "it_per_s": got["bare_it_per_s"], "first_s": None,
+                             "diagnostic": "bare"}  # fmt: skip
+                    if base is not None:
+                        alone["vs_jax"] = alone["it_per_s"] / base["it_per_s"]
+                    rows.append(alone)
         for r in rows:
             if r["steps"] == steps:
                 first = "" if r["first_s"] is None else f"{r['first_s']:8.1f}"
