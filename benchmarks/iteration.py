@@ -117,7 +117,7 @@ def worker(
         if unguarded:  # diagnostic only: the cached graph runs without Dynamo checking the Python state
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 unchecked = statistics.median(_rates(trainer, seconds))
-        alone = statistics.median(_bare_rates(trainer, seconds)) if bare else None
+        alone = _bare_rates(trainer, seconds) if bare else None
         if profile and profile_out is not None:
             try:  # the timing above must come back even if the profiler fails on this machine
                 profile_steps(trainer, profile, profile_out)
@@ -132,18 +132,23 @@ def worker(
         out |= {"cuda_graphs": graphs.captures, "cuda_graphs_failed": graphs.failed}
     if unchecked is not None:
         out["unguarded_it_per_s"] = unchecked
-    if alone is not None:
-        out["bare_it_per_s"] = alone
+    if isinstance(alone, str):
+        out["bare_skipped"] = alone
+    elif alone is not None:
+        out["bare_it_per_s"] = statistics.median(alone)
     return out
 
 
-def _bare_rates(trainer: Any, seconds: float) -> list[float]:
-    """Iterations per second of the compiled update alone (``--bare``), in blocks as :func:`_rates`."""
+def _bare_rates(trainer: Any, seconds: float) -> list[float] | str:
+    """Iterations per second of the compiled update alone (``--bare``), in blocks as :func:`_rates`; or why this
+    row has no such update to time (the row's own timing stands)."""
     import torch
 
     fused = trainer._fused
-    if fused is None or fused.graphs is not None:
-        raise SystemExit("--bare times the fused compiled update on the CPU: this row has none")
+    if fused is None or fused.graphs is not None or trainer.learner._compiled is None:
+        return "no fused compiled update on the CPU"
+    if trainer.learner.random:  # (its draws and their generator state would be left out of the timing)
+        return "the learner draws random numbers of its own"
     compiled, captured = fused._compiled, {}
 
     def spy(*args: Any) -> Any:
@@ -157,7 +162,9 @@ def _bare_rates(trainer: Any, seconds: float) -> list[float]:
         fused._compiled = compiled
     args = captured["args"]
     if args[4] is None:  # (sizes: only a family that assembles its tasks inside the update has them)
-        raise SystemExit("--bare needs a task family assembled inside the compiled update (the sinusoid)")
+        return "the tasks are not assembled inside the compiled update"
+    if args[8]:  # the learner's own draws at each step (Reptile's inner batches): not redrawn here
+        return "the learner draws at each step"
     family, size, shots, queries = args[4]
     before, after = args[:3], args[4:]
 
@@ -288,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     if base is not None:
                         bare["vs_jax"] = bare["it_per_s"] / base["it_per_s"]
                     rows.append(bare)
+                if "bare_skipped" in got:
+                    print(f"  (--bare: no row for {impl}: {got['bare_skipped']})")
                 if "bare_it_per_s" in got:
                     alone = {"impl": "the compiled update alone", "steps": steps, "algorithm": args.algorithm,
                              "update": update, "it_per_s": got["bare_it_per_s"], "first_s": None,

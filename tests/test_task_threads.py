@@ -459,18 +459,18 @@ def test_the_same_threads_run_every_call_and_a_grown_pool_replaces_its_threads_f
     allocator heap: a new thread started beside a live old one took a heap of its own, and the process's peak grew
     by a task's activations). Past the cores, a larger pool replaces the old one only once its threads have
     ended."""
-    import time
-
     from metagrad import task_threads
 
     model = MLP()
     monkeypatch.setattr(task_threads, "_POOL", None)
     monkeypatch.setattr(task_threads, "usable_cores", lambda: 2)
     seen: list[set[threading.Thread]] = []
+    both = threading.Barrier(2, timeout=10)  # the two-thread call's first two items meet: one on each thread
 
     def record(i: int) -> int:
         seen[-1].add(threading.current_thread())
-        time.sleep(0.02)  # (so that every worker of the call takes an item)
+        if len(items) > 1 and i < 2:
+            both.wait()
         return i
 
     for threads, items in ((1, [0]), (2, [0, 1, 2, 3]), (1, [0])):
@@ -485,8 +485,16 @@ def test_the_same_threads_run_every_call_and_a_grown_pool_replaces_its_threads_f
         alive.append(any(t.is_alive() for t in old))
         return i
 
-    run_tasks(check, list(range(6)), 3, model)  # more than the pool holds
-    assert alive and not any(alive), "a new pool thread ran beside the old pool's"
+    try:
+        run_tasks(check, list(range(6)), 3, model)  # more than the pool holds
+        assert alive and not any(alive), "a new pool thread ran beside the old pool's"
+
+        def nested(i: int) -> int:  # a task's own call that grows the pool cannot wait for its own thread
+            return sum(run_tasks(lambda j: j, [i] * 4, 4, model))
+
+        assert run_tasks(nested, [1, 2], 3, model) == [4, 8]
+    finally:
+        task_threads._POOL.shutdown(wait=True)  # (the pools made here; monkeypatch restores the suite's)
 
 
 ROOT = Path(__file__).resolve().parents[1]

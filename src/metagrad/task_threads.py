@@ -173,8 +173,9 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
         if _POOL is None or _POOL._max_workers < workers:
             size = max(workers, usable_cores())
             old, _POOL = _POOL, concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="metagrad-task")
-            if old is not None:  # its threads end first (none is busy: calls do not overlap), heaps handed on
-                old.shutdown(wait=True)
+            if old is not None:  # its threads end first, heaps handed on (none is busy: a learner's calls do not
+                # overlap; a task's own call, nested in one of them, cannot wait for its own thread)
+                old.shutdown(wait=not in_task_thread())
         return _POOL
 
 
