@@ -167,7 +167,9 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     next one started. The probe's one-thread pool used to be replaced by a two-thread one while its thread was
     still ending: a new thread then took a third heap, and the process's peak grew by about one task's
     activations (Conv-4, five steps, two threads: 832-864 MiB in five runs of seven, 755-783 in six of six
-    since; docs/results.md)."""
+    since; docs/results.md). Calls are assumed not to overlap (one learner steps at a time in a process): two
+    threads that each train a learner and ask for different thread counts may see one call's pool replaced under
+    the other."""
     global _POOL
     with _LOCK:
         if _POOL is None or _POOL._max_workers < workers:
