@@ -12,6 +12,7 @@ from metagrad.algorithms.imaml import conjugate_gradient
 from metagrad.build import build_learner
 from metagrad.config import load_config
 from metagrad.errors import ConfigError
+from metagrad.inner import Adam
 from metagrad.inner.lslr import LSLR
 from metagrad.models import MLP, Conv4
 from metagrad.tasks import Sinusoid, TaskBatch
@@ -75,6 +76,30 @@ def test_meta_gradient_matches_the_dense_implicit_gradient():
     got = flat(gp, names)
     assert ((got - expected).norm() / expected.norm()) < 1e-4
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_meta_gradient_with_an_inner_adam_matches_the_dense_implicit_formula():
+    """The inner problem solved by Adam (``algorithm.inner_optimizer = "adam"``): the implicit meta-gradient depends
+    on the solution only, so the CG meta-gradient equals (I + H/λ)⁻¹ ∇L_query at the φ Adam reached."""
+    lrn, b = IMAML(tiny_mlp(), Adam(0.05), inner_steps=40, lam=2.0, cg_steps=20), batch()
+    gp, _, _ = lrn.meta_gradient(b)
+    theta = {k: v.detach() for k, v in lrn.params.items()}
+    names = list(theta)
+    expected = torch.zeros(sum(v.numel() for v in theta.values()), dtype=F64)
+    for i in range(len(b)):
+        sx, sy, qx, qy = b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i]
+        phi = flat(lrn.solve_inner(theta, {}, sx, sy), names)
+        assert (phi - flat(theta, names)).abs().max() > 1e-3  # Adam moved the weights
+
+        def support(v, sx=sx, sy=sy):
+            return ((functional_call(lrn.model, unflat(v, theta, names), (sx,)) - sy) ** 2).mean()
+
+        def query(v, qx=qx, qy=qy):
+            return ((functional_call(lrn.model, unflat(v, theta, names), (qx,)) - qy) ** 2).mean()
+
+        a = torch.eye(len(phi), dtype=F64) + hessian(support)(phi) / lrn.lam
+        expected += torch.linalg.solve(a, grad(query)(phi)) / len(b)
+    torch.testing.assert_close(flat(gp, names), expected, rtol=1e-8, atol=1e-12)
 
 
 def test_conv4_meta_gradient_matches_the_dense_implicit_formula():

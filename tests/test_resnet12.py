@@ -140,6 +140,21 @@ def test_resnet12_with_dropblock_draws_per_task_masks_from_the_generator():
     assert all(torch.equal(d[k], e[k]) for k in d)  # off outside training
 
 
+def test_resnet12_with_dropblock_meta_gradient_equals_central_differences_with_the_same_masks():
+    """Second-order MAML through DropBlock in training: with the step's randomness seeded, every tensor's
+    meta-gradient equals its central difference taken with the same blocks dropped."""
+    batch = _batch()
+    learner = _learner("maml", False, dropblock=0.2, dropblock_size=2)
+    learner.train()
+    assert learner.random
+    gp, gm, _ = learner.meta_gradient(batch, 0, torch.Generator().manual_seed(5))
+
+    def same_blocks():
+        return learner._task_randomness(torch.Generator().manual_seed(5), torch.device("cpu"))
+
+    assert_every_tensor_matches_central_differences(learner, batch, gp, gm, randomness=same_blocks)
+
+
 @pytest.mark.parametrize(
     "model, algorithm",
     [
