@@ -51,28 +51,45 @@ def unflat(v: torch.Tensor, like: dict[str, torch.Tensor], names: list[str]) -> 
     return out
 
 
-def test_meta_gradient_matches_the_dense_implicit_gradient():
-    """Inner problem solved to convergence, (I + H/λ) built and solved densely in float64: relative error < 1e-4."""
-    lrn, b = learner(), batch()
-    gp, _, _ = lrn.meta_gradient(b)
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def dense_implicit(lrn: IMAML, b: TaskBatch, loss=_mse, check=None) -> torch.Tensor:
+    """The tasks' mean of (I + H/λ)⁻¹ ∇L_query at each task's inner solution φ (``lrn.solve_inner``), flat, with H
+    the dense float64 Hessian of the support loss (``torch.func.hessian``: forward over reverse, where iMAML's
+    Hessian-vector products are reverse over reverse). ``check(phi, support, a)`` sees each task's φ (flat), its
+    support loss and I + H/λ."""
     theta = {k: v.detach() for k, v in lrn.params.items()}
     names = list(theta)
     expected = torch.zeros(sum(v.numel() for v in theta.values()), dtype=F64)
     for i in range(len(b)):
-        sx, sy, qx, qy = b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i]
-        phi = lrn.solve_inner(theta, {}, sx, sy)
+        phi = flat(lrn.solve_inner(theta, {}, b.support_x[i], b.support_y[i]), names)
 
-        def support(v, sx=sx, sy=sy):
-            return ((functional_call(lrn.model, unflat(v, theta, names), (sx,)) - sy) ** 2).mean()
+        def support(v, i=i):
+            return loss(functional_call(lrn.model, unflat(v, theta, names), (b.support_x[i],)), b.support_y[i])
 
-        def query(v, qx=qx, qy=qy):
-            return ((functional_call(lrn.model, unflat(v, theta, names), (qx,)) - qy) ** 2).mean()
+        def query(v, i=i):
+            return loss(functional_call(lrn.model, unflat(v, theta, names), (b.query_x[i],)), b.query_y[i])
 
-        p = flat(phi, names)
-        stationarity = grad(support)(p) + lrn.lam * (p - flat(theta, names))
-        assert stationarity.abs().max() < 1e-10  # the inner problem is solved, so the implicit formula is exact
-        a = torch.eye(len(p), dtype=F64) + hessian(support)(p) / lrn.lam
-        expected += torch.linalg.solve(a, grad(query)(p)) / len(b)
+        a = torch.eye(len(phi), dtype=F64) + hessian(support)(phi) / lrn.lam
+        if check is not None:
+            check(phi, support, a)
+        expected += torch.linalg.solve(a, grad(query)(phi)) / len(b)
+    return expected
+
+
+def test_meta_gradient_matches_the_dense_implicit_gradient():
+    """Inner problem solved to convergence, (I + H/λ) built and solved densely in float64: relative error < 1e-4."""
+    lrn, b = learner(), batch()
+    gp, _, _ = lrn.meta_gradient(b)
+    names = list(lrn.params)
+    theta = flat({k: v.detach() for k, v in lrn.params.items()}, names)
+
+    def solved(phi, support, a):  # the inner problem is solved, so the implicit formula is exact
+        assert (grad(support)(phi) + lrn.lam * (phi - theta)).abs().max() < 1e-10
+
+    expected = dense_implicit(lrn, b, check=solved)
     got = flat(gp, names)
     assert ((got - expected).norm() / expected.norm()) < 1e-4
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
@@ -83,30 +100,19 @@ def test_meta_gradient_with_an_inner_adam_matches_the_dense_implicit_formula():
     on the solution only, so the CG meta-gradient equals (I + H/λ)⁻¹ ∇L_query at the φ Adam reached."""
     lrn, b = IMAML(tiny_mlp(), Adam(0.05), inner_steps=40, lam=2.0, cg_steps=20), batch()
     gp, _, _ = lrn.meta_gradient(b)
-    theta = {k: v.detach() for k, v in lrn.params.items()}
-    names = list(theta)
-    expected = torch.zeros(sum(v.numel() for v in theta.values()), dtype=F64)
-    for i in range(len(b)):
-        sx, sy, qx, qy = b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i]
-        phi = flat(lrn.solve_inner(theta, {}, sx, sy), names)
-        assert (phi - flat(theta, names)).abs().max() > 1e-3  # Adam moved the weights
+    names = list(lrn.params)
+    theta = flat({k: v.detach() for k, v in lrn.params.items()}, names)
 
-        def support(v, sx=sx, sy=sy):
-            return ((functional_call(lrn.model, unflat(v, theta, names), (sx,)) - sy) ** 2).mean()
+    def moved(phi, support, a):
+        assert (phi - theta).abs().max() > 1e-3
 
-        def query(v, qx=qx, qy=qy):
-            return ((functional_call(lrn.model, unflat(v, theta, names), (qx,)) - qy) ** 2).mean()
-
-        a = torch.eye(len(phi), dtype=F64) + hessian(support)(phi) / lrn.lam
-        expected += torch.linalg.solve(a, grad(query)(phi)) / len(b)
-    torch.testing.assert_close(flat(gp, names), expected, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(flat(gp, names), dense_implicit(lrn, b, check=moved), rtol=1e-8, atol=1e-12)
 
 
 def test_conv4_meta_gradient_matches_the_dense_implicit_formula():
-    """Through Conv-4's batch norms, ReLUs and max-pooling: the CG meta-gradient (reverse-over-reverse
-    Hessian-vector products, one task at a time) equals (I + H/λ)⁻¹ ∇L_query at the same inner solution φ, with H
-    the dense float64 Hessian of the support loss (torch.func.hessian: forward over reverse). λ = 100 makes
-    I + H/λ positive definite here (H is indefinite through batch norm), so that 25 CG steps solve it."""
+    """Through Conv-4's batch norms, ReLUs and max-pooling: the CG meta-gradient (one task at a time) equals the
+    dense implicit formula at the same inner solution. λ = 100 makes I + H/λ positive definite here (H is
+    indefinite through batch norm), so that 25 CG steps solve it."""
     torch.manual_seed(0)
     model = Conv4(ways=2, hidden=3, image_size=16).to(F64)
     g = torch.Generator().manual_seed(0)
@@ -116,24 +122,12 @@ def test_conv4_meta_gradient_matches_the_dense_implicit_formula():
     b = TaskBatch(sx, y, qx, y)
     lrn = IMAML(model, inner_lr=0.008, inner_steps=20, lam=100.0, cg_steps=25, loss="cross_entropy", vectorize=False)
     gp, _, _ = lrn.meta_gradient(b)
-    theta = {k: v.detach() for k, v in lrn.params.items()}
-    names = list(theta)
-    expected = torch.zeros(sum(v.numel() for v in theta.values()), dtype=F64)
-    for i in range(len(b)):
-        phi = flat(lrn.solve_inner(theta, {}, b.support_x[i], b.support_y[i]), names)
 
-        def support(v, i=i):
-            out = functional_call(lrn.model, unflat(v, theta, names), (b.support_x[i],))
-            return torch.nn.functional.cross_entropy(out, b.support_y[i])
-
-        def query(v, i=i):
-            out = functional_call(lrn.model, unflat(v, theta, names), (b.query_x[i],))
-            return torch.nn.functional.cross_entropy(out, b.query_y[i])
-
-        a = torch.eye(len(phi), dtype=F64) + hessian(support)(phi) / lrn.lam
+    def definite(phi, support, a):
         assert torch.linalg.eigvalsh(a).min() > 0.5
-        expected += torch.linalg.solve(a, grad(query)(phi)) / len(b)
-    torch.testing.assert_close(flat(gp, names), expected, rtol=1e-8, atol=1e-12)
+
+    expected = dense_implicit(lrn, b, torch.nn.functional.cross_entropy, definite)
+    torch.testing.assert_close(flat(gp, list(lrn.params)), expected, rtol=1e-8, atol=1e-12)
 
 
 def _converged_query_loss(lrn: IMAML, theta: dict[str, torch.Tensor], b: TaskBatch) -> torch.Tensor:
