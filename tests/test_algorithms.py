@@ -7,6 +7,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from meta_gradcheck import (
+    assert_every_tensor_matches_central_differences,
+    assert_first_order_matches_frozen_inner_gradients,
+)
 
 from metagrad.algorithms import MAML, MAMLEnhanced, MetaSGD, Reptile, multi_step_weights
 from metagrad.models import MLP
@@ -246,6 +250,13 @@ def test_vmap_equals_loop(name):
     assert set(gm_v) == set(vec.meta_state)
     assert_trees_close(m_v, m_l, rtol=1e-10, atol=1e-12)
     assert any(g.abs().max() > 0 for g in gp_v.values())
+    # Every tensor against its own central difference (at iteration 0, whose schedule the reference uses):
+    # first order with the inner gradients frozen.
+    gp, gm, _ = loop.meta_gradient(batch, 0)
+    if loop.schedule(0)[1]:
+        assert_first_order_matches_frozen_inner_gradients(loop, batch, gp, gm)
+    else:
+        assert_every_tensor_matches_central_differences(loop, batch, gp, gm)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
