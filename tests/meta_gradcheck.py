@@ -1,6 +1,5 @@
-"""The house check of a meta-gradient, shared by the test files: vmap == loop, and both == float64 central
-differences of the meta-loss, along one random direction in (params, meta-state) that weighs every tensor alike,
-or along one direction in each tensor on its own."""
+"""The house check of a meta-gradient, shared by the test files: vmap == loop, and each tensor against its own
+float64 central difference of the meta-loss (first order: with the inner gradients frozen)."""
 
 from __future__ import annotations
 
@@ -33,69 +32,16 @@ def assert_vmap_equals_loop(vec: dict, loop: dict, rel: float = 1e-9) -> float:
     return float(scale)
 
 
-FLOOR = 0.1  # see central_difference's ``balanced``
-
-
-def central_difference(
-    learner: MetaLearner,
-    batch: TaskBatch,
-    gp: dict,
-    gm: dict,
-    *,
-    seed: int = 2,
-    unit: bool = False,
-    h: float = 1e-6,
-    balanced: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(analytic, finite-difference) directional derivatives of ``learner``'s meta-loss at its own parameters,
-    along a random direction (``unit``: normalised, so that a step of ``h`` crosses no kink of ReLU or pooling).
-
-    ``balanced`` (the default) weighs the tensors alike: along a plain random direction a tensor whose gradient is
-    small beside the others' hides a wrong derivative (a 1 % error in one batch norm's learned rate passed). Each
-    tensor's random block is scaled so that its analytic term is +1, by at most ``1 / FLOOR`` times the median
-    tensor's scale (a smaller gradient keeps a smaller term: the finite difference along a direction that moves
-    mostly such a tensor is too imprecise), and a vanishing gradient (a conv bias under batch norm, exactly 0) gets
-    the median's scale; the whole direction is then normalised. One direction still cannot resolve a 1e-4 error in
-    every tensor: :func:`assert_every_tensor_matches_central_differences` checks each on its own."""
-    weights, first_order = learner.schedule(0)
-    tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(iter(learner.params.values())).dtype
-    dp = {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in learner.params.items()}
-    dm = {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in learner.meta_state.items()}
-    if balanced:
-        terms = {k: (gp[k] * d).sum() for k, d in dp.items()} | {k: (gm[k] * d).sum() for k, d in dm.items()}
-        sizes = torch.stack([t.abs() for t in terms.values()])
-        tiny = 1e-10 * sizes.max()
-        ref = sizes[sizes > tiny].median() if (sizes > tiny).any() else torch.tensor(1.0, dtype=dtype)
-        floor = FLOOR * ref
-        scale = {k: torch.sign(t) / torch.maximum(t.abs(), floor) if t.abs() > tiny else 1 / ref
-                 for k, t in terms.items()}  # fmt: skip
-        dp, dm = {k: d * scale[k] for k, d in dp.items()}, {k: d * scale[k] for k, d in dm.items()}
-    if unit or balanced:
-        norm = torch.sqrt(sum((d**2).sum() for d in [*dp.values(), *dm.values()]))
-        dp, dm = {k: v / norm for k, v in dp.items()}, {k: v / norm for k, v in dm.items()}
-
-    def f(t: float) -> torch.Tensor:
-        p = {k: v + t * dp[k] for k, v in learner.params.items()}
-        m = {k: v + t * dm[k] for k, v in learner.meta_state.items()}
-        with torch.no_grad(), one_task_at_a_time(learner):
-            return learner.meta_loss(p, m, tasks, weights, first_order)[0]
-
-    fd = (f(h) - f(-h)) / (2 * h)
-    analytic = sum((gp[k] * dp[k]).sum() for k in dp) + sum((gm[k] * dm[k]).sum() for k in dm)
-    return analytic, fd
-
-
 def assert_every_tensor_matches_central_differences(
     learner: MetaLearner, batch: TaskBatch, gp: dict, gm: dict, *, seed: int = 3, h: float = 1e-6,
     rtol: float = 1e-6, atol: float = 1e-9,
     randomness: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> None:  # fmt: skip
-    """Each tensor's own directional derivative (a random unit direction in that tensor alone) equals a float64
-    central difference of the meta-loss to ``rtol``: a wrong derivative in a tensor whose gradient is small beside
-    the others' is caught too, which one direction through all of them cannot promise. Two meta-losses a tensor.
-    ``randomness``: the context each meta-loss runs in (a seeded one, for dropout: the same masks every time)."""
+    """Each tensor's own directional derivative (a unit direction in that tensor alone, see :func:`_every_tensor`)
+    equals a float64 central difference of the meta-loss to ``rtol``: a wrong derivative in a tensor whose gradient
+    is small beside the others' is caught too, which one direction through all of them cannot promise. Two
+    meta-losses a tensor, more at a kink. ``randomness``: the context each meta-loss runs in (a seeded one, for
+    dropout: the same masks every time)."""
     weights, first_order = learner.schedule(0)
     tasks = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 

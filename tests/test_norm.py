@@ -226,6 +226,14 @@ def _user_mlp() -> nn.Module:
                          nn.Linear(5, 2))  # fmt: skip
 
 
+def _user_cnn_groupnorm() -> nn.Module:
+    """A researcher's CNN with PyTorch's own GroupNorm (which metagrad leaves as it is: exact under vmap)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(), nn.AvgPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(1, 4), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 2),
+    )  # fmt: skip
+
+
 def _per_step_conv4(downsample: str = "pool", side: int = 16) -> nn.Module:
     model = Conv4(ways=2, hidden=3, image_size=side, bn="per_step", steps=2, downsample=downsample)
     with torch.no_grad():
@@ -263,6 +271,7 @@ MODELS = {
     # take the precise-statistics path (models/norm.py, _PreciseBatchNorm) where no vmap is active.
     "user_cnn_channels_last": (lambda: _user_cnn().to(memory_format=torch.channels_last), _image_batch),
     "user_mlp_layernorm_batchnorm1d": (_user_mlp, _vector_batch),
+    "user_cnn_groupnorm": (_user_cnn_groupnorm, _image_batch),
 }
 ALGORITHMS = {
     "maml": lambda m: MAML(m, inner_lr=0.5, inner_steps=2, loss="cross_entropy"),
